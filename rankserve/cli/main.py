@@ -1,0 +1,91 @@
+"""``rankserve``: dispatch to one module per subcommand; turn expected errors into one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "bench", "serve", "import"]
+
+
+class CLIError(Exception):
+    """An error whose message is the whole story: printed as one line, exit code 2."""
+
+
+def common_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument(
+            "model", help="model directory, .gguf file, rankserve checkpoint or alias (smollm2-135m)"
+        )
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="working dtype (default fp32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+
+
+def apply_threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise CLIError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _module_name(cmd: str) -> str:
+    return f"rankserve.cli.{'import_' if cmd == 'import' else cmd}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankserve", description="Compress LLMs with SVD families; serve them fast."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for cmd in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(_module_name(cmd))
+        except ModuleNotFoundError as e:
+            if e.name == _module_name(cmd):
+                continue  # a subcommand not built yet
+            raise
+        p = sub.add_parser(cmd, help=mod.__doc__.strip().splitlines()[0] if mod.__doc__ else None)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    _quiet_libraries(args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("rankserve: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, OSError, KeyError) as e:
+        if args.debug:
+            raise
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"rankserve {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """transformers logs progress bars and deprecation notes while loading GGUF tokenizers; the CLI owns stderr."""
+    import os
+    import warnings
+
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

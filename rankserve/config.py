@@ -1,0 +1,144 @@
+"""Model configuration: one dataclass for the Llama family, read from and written to HF ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF model_type -> model family file. Near-identical architectures share one implementation.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+
+class ConfigError(ValueError):
+    """A config that rankserve cannot run, with the reason."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2 sets it)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # every other key of the source config, kept for round trips
+
+    @property
+    def family(self) -> str:
+        return SUPPORTED_MODEL_TYPES[self.model_type]
+
+    @classmethod
+    def from_hf(cls, d: dict) -> ModelConfig:
+        """Build from an HF ``config.json`` dict; raise :class:`ConfigError` for what we cannot run."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = d.get("architectures")
+            raise ConfigError(
+                f"not supported: model_type {model_type!r} (architectures {archs}); rankserve runs "
+                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+            )
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"config.json lacks required keys: {', '.join(missing)}")
+        n_heads = int(d["num_attention_heads"])
+        n_kv = int(d.get("num_key_value_heads") or n_heads)
+        hidden = int(d["hidden_size"])
+        head_dim = int(d.get("head_dim") or hidden // n_heads)
+        if n_heads % n_kv:
+            raise ConfigError(
+                f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}"
+            )
+        # transformers >= 5 moved rope settings into "rope_parameters"; older files keep rope_theta/rope_scaling.
+        rope = d.get("rope_parameters") or {}
+        theta = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            rtype = scaling.get("rope_type") or scaling.get("type")
+            if rtype not in (None, "default", "llama3"):
+                raise ConfigError(f"not supported: rope scaling type {rtype!r} (supported: default, llama3)")
+            if rtype in (None, "default"):
+                scaling = None
+        known = {f.name for f in dataclasses.fields(cls)} | {
+            "rope_parameters",
+            "num_key_value_heads",
+            "head_dim",
+        }
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias and no config key for it; Llama says attention_bias (q/k/v/o).
+            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            o_bias=bool(d.get("attention_bias", False)) and model_type != "qwen2",
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            model_type=model_type,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_hf(self) -> dict:
+        """An HF ``config.json`` dict that transformers and :meth:`from_hf` both read back to this config."""
+        d = dict(self.extra)
+        d.update(
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            mlp_bias=self.mlp_bias,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type == "llama":
+            d["attention_bias"] = self.attention_bias
+        d.setdefault("architectures", [_ARCH_NAMES[self.model_type]])
+        return d
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([int(e)] if isinstance(e, int) else [int(x) for x in e])
+
+
+_ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

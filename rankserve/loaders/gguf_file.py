@@ -1,0 +1,128 @@
+"""GGUF files (llama.cpp): config from metadata, tensors dequantized, Q/K rows un-permuted to the HF layout."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from rankserve.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# GGUF tensor name (per block) -> HF name
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+class GGUFError(ValueError):
+    pass
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader) -> ModelConfig:
+    """A :class:`ModelConfig` from the GGUF metadata (``<arch>.*`` keys)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCH_TO_MODEL_TYPE:
+        raise GGUFError(
+            f"not supported: GGUF architecture {arch!r} (supported: {', '.join(_ARCH_TO_MODEL_TYPE)})"
+        )
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    n_heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    d = dict(
+        model_type=_ARCH_TO_MODEL_TYPE[arch],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_hidden_layers=int(g("block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(g("attention.head_count_kv", n_heads)),
+        head_dim=int(g("attention.key_length") or g("rope.dimension_count") or hidden // n_heads),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(g("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    if arch == "qwen2":
+        d["attention_bias"] = True
+    if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise GGUFError(f"not supported: GGUF rope scaling {_field(reader, f'{arch}.rope.scaling.type')!r}")
+    return ModelConfig.from_hf(d)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order: GGUF interleaves each head's rotary pairs (2i, 2i+1), HF keeps the
+    two halves apart (i, i + hd/2). Rows [n_heads * hd, ...] (a bias is a one-column case)."""
+    shape = w.shape
+    hd = shape[0] // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF-named fp32 tensors from a GGUF reader, dequantized once each."""
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in reader.tensors:
+        stem, _, suffix = t.name.rpartition(".")  # e.g. "blk.3.attn_q", "weight"
+        if stem.startswith("blk."):
+            _, idx, part = stem.split(".", 2)
+            if part not in _BLOCK_NAMES:
+                raise GGUFError(f"not supported: GGUF tensor {t.name!r}")
+            name = f"model.layers.{idx}.{_BLOCK_NAMES[part]}.{suffix}"
+        elif stem in _TOP_NAMES:
+            name = f"{_TOP_NAMES[stem]}.{suffix}"
+        elif stem == "rope_freqs":  # Llama-3 scaling factors baked in; we rebuild them from config
+            raise GGUFError(
+                "not supported: GGUF with baked rope_freqs (Llama-3 rope scaling); use the HF directory"
+            )
+        else:
+            raise GGUFError(f"not supported: GGUF tensor {t.name!r}")
+        a = dequantize(t.data, t.tensor_type)
+        a = np.asarray(a, dtype=np.float32).reshape(
+            [int(x) for x in reversed(t.shape)]
+        )  # ggml order is reversed
+        if stem.endswith("attn_q"):
+            a = unpermute_qk(a, cfg.num_attention_heads)
+        elif stem.endswith("attn_k"):
+            a = unpermute_qk(a, cfg.num_key_value_heads)
+        if not a.flags.writeable:  # unquantized tensors are read-only views of the memory-mapped file
+            a = a.copy()
+        out[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
+
+
+def read_gguf(path: str):
+    """(config, tensors) of a GGUF file."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises bare ValueError/struct errors on a bad file
+        raise GGUFError(f"{path} is not a readable GGUF file ({e})") from None
+    cfg = gguf_config(reader)
+    return cfg, gguf_tensors(reader, cfg)

@@ -1,0 +1,64 @@
+"""Hugging Face model directories: config.json + safetensors (single or sharded) or pytorch_model*.bin."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from rankserve.config import ConfigError, ModelConfig
+from rankserve.loaders.st_mmap import load_mmap
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory} has no config.json: not a Hugging Face model directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def weight_files(directory: str) -> list[str]:
+    """The weight files of a directory, safetensors preferred, shards in index order."""
+    for index, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        ipath = os.path.join(directory, index)
+        if os.path.isfile(ipath):
+            with open(ipath) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+            if missing:
+                raise FileNotFoundError(
+                    f"{directory}: shard(s) listed in {index} are missing: {', '.join(missing)}"
+                )
+            return [os.path.join(directory, s) for s in shards]
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
+    raise FileNotFoundError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: safetensors memory-mapped, .bin files through ``weights_only`` loading."""
+    out: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        if path.endswith(".safetensors"):
+            out.update(load_mmap(path))
+        else:
+            out.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return out
+
+
+def sanitize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that HF checkpoints carry but the model recomputes (RoPE inverse frequencies)."""
+    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def read_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    cfg = ModelConfig.from_hf(read_config(directory))
+    return cfg, sanitize(read_tensors(directory))

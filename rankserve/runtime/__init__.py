@@ -1,0 +1,1 @@
+"""Runtime: KV cache, sampling, generation, compiled decode and native kernels."""

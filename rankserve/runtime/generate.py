@@ -1,0 +1,285 @@
+"""Generation, layered: a token generator -> a streaming response -> a plain string.
+
+The CLI, the server and the benchmark all consume :func:`generate_tokens` or :func:`stream_generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from rankserve.models.llama import KVCache
+from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.sampling import Sampler, SamplingParams
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def padded_batch(prompts: list[list[int]], pad_id: int, device="cpu"):
+    """Left-pad prompts: tokens [B, P], positions [B, P], pad lengths [B]."""
+    P = max(len(p) for p in prompts)
+    pads = torch.tensor([P - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
+    positions = (torch.arange(P, device=device)[None] - pads[:, None]).clamp(min=0)  # (B, P)
+    return tokens, positions, pads
+
+
+def attention_mask(pads: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
+    """Bool mask [B, 1, T, start+T] for queries at slots [start, start+T): causal, and pad slots hidden.
+
+    A padded query would see nothing and SDPA would return NaN, so it is allowed its own slot; its output is
+    never read. Returns None when no row is padded (plain causal attention is then exact and cheaper).
+    """
+    if not bool(pads.any()):
+        return None
+    q = torch.arange(start, start + T, device=pads.device)[None, :, None]  # (1, T, 1)
+    kv = torch.arange(start + T, device=pads.device)[None, None, :]  # (1, 1, S)
+    valid = (kv <= q) & (kv >= pads[:, None, None])  # (B, T, S)
+    valid |= kv == q
+    return valid[:, None]
+
+
+class EagerRunner:
+    """The reference execution path: the model's own forward over a preallocated dense KV cache."""
+
+    def __init__(self, model, batch: int, max_len: int, options: RuntimeOptions | None = None):
+        self.model = model
+        self.options = options or RuntimeOptions()
+        p = next(model.parameters())
+        self.cache = KVCache(model.config, batch, max_len, device=p.device, dtype=p.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, tokens, positions, pads) -> torch.Tensor:
+        """Logits [B, V] of the last prompt token; k/v of all prompt tokens land in slots [0, P)."""
+        P, chunk = tokens.shape[1], self.options.prefill_chunk
+        for s in range(0, P, chunk):
+            e = min(P, s + chunk)
+            logits = self.model(
+                tokens[:, s:e],
+                positions[:, s:e],
+                self.cache,
+                s,
+                attention_mask(pads, s, e - s),
+                last_only=True,
+            )
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens, positions, slot: int, pads) -> torch.Tensor:
+        """Logits [B, V] for one new token per row [B, 1] written at ``slot``."""
+        return self.model(tokens, positions, self.cache, slot, attention_mask(pads, slot, 1))[:, -1]
+
+
+def make_runner(model, batch: int, max_len: int, options: RuntimeOptions):
+    if options.backend == "fast":
+        from rankserve.runtime.fast import FastRunner
+
+        return FastRunner(model, batch, max_len, options)
+    return EagerRunner(model, batch, max_len, options)
+
+
+@dataclass
+class StepOutput:
+    """One decode step of a batch: the sampled token per row and which rows are still running."""
+
+    tokens: list[int]
+    active: list[bool]  # rows whose token in ``tokens`` is real (a row's last real token is its stop token)
+    prefill_s: float  # wall time of the prompt pass
+
+
+def context_limit(model) -> int:
+    return int(model.config.max_position_embeddings)
+
+
+def generate_tokens(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    eos_ids: list[int] = (),
+    pad_id: int = 0,
+    options: RuntimeOptions | None = None,
+    runner=None,
+) -> Iterator[StepOutput]:
+    """Yield one :class:`StepOutput` per generated position, for a batch of tokenized prompts.
+
+    Rows stop on EOS / stop-token ids or their own ``max_tokens``; stop *strings* are the streaming layer's
+    job (they need text). Iteration ends when every row has stopped.
+    """
+    options = (options or RuntimeOptions()).validate()
+    B = len(prompts)
+    plist = [p.validate() for p in (params if isinstance(params, list) else [params] * B)]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    limit = context_limit(model)
+    max_new = max(p.max_tokens for p in plist)
+    if P >= limit:
+        raise PromptTooLongError(
+            f"prompt has {P} tokens but the model context is {limit}; shorten the prompt"
+        )
+    max_len = options.max_len or min(limit, P + max_new)
+    max_new = min(max_new, max_len - P)
+    if max_new < 1:
+        raise PromptTooLongError(f"prompt has {P} tokens and the cache holds {max_len}; no room to generate")
+    device = next(model.parameters()).device
+    runner = runner or make_runner(model, B, max_len, options)
+    samplers = [Sampler(p, device) for p in plist]
+    stop_ids = [set() if p.ignore_eos else set(eos_ids) | set(p.stop_token_ids) for p in plist]
+    seen = [torch.tensor(p, device=device) for p in prompts]
+
+    tokens, positions, pads = padded_batch(prompts, pad_id, device)
+    t0 = time.perf_counter()
+    logits = runner.prefill(tokens, positions, pads)
+    prefill_s = time.perf_counter() - t0
+    active = [True] * B
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    for step in range(max_new):
+        new = []
+        for b in range(B):
+            tok = samplers[b](logits[b], seen[b]) if active[b] else pad_id
+            new.append(tok)
+            if active[b]:
+                seen[b] = torch.cat([seen[b], torch.tensor([tok], device=device)])
+        was_active = list(active)
+        for b in range(B):
+            if active[b] and (new[b] in stop_ids[b] or step + 1 >= plist[b].max_tokens):
+                active[b] = False
+        yield StepOutput(tokens=new, active=was_active, prefill_s=prefill_s)
+        if not any(active) or step + 1 >= max_new:
+            return
+        logits = runner.decode(torch.tensor(new, device=device)[:, None], next_pos, P + step, pads)
+        next_pos = next_pos + 1
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of a single-prompt generation."""
+
+    text: str  # the new text since the previous response (may be empty while a character is incomplete)
+    token: int | None  # the token behind this piece (None on the final flush)
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_tok_s: float
+    decode_tok_s: float  # tokens/s over the decode steps so far (first token excluded: it comes from prefill)
+    finish_reason: str | None = None  # "stop" | "length" on the last response
+
+
+def _stop_hit(text: str, stops: list[str]) -> int:
+    """Index where the earliest stop string starts in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    options: RuntimeOptions | None = None,
+    runner=None,
+) -> Iterator[GenerationResponse]:
+    """Stream text deltas for one prompt, honouring stop strings (the matched stop string is not emitted)."""
+    params = params.validate()
+    decoder = tokenizer.stream_decoder()
+    stops = [s for s in params.stop if s]
+    hold = max((len(s) for s in stops), default=1) - 1  # text that might still turn into a stop string
+    emitted, pending = 0, ""  # characters emitted so far / text decoded but not yet emitted
+    n = 0
+    t_first = None
+    finish = None
+    stepper = generate_tokens(
+        model, [prompt_ids], params, tokenizer.eos_ids, tokenizer.pad_id, options, runner
+    )
+    for out in stepper:
+        tok = out.tokens[0]
+        n += 1
+        now = time.perf_counter()
+        t_first = t_first or now
+        dt = now - t_first
+        rates = dict(
+            prompt_tok_s=len(prompt_ids) / max(out.prefill_s, 1e-9),
+            decode_tok_s=(n - 1) / dt if n > 1 and dt > 0 else 0.0,
+        )
+        is_stop_token = tok in tokenizer.eos_ids or tok in params.stop_token_ids
+        if is_stop_token and not params.ignore_eos:
+            finish = "stop"
+        else:
+            pending += decoder.push(tok)
+        cut = _stop_hit(pending, stops)
+        if cut >= 0:
+            pending, finish = pending[:cut], "stop"
+        if finish is None and n >= params.max_tokens:
+            finish = "length"
+        if finish is None:
+            safe = max(0, len(pending) - hold)
+            piece, pending = pending[:safe], pending[safe:]
+            emitted += len(piece)
+            yield GenerationResponse(piece, tok, len(prompt_ids), n, **rates)
+            continue
+        if cut < 0 and finish != "stop":
+            pending += decoder.flush()
+            c = _stop_hit(pending, stops)
+            if c >= 0:
+                pending, finish = pending[:c], "stop"
+        yield GenerationResponse(pending, tok, len(prompt_ids), n, finish_reason=finish, **rates)
+        stepper.close()
+        return
+    # The generator ended without a verdict only if the cache ran out of room.
+    yield GenerationResponse(
+        pending + decoder.flush(),
+        None,
+        len(prompt_ids),
+        n,
+        finish_reason="length",
+        prompt_tok_s=0.0,
+        decode_tok_s=0.0,
+    )
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    decode_tok_s: float
+    prompt_tok_s: float
+    finish_reason: str
+
+
+def complete(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    options: RuntimeOptions | None = None,
+    runner=None,
+) -> Completion:
+    """Run :func:`stream_generate` to the end and collect the result."""
+    parts, ids, last = [], [], None
+    for r in stream_generate(model, tokenizer, prompt_ids, params, options, runner):
+        parts.append(r.text)
+        if r.token is not None:
+            ids.append(r.token)
+        last = r
+    return Completion(
+        "".join(parts),
+        ids,
+        last.prompt_tokens,
+        last.completion_tokens,
+        last.decode_tok_s,
+        last.prompt_tok_s,
+        last.finish_reason,
+    )
+
+
+def generate(
+    model, tokenizer, prompt_ids: list[int], params: SamplingParams, options: RuntimeOptions | None = None
+) -> str:
+    """The generated text as one string."""
+    return complete(model, tokenizer, prompt_ids, params, options).text

@@ -1,0 +1,24 @@
+"""Runtime options, passed down explicitly (never read from the environment on a hot path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RuntimeOptions:
+    backend: str = (
+        "eager"  # "eager": the reference path; "fast": packed, compiled decode (rankserve.runtime.fast)
+    )
+    max_len: int | None = None  # KV cache slots; default: prompt + max_tokens, capped by the model context
+    prefill_chunk: int = 512  # long prompts are prefilled in chunks of this many tokens
+    compile: bool = True  # fast backend: capture the decode step with torch.compile
+    native: bool = True  # fast backend: use the C++ kernels where they exist
+    cache_dir: str | None = None  # compiled artifacts (default: rankserve's cache directory)
+
+    def validate(self) -> RuntimeOptions:
+        if self.backend not in ("eager", "fast"):
+            raise ValueError(f"unknown backend {self.backend!r}; use 'eager' or 'fast'")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        return self
