@@ -77,6 +77,14 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def row_view(self, b: int) -> KVCache:
+        """A cache over row ``b`` only, sharing storage (to prefill one request into a running batch)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[:, b : b + 1], persistent=False)
+        view.register_buffer("v", self.v[:, b : b + 1], persistent=False)
+        return view
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, K, T, hd] at slots [start, start+T); return the valid prefix [B, K, start+T, hd]."""
         end = start + k.shape[2]

@@ -29,17 +29,18 @@ def padded_batch(prompts: list[list[int]], pad_id: int, device="cpu"):
     return tokens, positions, pads
 
 
-def attention_mask(pads: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
-    """Bool mask [B, 1, T, start+T] for queries at slots [start, start+T): causal, and pad slots hidden.
+def attention_mask(valid_from: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
+    """Bool mask [B, 1, T, start+T] for queries at slots [start, start+T): causal, and each row's slots before
+    ``valid_from[b]`` (left padding, or another request's stale keys) hidden.
 
     A padded query would see nothing and SDPA would return NaN, so it is allowed its own slot; its output is
-    never read. Returns None when no row is padded (plain causal attention is then exact and cheaper).
+    never read. Returns None when every row starts at slot 0 (plain causal attention is then exact and cheaper).
     """
-    if not bool(pads.any()):
+    if not bool(valid_from.any()):
         return None
-    q = torch.arange(start, start + T, device=pads.device)[None, :, None]  # (1, T, 1)
-    kv = torch.arange(start + T, device=pads.device)[None, None, :]  # (1, 1, S)
-    valid = (kv <= q) & (kv >= pads[:, None, None])  # (B, T, S)
+    q = torch.arange(start, start + T, device=valid_from.device)[None, :, None]  # (1, T, 1)
+    kv = torch.arange(start + T, device=valid_from.device)[None, None, :]  # (1, 1, S)
+    valid = (kv <= q) & (kv >= valid_from[:, None, None])  # (B, T, S)
     valid |= kv == q
     return valid[:, None]
 
