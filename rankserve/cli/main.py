@@ -10,7 +10,7 @@ import sys
 SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "bench", "serve", "import"]
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """An error whose message is the whole story: printed as one line, exit code 2."""
 
 

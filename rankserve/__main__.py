@@ -1,0 +1,5 @@
+import sys
+
+from rankserve.cli.main import main
+
+sys.exit(main())
