@@ -1,0 +1,392 @@
+"""Continuous batching: one scheduler thread runs every request's decode step in one shared batch.
+
+The KV cache holds ``max_batch`` rows of ``max_context`` slots and all rows share one slot counter ``s``: each
+decode step writes every row's new token at slot ``s``. A request with an L-token prompt admitted into free row
+b is prefilled into that row alone at slots [s-L, s) with positions 0..L-1, so its tokens end exactly where the
+batch's next write goes; ``valid_from[b] = s - L`` hides the row's older slots (a previous request's keys) from
+its queries. Positions are always ``slot - valid_from[b]``, so a row's math is the same as running it alone:
+the masks hide other slots exactly (-inf before the softmax). When there is no room (s < L, or the batch would
+run off the end of the cache) every row's KV is shifted by the same offset, which keeps that invariant.
+
+Idle rows decode a pad token with ``valid_from = s``: they see only their own slot and their output is ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rankserve.runtime.generate import attention_mask, make_runner
+from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """One piece of a request's output, delivered to its sink from the scheduler thread."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" on the last event; "cancelled" | "error" too
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class TextStream:
+    """Token ids in, text deltas out, for one request: stop strings held back and cut, EOS, max_tokens.
+
+    The same rules as :func:`rankserve.runtime.generate.stream_generate`, step for step, so that a request
+    served in a batch returns the same text as the request run alone.
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.params = params
+        self.decoder = tokenizer.stream_decoder()
+        self.stop_ids = set(tokenizer.eos_ids) | set(params.stop_token_ids)
+        self.stops = [s for s in params.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # text that may still become a stop
+        self.pending = ""  # decoded but not yet emitted
+        self.n = 0  # tokens pushed
+
+    def push(self, tok: int) -> tuple[str, str | None]:
+        """(text to emit now, finish reason or None)."""
+        self.n += 1
+        finish = None
+        if tok in self.stop_ids and not self.params.ignore_eos:
+            finish = "stop"
+        else:
+            self.pending += self.decoder.push(tok)
+        cut = _stop_hit(self.pending, self.stops)
+        if cut >= 0:
+            self.pending, finish = self.pending[:cut], "stop"
+        if finish is None and self.n >= self.params.max_tokens:
+            finish = "length"
+        if finish is None:
+            safe = max(0, len(self.pending) - self.hold)
+            piece, self.pending = self.pending[:safe], self.pending[safe:]
+            return piece, None
+        if cut < 0 and finish != "stop":
+            self.pending += self.decoder.flush()
+            c = _stop_hit(self.pending, self.stops)
+            if c >= 0:
+                self.pending, finish = self.pending[:c], "stop"
+        piece, self.pending = self.pending, ""
+        return piece, finish
+
+
+def _stop_hit(text: str, stops: list[str]) -> int:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """A submitted generation. ``sink`` is called from the scheduler thread with each :class:`Event`."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]):
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params.validate()
+        self.sink = sink
+        self.arrival = time.perf_counter()
+        self.cancelled = False  # set by any thread; the scheduler frees the row at its next step
+        self.finish_reason: str | None = None
+
+
+@dataclass
+class _Row:
+    """A request running in one batch row."""
+
+    req: Request
+    sampler: Sampler
+    text: TextStream
+    seen: list[int]  # prompt + generated ids (for the repetition penalty)
+    logits: torch.Tensor  # [V] to sample the next token from
+    last_token: int = -1
+    t_last: float = 0.0
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to sample."""
+        return self.req.params.max_tokens - self.text.n
+
+
+class Engine:
+    """The continuous-batching scheduler over one model; thread-safe ``submit`` and ``cancel``."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        max_context: int = 1024,
+        options: RuntimeOptions | None = None,
+        metrics=None,
+    ):
+        if max_batch < 1 or max_context < 2:
+            raise ValueError("max_batch must be >= 1 and max_context >= 2")
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.options = (options or RuntimeOptions()).validate()
+        self.max_batch, self.max_context = max_batch, max_context
+        self.runner = make_runner(model, max_batch, max_context, self.options)
+        self.cache = self.runner.cache
+        self.device = next(model.parameters()).device
+        # The reference runner prefills at slot 0 of its own cache; a runner that can prefill one row of the
+        # shared cache at any start does it itself, otherwise the model's forward does (the same math).
+        self._runner_prefills_rows = {"start", "cache"} <= set(
+            inspect.signature(self.runner.prefill).parameters
+        )
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.valid_from = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.slot = 0  # the shared next write slot s
+        self.pending: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.stats = dict(admitted=0, finished=0, cancelled=0, compactions=0, steps=0, errors=0)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- the public, thread-safe side ----
+
+    def check(self, n_prompt: int, max_tokens: int) -> None:
+        """Raise ValueError unless a request of this shape fits the cache (prompt + every generated token)."""
+        if n_prompt < 1:
+            raise ValueError("the prompt is empty")
+        if n_prompt >= self.max_context:
+            raise ValueError(
+                f"the prompt has {n_prompt} tokens but the context is {self.max_context}; shorten the prompt"
+            )
+        if n_prompt + max_tokens > self.max_context:
+            raise ValueError(
+                f"the context is {self.max_context} tokens: {n_prompt} in the prompt leave room for "
+                f"{self.max_context - n_prompt} new tokens, but max_tokens is {max_tokens}"
+            )
+
+    def submit(self, req: Request) -> Request:
+        self.check(len(req.prompt_ids), req.params.max_tokens)
+        with self.cond:
+            self.pending.append(req)
+            self._gauges()
+            self.cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away); its row is freed before the next decode step."""
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="rankserve-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                self._finish(b, "cancelled")
+        while self.pending:
+            self._emit(self.pending.popleft(), Event("", "cancelled"))
+
+    # ---- the scheduler thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stopping and not self.pending and not self.active:
+                    self.cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its requests, never the server
+                log.exception("scheduler step failed")
+                self.stats["errors"] += 1
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: admit waiting requests into free rows, sample every row once, decode the batch."""
+        self._admit()
+        for b, row in enumerate(self.rows):
+            if row is None:
+                continue
+            if row.req.cancelled:
+                self._finish(b, "cancelled")
+                continue
+            self._sample(b, row)
+        self._gauges()
+        if self.active:
+            self._decode()
+
+    def _admit(self) -> None:
+        while True:
+            with self.cond:
+                while self.pending and self.pending[0].cancelled:
+                    self._emit(self.pending.popleft(), Event("", "cancelled"))
+                    self.stats["cancelled"] += 1
+                free = [b for b, r in enumerate(self.rows) if r is None]
+                if not self.pending or not free:
+                    return
+                req = self.pending[0]
+                # First come, first served: a request that must wait for room holds back the ones after it.
+                if not self._make_room(len(req.prompt_ids), req.params.max_tokens):
+                    return
+                self.pending.popleft()
+            self._prefill(free[0], req)
+
+    def _make_room(self, L: int, M: int) -> bool:
+        """Make slots [s-L, s+M-1) usable for a new row without cutting any running row; False if impossible."""
+        active = [b for b, r in enumerate(self.rows) if r is not None]
+        if not active:
+            self.slot = L  # nothing to keep: the new prompt fills slots [0, L)
+            return True
+        s, lo = self.slot, int(self.valid_from[active].min())
+        need = max([M] + [self.rows[b].remaining for b in active])  # each row writes up to slot s+need-2
+        d_min = max(L - s, -lo)  # the prompt must fit below s; no row may move below slot 0
+        d_max = self.max_context - (s + need - 1)
+        if d_min > d_max:
+            return False
+        d = 0 if d_min <= 0 <= d_max else d_min  # move as little right / as far left as allowed
+        if d:
+            self._shift(lo, d, active)
+        return True
+
+    def _shift(self, lo: int, d: int, active: list[int]) -> None:
+        """Move every row's slots [lo, s) by d: same keys, same positions, so the same attention."""
+        s = self.slot
+        for t in (self.cache.k, self.cache.v):  # (L, B, K, S, hd)
+            t[:, :, :, lo + d : s + d] = t[:, :, :, lo:s].clone()
+        self.valid_from[active] += d
+        self.slot = s + d
+        self.stats["compactions"] += 1
+        if self.metrics:
+            self.metrics.compactions.inc()
+
+    def _prefill(self, b: int, req: Request) -> None:
+        ids, L, s = req.prompt_ids, len(req.prompt_ids), self.slot
+        tokens = torch.tensor([ids], device=self.device)  # (1, L)
+        positions = torch.arange(L, device=self.device)[None]  # (1, L)
+        vf = torch.tensor([s - L], device=self.device)
+        view = self.cache.row_view(b)
+        if self._runner_prefills_rows:
+            logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=view)[0]
+        else:
+            chunk = self.options.prefill_chunk
+            for c in range(0, L, chunk):
+                e = min(L, c + chunk)
+                out = self.model(
+                    tokens[:, c:e],
+                    positions[:, c:e],
+                    view,
+                    s - L + c,
+                    attention_mask(vf, s - L + c, e - c),
+                    last_only=True,
+                )
+            logits = out[0, -1]
+        self.valid_from[b] = s - L
+        params = req.params
+        self.rows[b] = _Row(
+            req=req,
+            sampler=Sampler(params, self.device),
+            text=TextStream(self.tokenizer, params),
+            seen=list(ids),
+            logits=logits,
+        )
+        self.stats["admitted"] += 1
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(L)
+
+    def _sample(self, b: int, row: _Row) -> None:
+        penalty = row.req.params.repetition_penalty != 1.0
+        seen = torch.tensor(row.seen, device=self.device) if penalty else _EMPTY
+        tok = row.sampler(row.logits, seen)
+        row.seen.append(tok)
+        row.last_token = tok
+        now = time.perf_counter()
+        if self.metrics:
+            self.metrics.generated_tokens.inc()
+            if row.text.n == 0:
+                self.metrics.ttft.observe(now - row.req.arrival)
+            else:
+                self.metrics.itl.observe(now - row.t_last)
+        row.t_last = now
+        piece, finish = row.text.push(tok)
+        if finish is not None:
+            self._finish(b, finish, piece)
+        elif piece:
+            self._emit(row.req, Event(piece, None, len(row.req.prompt_ids), row.text.n))
+
+    def _decode(self) -> None:
+        s = self.slot
+        vf = self.valid_from.clone()
+        toks = []
+        for b, row in enumerate(self.rows):
+            if row is None:
+                vf[b] = s  # an idle row attends only to its own slot
+                toks.append(self.tokenizer.pad_id)
+            else:
+                toks.append(row.last_token)
+        positions = (s - vf)[:, None]  # (B, 1): a row's position is its slot minus where it starts
+        tokens = torch.tensor(toks, device=self.device)[:, None]  # (B, 1)
+        logits = self.runner.decode(tokens, positions, s, vf)  # (B, V)
+        self.slot = s + 1
+        self.stats["steps"] += 1
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                row.logits = logits[b]
+
+    def _finish(self, b: int, reason: str, text: str = "") -> None:
+        row = self.rows[b]
+        self.rows[b] = None
+        row.req.finish_reason = reason
+        self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+        if self.metrics:
+            self.metrics.finished.labels(reason).inc()
+        self._emit(row.req, Event(text, reason, len(row.req.prompt_ids), row.text.n))
+
+    def _fail_all(self, message: str) -> None:
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                self.rows[b] = None
+                self._emit(row.req, Event("", "error", len(row.req.prompt_ids), row.text.n, message))
+        with self.cond:
+            while self.pending:
+                self._emit(self.pending.popleft(), Event("", "error", error=message))
+        self.slot = 0
+        self._gauges()
+
+    def _emit(self, req: Request, ev: Event) -> None:
+        try:
+            req.sink(ev)
+        except Exception:  # a broken sink (closed event loop) must not stop the batch
+            log.debug("dropping an event for request %s", req.id, exc_info=True)
+            req.cancelled = True
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(len(self.pending))
+            self.metrics.batch_size.set(self.active)
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)

@@ -1,0 +1,393 @@
+"""The OpenAI-compatible server: a tiny random model behind uvicorn on 127.0.0.1, driven by the openai client.
+
+The reference for every greedy output is the same request run alone through ``stream_generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
+from torch import nn
+
+from rankserve.runtime.generate import stream_generate
+from rankserve.runtime.sampling import SamplingParams
+from rankserve.server.app import create_app
+from rankserve.server.scheduler import Engine, Request
+
+MODEL_ID = "tiny-llama"
+CONTEXT = 128
+MAX_BATCH = 4  # below the 8 concurrent clients of the batching test, so some of them queue
+
+
+class SlowModel(nn.Module):
+    """The tiny model with an optional pause per forward, so a generation lasts long enough to interrupt."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.delay = 0.0
+
+    def forward(self, *args, **kwargs):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.state.server.engine
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.time() + timeout
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.time() < deadline, "the model never finished loading"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SlowModel(tiny_model("llama-gqa"))
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    app = create_app(
+        lambda: (model, tok), MODEL_ID, aliases=["tiny-alias"], max_batch=MAX_BATCH, max_context=CONTEXT
+    )
+    srv = LiveServer(app)
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def alone(model, tok, ids, **kw) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) of one request run alone, the reference path."""
+    out = list(stream_generate(model, tok, ids, SamplingParams(**kw)))
+    return "".join(r.text for r in out), out[-1].finish_reason, out[-1].completion_tokens
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    return tok.chat([{"role": "user", "content": text}])
+
+
+# ---- lifecycle and metrics ----
+
+
+def test_health_is_503_while_loading_then_200(model, tok):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(20)
+        return model, tok
+
+    srv = LiveServer(create_app(load, MODEL_ID, max_batch=2, max_context=64))
+    try:
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        gate.set()
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/health").json()["status"] == "ok"
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_models_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    client.completions.create(model=MODEL_ID, prompt="metrics", max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        'rankserve_requests_total{endpoint="/v1/completions",status="200"}',
+        "rankserve_prompt_tokens_total",
+        "rankserve_generation_tokens_total",
+        "rankserve_time_to_first_token_seconds_bucket",
+        "rankserve_inter_token_latency_seconds_bucket",
+        "rankserve_queue_depth",
+        "rankserve_batch_size",
+        "process_resident_memory_bytes",
+    ):
+        assert name in text, name
+
+
+# ---- results equal the request run alone ----
+
+
+def test_completion_matches_alone(client, model, tok):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=12, temperature=0)
+    text, finish, n = alone(model, tok, tok.encode(prompt), max_tokens=12)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == n
+    assert r.model == MODEL_ID
+
+
+def test_alias_and_token_prompt(client, model, tok):
+    ids = tok.encode("tokens in")
+    r = client.completions.create(model="tiny-alias", prompt=ids, max_tokens=5, temperature=0)
+    assert r.choices[0].text == alone(model, tok, ids, max_tokens=5)[0]
+
+
+def test_chat_matches_alone(client, model, tok):
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "hello there"}], max_tokens=10, temperature=0
+    )
+    text, finish, n = alone(model, tok, chat_ids(tok, "hello there"), max_tokens=10)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
+    assert r.usage.completion_tokens == n
+
+
+def test_streaming_chunks_done_and_usage(server, client, model, tok):
+    text, finish, n = alone(model, tok, chat_ids(tok, "stream me"), max_tokens=15)
+    stream = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "stream me"}],
+        max_tokens=15,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
+    assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1  # really streamed
+
+    # The raw wire format: SSE data lines ending with [DONE]; completions too.
+    body = {"model": MODEL_ID, "prompt": "raw", "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    parsed = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert (
+        "".join(p["choices"][0]["text"] for p in parsed)
+        == alone(model, tok, tok.encode("raw"), max_tokens=6)[0]
+    )
+    assert parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_strings(client, model, tok):
+    prompt = "stop here please"
+    full, _, _ = alone(model, tok, tok.encode(prompt), max_tokens=30, ignore_eos=True)
+    stop = full[4:6]
+    expected = full[: full.find(stop)]
+    for stops in (stop, [stop, "\x00never"]):
+        r = client.completions.create(
+            model=MODEL_ID,
+            prompt=prompt,
+            max_tokens=30,
+            temperature=0,
+            stop=stops,
+            extra_body={"ignore_eos": True},
+        )
+        assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    # Streaming holds back a partial stop string and never emits the match.
+    chunks = client.completions.create(
+        model=MODEL_ID, prompt=prompt, max_tokens=30, temperature=0, stop=stop, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+def test_seed_determinism(client):
+    kw = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=20, temperature=0.8, top_p=0.95)
+    a = client.completions.create(seed=1234, **kw).choices[0].text
+    b = client.completions.create(seed=1234, **kw).choices[0].text
+    c = client.completions.create(seed=99, **kw).choices[0].text
+    assert a == b and len(a) > 0
+    assert a != c  # 20 tokens at temperature 0.8 from a near-uniform model: a collision would be a bug
+
+
+def test_concurrent_streams_match_alone(server, client, model, tok):
+    """8 streaming clients with different prompts and lengths share decode steps; each equals its solo run."""
+    prompts = [f"client {i}: " + "abcdefgh"[: i + 1] * (i % 3 + 1) for i in range(8)]
+    max_tokens = [20 + 7 * i for i in range(8)]
+    results: dict[int, tuple[str, str]] = {}
+    errors = []
+    start = threading.Barrier(8)
+
+    def run(i):
+        try:
+            start.wait()
+            stream = client.completions.create(
+                model=MODEL_ID, prompt=prompts[i], max_tokens=max_tokens[i], temperature=0, stream=True
+            )
+            parts, finish = [], None
+            for c in stream:
+                parts.append(c.choices[0].text)
+                finish = c.choices[0].finish_reason or finish
+            results[i] = ("".join(parts), finish)
+        except Exception as e:  # reported below, with the client index
+            errors.append((i, e))
+
+    admitted = server.engine.stats["admitted"]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert server.engine.stats["admitted"] - admitted == 8
+    for i in range(8):
+        text, finish, _ = alone(model, tok, tok.encode(prompts[i]), max_tokens=max_tokens[i])
+        assert results[i] == (text, finish), i
+    assert server.engine.active == 0
+
+
+def test_scheduler_admits_into_running_batch_and_compacts(model, tok):
+    """Stepping the engine by hand: admission mid-batch, a right shift (s < L) and a left compaction."""
+    eng = Engine(model, tok, max_batch=2, max_context=48)
+    out: dict[str, list] = {}
+
+    def submit(name, prompt, max_tokens):
+        out[name] = []
+        ids = tok.encode(prompt)
+        eng.submit(Request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), out[name].append))
+        return ids
+
+    ids = {"a": submit("a", "short", 30)}
+    for _ in range(3):
+        eng.step()
+    ids["b"] = submit("b", "a much longer prompt", 20)  # L=21 > s: the batch must move right
+    for _ in range(12):
+        eng.step()
+    assert eng.stats["compactions"] == 1 and eng.active == 2
+    ids["c"] = submit("c", "third", 18)  # waits for b's row, then fits only if the batch moves left
+    while eng.pending:
+        eng.step()
+    assert eng.stats["compactions"] == 2 and eng.active == 2  # admitted while a still runs
+    while eng.active:
+        eng.step()
+    for name, mt in (("a", 30), ("b", 20), ("c", 18)):
+        text, finish, n = alone(model, tok, ids[name], max_tokens=mt, ignore_eos=True)
+        assert "".join(e.text for e in out[name]) == text and out[name][-1].finish_reason == finish, name
+        assert out[name][-1].completion_tokens == n
+
+
+# ---- bad input never kills the server ----
+
+BAD = [
+    ("malformed json", "/v1/completions", b'{"model": "tiny-llama", "prompt": ', 400, None),
+    ("not an object", "/v1/completions", b"[1, 2]", 400, None),
+    ("unknown model", "/v1/completions", {"model": "gpt-5", "prompt": "x"}, 404, "model"),
+    ("missing model", "/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("max_tokens 0", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens < 0", "/v1/chat/completions", {"max_tokens": -3}, 400, "max_tokens"),
+    ("max_tokens > context", "/v1/completions", {"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+    ("prompt too long", "/v1/completions", {"prompt": "y" * 500, "max_tokens": 1}, 400, "prompt"),
+    ("chat too long", "/v1/chat/completions", {"messages": [{"role": "user", "content": "z" * 500}]}, 400, "messages"),
+    ("max_tokens str", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("temperature str", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("temperature < 0", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("top_p 0", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("stop int", "/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+    ("seed float", "/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("stream str", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("n=2", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("token id out of vocab", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_4xx_with_error_body(server, name, path, body, status, param):
+    if isinstance(body, dict):
+        body = {"model": MODEL_ID, **body} if name != "missing model" else body
+        if path.endswith("chat/completions"):
+            body.setdefault("messages", [{"role": "user", "content": "hi"}])
+        body = json.dumps(body).encode()
+    r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_server_keeps_serving_after_bad_input(server, client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="x", max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert httpx.get(server.url + "/nowhere").json()["error"]["message"]
+    r = client.completions.create(model=MODEL_ID, prompt="still alive", max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---- a client that leaves is cancelled ----
+
+
+def test_disconnect_mid_stream_frees_the_slot(server, model):
+    cancelled = server.engine.stats["cancelled"]
+    model.delay = 0.01  # 100 tokens would take > 1 s: long enough to leave in the middle
+    try:
+        body = {"model": MODEL_ID, "prompt": "leave early", "max_tokens": 100, "stream": True,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+            lines = (ln for ln in r.iter_lines() if ln)
+            for _ in range(3):
+                assert next(lines).startswith("data: ")
+        deadline = time.time() + 5
+        while server.engine.active or server.engine.stats["cancelled"] == cancelled:
+            assert time.time() < deadline, "the stream's row was never freed"
+            time.sleep(0.02)
+    finally:
+        model.delay = 0.0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "rankserve_batch_size 0.0" in metrics
+    assert 'rankserve_request_finish_total{reason="cancelled"}' in metrics
+
+
+def test_served_names():
+    from rankserve.cli.serve import served_names
+
+    assert served_names("smollm2-135m") == ("smollm2-135m", [])
+    assert served_names("/tmp/ckpt/smol-svdllm-04/") == ("smol-svdllm-04", ["/tmp/ckpt/smol-svdllm-04/"])
+    assert served_names("m/SmolLM2.Q4.gguf") == ("SmolLM2.Q4.gguf", ["SmolLM2.Q4", "m/SmolLM2.Q4.gguf"])
