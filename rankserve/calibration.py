@@ -1,0 +1,325 @@
+"""Calibration data and the statistics that compression families read from it.
+
+* :class:`Calibration`: ``N`` samples of ``L`` token ids plus where they came from. Either windows of a text file
+  (:func:`text_calibration`) or text the dense model generates itself (:func:`self_calibration`: sampled at
+  temperature 1 from the BOS token, one seeded sampler per sample, so compression needs no dataset).
+* :class:`LayerPipeline`: runs one unit of decoder blocks at a time on the hidden states produced by the blocks
+  before it, which the caller may already have compressed. Only the current ``[N, L, D]`` hidden states are
+  kept, so memory stays bounded whatever the depth. Per projection input it accumulates ``X^T X`` in float64
+  and ``sum |x|`` (one object shared by q/k/v, and by gate/up, which read the same tensor).
+* :func:`fisher_row_importance`: per-row sums of squared gradients of the LM loss (FWSVD), one backward pass
+  per sample with gradients enabled for the projection weights only, reduced to rows as soon as each
+  gradient is complete.
+
+Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rankserve.families.base import SAME_INPUT, short_name
+from rankserve.layers import Projection, projections
+from rankserve.models.llama import rope_cos_sin
+
+SELF = "self"
+
+
+@dataclass
+class Calibration:
+    """Calibration token ids [N, L] and a JSON-able description of their origin (for the manifest)."""
+
+    tokens: Tensor  # int64 [N, L]
+    source: str  # "self" or the text file's path
+    seed: int
+    sha256: str | None = None  # of the text file
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "n_samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "sha256": self.sha256,
+            **self.details,
+        }
+
+
+def _check_sizes(n_samples: int, seq_len: int) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"calibration samples must be a positive integer, got {n_samples!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"calibration sequence length must be an integer >= 2, got {seq_len!r}")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_calibration(path: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> Calibration:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets of the tokenized file.
+
+    The whole file is tokenized once (no special tokens; a UTF-8 BOM is dropped); window starts are drawn
+    uniformly with a ``torch.Generator`` seeded by ``seed``, as SVD-LLM samples its calibration set.
+    """
+    _check_sizes(n_samples, seq_len)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
+    tokens = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # (N, L)
+    return Calibration(
+        tokens, os.path.abspath(path), seed, file_sha256(path), {"file_tokens": int(ids.numel())}
+    )
+
+
+def self_calibration(
+    model: nn.Module,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    *,
+    bos_id: int,
+    pad_id: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Calibration:
+    """``n_samples`` sequences of ``seq_len`` tokens sampled by the dense model itself from ``[bos_id]``.
+
+    Temperature 1, no top-k/p, EOS ignored so every sample has the full length. Sample i uses its own sampler
+    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens.
+    """
+    from rankserve.runtime.generate import generate_tokens
+    from rankserve.runtime.sampling import SamplingParams
+
+    _check_sizes(n_samples, seq_len)
+    limit = int(model.config.max_position_embeddings)
+    if seq_len > limit:
+        raise ValueError(f"calibration sequence length {seq_len} exceeds the model context {limit}")
+    row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[list[int]] = []
+    bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)
+    for s in range(0, n_samples, batch_size):
+        seeds = row_seeds[s : s + batch_size]
+        params = [
+            SamplingParams(max_tokens=seq_len - 1, temperature=1.0, seed=int(r), ignore_eos=True)
+            for r in seeds
+        ]
+        out: list[list[int]] = [[bos_id] for _ in seeds]
+        for step in generate_tokens(model, [[bos_id]] * len(seeds), params, [], pad_id):
+            for b, tok in enumerate(step.tokens):
+                out[b].append(tok)
+        rows.extend(out)
+        bar.update(len(seeds))
+    bar.close()
+    tokens = torch.tensor(rows, dtype=torch.long)  # (N, L)
+    return Calibration(tokens, SELF, seed, None, {"prompt_ids": [bos_id], "temperature": 1.0})
+
+
+def make_calibration(
+    source: str | None,
+    model: nn.Module,
+    tokenizer,
+    n_samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    progress: bool = False,
+) -> Calibration:
+    """Calibration from a text file path, or self-generated when ``source`` is None or ``"self"``."""
+    if source in (None, SELF):
+        hf = getattr(tokenizer, "hf", None)
+        bos = getattr(hf, "bos_token_id", None)
+        if bos is None:  # no BOS in the vocabulary: start from the end-of-text token instead
+            bos = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
+        return self_calibration(
+            model, n_samples, seq_len, seed, bos_id=int(bos), pad_id=tokenizer.pad_id, progress=progress
+        )
+    return text_calibration(source, tokenizer, n_samples, seq_len, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# activation statistics
+
+
+class InputStats:
+    """Running statistics of one projection input: ``X^T X`` and ``sum |x|`` in float64, token count."""
+
+    def __init__(self, dim: int, xtx: bool, absmean: bool):
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64) if xtx else None
+        self.abs_sum = torch.zeros(dim, dtype=torch.float64) if absmean else None
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+
+    @property
+    def absmean(self) -> Tensor | None:
+        return None if self.abs_sum is None else self.abs_sum / max(self.tokens, 1)
+
+
+class LayerPipeline:
+    """Layer-by-layer activation statistics over calibration tokens.
+
+    Usage (the caller compresses between ``collect`` and ``advance``)::
+
+        pipe = LayerPipeline(model, calib.tokens, {"xtx"})
+        for unit in [[0], [1], ...]:
+            stats = pipe.collect(unit)   # dense blocks of the unit run on the current inputs
+            ...replace projections of the unit...
+            pipe.advance(unit)           # the (now compressed) blocks produce the next unit's inputs
+
+    ``stats`` maps projection names to :class:`InputStats`; names that read the same tensor (k/v with q,
+    up with gate) map to the same object.
+    """
+
+    def __init__(self, model: nn.Module, tokens: Tensor, wanted: Iterable[str], batch_size: int = 8):
+        wanted = set(wanted)
+        unknown = wanted - {"xtx", "absmean"}
+        if unknown:
+            raise ValueError(f"unknown activation statistics: {sorted(unknown)}")
+        if tokens.ndim != 2:
+            raise ValueError(f"calibration tokens must be [N, L], got shape {tuple(tokens.shape)}")
+        self.model, self.wanted, self.batch_size = model, wanted, batch_size
+        self.layers = model.model.layers
+        p = model.model.embed_tokens.weight
+        positions = torch.arange(tokens.shape[1], device=p.device)[None]  # (1, L), broadcast over the batch
+        self.cos, self.sin = rope_cos_sin(model.inv_freq, positions, p.dtype)  # (1, 1, L, hd)
+        with torch.no_grad():
+            self.x = model.model.embed_tokens(tokens.to(p.device))  # (N, L, D): inputs of the next block
+        self.next_layer = 0
+
+    def _run(self, layer: nn.Module, x: Tensor) -> Tensor:
+        outs = []
+        with torch.no_grad():
+            for s in range(0, x.shape[0], self.batch_size):
+                outs.append(layer(x[s : s + self.batch_size], self.cos, self.sin))  # (b, L, D)
+        return torch.cat(outs)
+
+    def collect(self, unit: list[int], advance: bool = False) -> dict[str, InputStats]:
+        """Run the unit's blocks (as they are now) on the current inputs and return their input statistics.
+
+        ``advance=True`` also keeps the unit's output as the next inputs (for passes that change nothing).
+        """
+        if not unit or unit[0] != self.next_layer or unit != list(range(unit[0], unit[0] + len(unit))):
+            raise ValueError(
+                f"units must be consecutive and in order; expected to start at {self.next_layer}"
+            )
+        stats: dict[str, InputStats] = {}
+        hooks = []
+        x = self.x
+        try:
+            for i in unit:
+                prefix = f"model.layers.{i}."
+                projs = {prefix + n: m for n, m in projections(self.layers[i]).items()}
+                for name, m in projs.items():
+                    if short_name(name) in SAME_INPUT:
+                        continue
+                    st = stats[name] = InputStats(
+                        m.in_features, "xtx" in self.wanted, "absmean" in self.wanted
+                    )
+                    hooks.append(m.register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0])))
+                for name in projs:
+                    src = SAME_INPUT.get(short_name(name))
+                    if src is not None:
+                        stats[name] = stats[name.rsplit(".", 1)[0] + "." + src]
+                x = self._run(self.layers[i], x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if advance:
+            self.x, self.next_layer = x, unit[-1] + 1
+        return stats
+
+    def advance(self, unit: list[int]) -> None:
+        """Replace the current inputs by the outputs of the unit's blocks (compressed or not)."""
+        if not unit or unit[0] != self.next_layer:
+            raise ValueError(f"advance expects the unit starting at layer {self.next_layer}")
+        for i in unit:
+            self.x = self._run(self.layers[i], self.x)
+        self.next_layer = unit[-1] + 1
+
+
+def fisher_row_importance(
+    model: nn.Module, tokens: Tensor, names: Iterable[str], progress: bool = False
+) -> dict[str, Tensor]:
+    """FWSVD row importance ``I_i = sum_samples sum_j (dL/dW_ij)^2`` (float64 ``[out]``) per projection.
+
+    ``L`` is the mean next-token cross-entropy of one calibration sample; each sample is its own backward pass,
+    so the squares are per-sample (the empirical Fisher), not of a batch mean. Only the listed projections'
+    weights require grad, and each gradient is reduced to its row sums and freed as soon as it is complete
+    (post-accumulate hooks), so memory holds activations for one sample and one weight gradient at a time.
+    """
+    projs = projections(model)
+    params: dict[str, nn.Parameter] = {}
+    for n in names:
+        m = projs[n]
+        if not isinstance(getattr(m, "weight", None), nn.Parameter):
+            raise ValueError(f"{n} has no dense weight to take gradients of")
+        params[n] = m.weight
+    acc = {n: torch.zeros(p.shape[0], dtype=torch.float64) for n, p in params.items()}
+
+    def hook_for(name: str):
+        def hook(p: Tensor) -> None:
+            acc[name] += p.grad.detach().to(torch.float64).pow(2).sum(1).cpu()
+            p.grad = None
+
+        return hook
+
+    hooks = []
+    was_training = model.training
+    model.eval()
+    try:
+        for n, p in params.items():
+            p.requires_grad_(True)
+            hooks.append(p.register_post_accumulate_grad_hook(hook_for(n)))
+        device = next(iter(params.values())).device
+        for i in tqdm(range(tokens.shape[0]), desc="fisher: backward", unit="sample", disable=not progress):
+            t = tokens[i : i + 1].to(device)  # (1, L)
+            logits = model(t)  # (1, L, V)
+            loss = F.cross_entropy(logits[0, :-1].float(), t[0, 1:])
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        model.train(was_training)
+    return acc
+
+
+def projection_names(model: nn.Module) -> dict[str, Projection]:
+    """The projections compression acts on: every decoder-layer projection (the LM head is excluded)."""
+    return {n: m for n, m in projections(model).items() if n.startswith("model.layers.")}

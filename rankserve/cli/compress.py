@@ -1,0 +1,123 @@
+"""Compress a model with an SVD family and write a rankserve checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from rankserve.cli.main import CLIError, apply_threads, common_model_args
+
+# CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
+FAMILY_FLAGS = {"update_u": "--update-u", "alpha": "--alpha", "group_size": "--group-size"}
+
+
+def add_arguments(p):
+    common_model_args(p)
+    p.add_argument("--family", required=True, help="svd, fwsvd, asvd, svd-llm or basis-sharing")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        required=True,
+        help="fraction of linear-layer parameters REMOVED (SVD-LLM convention): 0.4 keeps 60%%",
+    )
+    p.add_argument("--out", required=True, help="checkpoint directory to create (must not exist)")
+    p.add_argument(
+        "--calib-data", default=None, help="calibration text file (default: text the model generates itself)"
+    )
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples N (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per sample L (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
+    p.add_argument("--ranks", default="uniform", choices=["uniform", "adaptive"], help="per-layer ranks")
+    p.add_argument("--update-u", action="store_true", default=None, help="svd-llm: least-squares update of U")
+    p.add_argument("--alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
+    p.add_argument("--group-size", type=int, default=None, help="basis-sharing: layers per group (default 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+    p.add_argument("--json", action="store_true", help="print the compression report as JSON")
+
+
+def family_config(args):
+    """The family config from the flags; flags that the family does not have are an error."""
+    from rankserve.families import config_class
+
+    cls = config_class(args.family)
+    fields = {"ratio": args.ratio, "ranks": args.ranks}
+    for field, flag in FAMILY_FLAGS.items():
+        v = getattr(args, field)
+        if v is not None:
+            if field not in cls.__dataclass_fields__:
+                raise CLIError(f"{flag} does not apply to family {args.family}")
+            fields[field] = v
+    return cls(**fields).validate()
+
+
+def run(args) -> int:
+    # Every check that needs no model comes first, so bad input costs nothing and writes nothing.
+    if not 0 <= args.ratio < 1:
+        raise CLIError(
+            f"--ratio is the fraction of parameters removed and must be in [0, 1), got {args.ratio}"
+        )
+    cfg = family_config(args)
+    if os.path.exists(args.out):
+        raise CLIError(f"--out {args.out} already exists; choose a new directory")
+    if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
+        raise CLIError(f"calibration file not found: {args.calib_data}")
+    if args.calib_samples < 1 or args.calib_seq_len < 2:
+        raise CLIError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        from rankserve.checkpoint import build_manifest, save_checkpoint
+    except ImportError as e:
+        raise CLIError(f"checkpoint writing is unavailable ({e})") from None
+    from rankserve.calibration import make_calibration
+    from rankserve.compress import compress_
+    from rankserve.loaders.source import load_model
+
+    apply_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype)
+    if lm.kind == "rankserve" and lm.manifest.get("family"):
+        raise CLIError(
+            f"{args.model} is already compressed ({lm.manifest['family']}); start from a dense model"
+        )
+    if args.calib_seq_len > lm.config.max_position_embeddings:
+        raise CLIError(
+            f"--calib-seq-len {args.calib_seq_len} exceeds the model context {lm.config.max_position_embeddings}"
+        )
+    t0 = time.perf_counter()
+    calib = None
+    if cfg.wanted_stats():
+        calib = make_calibration(
+            args.calib_data,
+            lm.model,
+            lm.tokenizer,
+            args.calib_samples,
+            args.calib_seq_len,
+            args.seed,
+            progress=True,
+        )
+    calib_s = time.perf_counter() - t0
+    report = compress_(lm.model, cfg, calib, batch_size=args.batch_size)
+    info = report.to_dict()
+    for k in ("family", "family_config", "ratio", "ratio_convention"):  # standard manifest keys already
+        info.pop(k)
+    info["calibration_time_s"] = round(calib_s, 3)
+    info["wall_time_total_s"] = round(time.perf_counter() - t0, 3)
+    manifest = build_manifest(
+        lm.model,
+        family=cfg.name,
+        family_config=cfg.to_dict(),
+        ratio=cfg.ratio,
+        source_path=lm.source,
+        calibration=info.pop("calibration"),
+        extra={"compression": info},
+    )
+    path = save_checkpoint(lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest)
+    if args.json:
+        print(json.dumps({"checkpoint": path, **manifest, "compression": info}))
+    else:
+        print(report.table())
+        print(f"checkpoint: {path}")
+        sys.stdout.flush()
+    return 0
