@@ -9,6 +9,8 @@ the masks hide other slots exactly (-inf before the softmax). When there is no r
 run off the end of the cache) every row's KV is shifted by the same offset, which keeps that invariant.
 
 Idle rows decode a pad token with ``valid_from = s``: they see only their own slot and their output is ignored.
+On the eager path the step runs on a window of the cache: rows [0, last live row] (a new request takes the
+lowest free row) and slots from the lowest live ``valid_from`` on, so idle rows and dead slots cost nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankserve.runtime.generate import attention_mask, make_runner
+from rankserve.runtime.generate import EagerRunner, attention_mask, make_runner
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import Sampler, SamplingParams
 
@@ -143,11 +145,14 @@ class Engine:
         self.runner = make_runner(model, max_batch, max_context, self.options)
         self.cache = self.runner.cache
         self.device = next(model.parameters()).device
-        # The reference runner prefills at slot 0 of its own cache; a runner that can prefill one row of the
-        # shared cache at any start does it itself, otherwise the model's forward does (the same math).
+        # Eager: the model's forward on cache windows (the reference math, idle rows skipped). Other runners
+        # decode the whole batch their own way, and prefill a row themselves if they can start at any slot.
+        self._eager = isinstance(self.runner, EagerRunner)
         self._runner_prefills_rows = {"start", "cache"} <= set(
             inspect.signature(self.runner.prefill).parameters
         )
+        if hasattr(self.runner, "warmup"):
+            self.runner.warmup()  # compile before the first request, not during it
         self.rows: list[_Row | None] = [None] * max_batch
         self.valid_from = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.slot = 0  # the shared next write slot s
@@ -227,9 +232,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: admit waiting requests into free rows, sample every row once, decode the batch."""
-        self._admit()
+        fresh: set[int] = set()  # rows admitted (and so already sampled) in this step
+        self._admit(fresh)
         for b, row in enumerate(self.rows):
-            if row is None:
+            if row is None or b in fresh:
                 continue
             if row.req.cancelled:
                 self._finish(b, "cancelled")
@@ -239,7 +245,8 @@ class Engine:
         if self.active:
             self._decode()
 
-    def _admit(self) -> None:
+    def _admit(self, fresh: set[int]) -> None:
+        """Prefill waiting requests into free rows; each samples its first token at once (staggered TTFT)."""
         while True:
             with self.cond:
                 while self.pending and self.pending[0].cancelled:
@@ -250,19 +257,25 @@ class Engine:
                     return
                 req = self.pending[0]
                 # First come, first served: a request that must wait for room holds back the ones after it.
-                if not self._make_room(len(req.prompt_ids), req.params.max_tokens):
+                if not self._make_room(len(req.prompt_ids), req.params.max_tokens, fresh):
                     return
                 self.pending.popleft()
-            self._prefill(free[0], req)
+            b = free[0]
+            self._prefill(b, req)
+            fresh.add(b)
+            self._sample(b, self.rows[b])
 
-    def _make_room(self, L: int, M: int) -> bool:
-        """Make slots [s-L, s+M-1) usable for a new row without cutting any running row; False if impossible."""
+    def _make_room(self, L: int, M: int, fresh: set[int] = frozenset()) -> bool:
+        """Make slots [s-L, s+M-1) usable for a new row without cutting any running row; False if impossible.
+
+        A row with r tokens left to sample writes up to slot s+r-2, one more if it already sampled this step.
+        """
         active = [b for b, r in enumerate(self.rows) if r is not None]
         if not active:
             self.slot = L  # nothing to keep: the new prompt fills slots [0, L)
             return True
         s, lo = self.slot, int(self.valid_from[active].min())
-        need = max([M] + [self.rows[b].remaining for b in active])  # each row writes up to slot s+need-2
+        need = max([M] + [self.rows[b].remaining + (b in fresh) for b in active])  # writes reach s+need-2
         d_min = max(L - s, -lo)  # the prompt must fit below s; no row may move below slot 0
         d_max = self.max_context - (s + need - 1)
         if d_min > d_max:
@@ -287,22 +300,16 @@ class Engine:
         ids, L, s = req.prompt_ids, len(req.prompt_ids), self.slot
         tokens = torch.tensor([ids], device=self.device)  # (1, L)
         positions = torch.arange(L, device=self.device)[None]  # (1, L)
-        vf = torch.tensor([s - L], device=self.device)
-        view = self.cache.row_view(b)
-        if self._runner_prefills_rows:
-            logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=view)[0]
+        if self._runner_prefills_rows and not self._eager:
+            vf = torch.tensor([s - L], device=self.device)
+            logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=self.cache.row_view(b))[0]
         else:
+            # Row b from slot s-L on: the prompt lands at window slots [0, L), exactly as in a solo run.
+            window = CacheWindow(self.cache, b, b + 1, s - L)
             chunk = self.options.prefill_chunk
             for c in range(0, L, chunk):
                 e = min(L, c + chunk)
-                out = self.model(
-                    tokens[:, c:e],
-                    positions[:, c:e],
-                    view,
-                    s - L + c,
-                    attention_mask(vf, s - L + c, e - c),
-                    last_only=True,
-                )
+                out = self.model(tokens[:, c:e], positions[:, c:e], window, c, None, last_only=True)
             logits = out[0, -1]
         self.valid_from[b] = s - L
         params = req.params
@@ -349,7 +356,15 @@ class Engine:
                 toks.append(row.last_token)
         positions = (s - vf)[:, None]  # (B, 1): a row's position is its slot minus where it starts
         tokens = torch.tensor(toks, device=self.device)[:, None]  # (B, 1)
-        logits = self.runner.decode(tokens, positions, s, vf)  # (B, V)
+        if self._eager:
+            live = [b for b, r in enumerate(self.rows) if r is not None]
+            hi, lo = live[-1] + 1, int(vf[live].min())
+            window = CacheWindow(self.cache, 0, hi, lo)  # rows [0, hi), slots [lo, max_len)
+            wvf = vf[:hi] - lo
+            mask = attention_mask(wvf, s - lo, 1)  # (hi, 1, 1, s-lo+1)
+            logits = self.model(tokens[:hi], positions[:hi], window, s - lo, mask)[:, -1]  # (hi, V)
+        else:
+            logits = self.runner.decode(tokens, positions, s, vf)  # (B, V)
         self.slot = s + 1
         self.stats["steps"] += 1
         for b, row in enumerate(self.rows):
@@ -390,3 +405,22 @@ class Engine:
 
 
 _EMPTY = torch.empty(0, dtype=torch.long)
+
+
+class CacheWindow:
+    """Rows [r0, r1) and slots [lo, max_len) of a KV cache, sharing its storage; window slot i is slot lo+i.
+
+    The model only calls ``update``; writes land in the shared cache, and attention covers the window's
+    valid prefix, so a request in a window computes exactly what it computes alone.
+    """
+
+    def __init__(self, cache, r0: int, r1: int, lo: int):
+        self.k = cache.k[:, r0:r1, :, lo:]  # (L, rows, K, S_max - lo, hd)
+        self.v = cache.v[:, r0:r1, :, lo:]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, K, T, hd] at window slots [start, start+T); return the prefix [B, K, start+T, hd]."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
