@@ -94,7 +94,8 @@ class CompressionReport:
         return {m: s.rank for s in self.slots for m in s.members}
 
     def whitening_counts(self) -> dict[str, int]:
-        return dict(Counter(s.info["whitening"] for s in self.slots if "whitening" in s.info))
+        """Slots per whitening method, shift sizes dropped ("cholesky+shift(1e-05)" counts as "cholesky+shift")."""
+        return dict(Counter(s.info["whitening"].split("(")[0] for s in self.slots if "whitening" in s.info))
 
     def to_dict(self) -> dict[str, Any]:
         layers = {}
