@@ -1,0 +1,217 @@
+"""The fast runtime: a decode step built for one token at a time, captured as one compiled callable.
+
+What makes it fast (see ../shared/docs/MEASURED.md for why each piece is needed on CPU):
+- packed projections: one first-stage GEMV for q/k/v and one for gate/up, then the small low-rank lifts;
+- native GEMV kernels (``rankserve.runtime.native``) where PyTorch's M=1 linear streams far below bandwidth;
+- one-token attention over the valid prefix of a dense, preallocated KV cache;
+- the whole step (all layers, norm, LM head, KV write) traced by ``torch.compile`` over static shapes, so
+  per-op Python overhead disappears and elementwise work is fused.
+
+Prefill uses the model's own (GEMM-shaped, chunked) forward over the same cache. The eager runner in
+``generate.py`` stays the reference this runner is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankserve.models.llama import KVCache
+from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.packing import PackedGroup, pack, stage_of
+
+log = logging.getLogger(__name__)
+
+
+class Kernels:
+    """The primitive ops of the decode step, native where available, PyTorch otherwise.
+
+    The choice is fixed at construction, so a traced graph holds one path (no branching at run time).
+    """
+
+    def __init__(self, native=None):
+        self.native = native  # a rankserve.runtime.native.NativeKernels or None
+        self.ops = torch.ops.rankserve if native is not None else None
+        self.has_attn = native is not None and hasattr(self.ops, "attn_decode")
+
+    def linear(self, x, W, bias=None):
+        """[B, in] x [out, in] -> [B, out]."""
+        if self.ops is not None and x.device.type == "cpu":
+            return self.ops.gemv(x, W, bias)
+        return F.linear(x, W, bias)
+
+    def lowrank(self, x, V, U, bias=None):
+        """U (V x) + b, [B, in] -> [B, out]."""
+        if self.ops is not None and x.device.type == "cpu":
+            return self.ops.lowrank_gemv(x, V, U, bias)
+        return F.linear(F.linear(x, V), U, bias)
+
+    def group(self, g: PackedGroup, x):
+        """A packed group: one GEMV over the stacked first stages, then the per-member lifts."""
+        if len(g.lifts) == 1:
+            lift = g.lifts[0]
+            return self.linear(x, g.first, g.bias) if lift is None else self.lowrank(x, g.first, lift, g.bias)
+        t = self.linear(x, g.first)  # (B, sum r_i)
+        if g.all_dense:
+            return t if g.bias is None else t + g.bias
+        outs = []
+        for part, lift in zip(t.split(g.splits, -1), g.lifts, strict=True):
+            outs.append(part if lift is None else self.linear(part.contiguous(), lift))
+        y = torch.cat(outs, -1)
+        return y if g.bias is None else y + g.bias
+
+    def attention(self, q, k_cache, v_cache, slot, valid_from, scale: float):
+        """One query per row over cache slots [valid_from_b, slot]: q [B, H, hd], caches [B, K, S, hd]."""
+        if self.has_attn and q.device.type == "cpu":
+            return self.ops.attn_decode(q, k_cache, v_cache, slot, valid_from, scale)
+        B, H, hd = q.shape
+        K, S = k_cache.shape[1], k_cache.shape[2]
+        qg = q.view(B, K, H // K, hd)  # (B, K, rep, hd): query heads grouped by their kv head
+        scores = torch.einsum("bkrd,bksd->bkrs", qg.float(), k_cache.float()) * scale  # (B, K, rep, S)
+        s = torch.arange(S, device=q.device)
+        valid = (s[None, :] <= slot) & (s[None, :] >= valid_from[:, None])  # (B, S)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        p = torch.softmax(scores, -1)
+        out = torch.einsum("bkrs,bksd->bkrd", p, v_cache.float())  # (B, K, rep, hd)
+        return out.reshape(B, H, hd).to(q.dtype)
+
+
+def _rms(x, w, eps: float):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rope(x, cos, sin):
+    """x [B, heads, hd]; cos/sin [B, 1, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class FastLayer(nn.Module):
+    def __init__(self, layer, dtype):
+        super().__init__()
+        at, mlp = layer.self_attn, layer.mlp
+        self.qkv = pack([at.q_proj, at.k_proj, at.v_proj], dtype)
+        self.o = pack([at.o_proj], dtype)
+        self.gate_up = pack([mlp.gate_proj, mlp.up_proj], dtype)
+        self.down = pack([mlp.down_proj], dtype)
+        self.w_in = layer.input_layernorm.weight.detach()
+        self.w_post = layer.post_attention_layernorm.weight.detach()
+        self.eps = layer.input_layernorm.eps
+
+
+class FastDecoder(nn.Module):
+    """The one-token forward of a whole model over a shared KV cache, in a traceable form."""
+
+    def __init__(self, model, cache: KVCache, kernels: Kernels):
+        super().__init__()
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        self.cfg, self.kernels, self.cache = cfg, kernels, cache
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = 1.0 / self.hd**0.5
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.layers = [FastLayer(layer, dtype) for layer in model.model.layers]
+        self.w_norm = model.model.norm.weight.detach()
+        self.eps = model.model.norm.eps
+        self.head = pack([model.lm_head], dtype)
+        # RoPE tables for every position the cache can hold: [S, hd]
+        pos = torch.arange(cache.max_len, device=self.embed.device, dtype=torch.float32)
+        freqs = pos[:, None] * model.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens, positions, slot, valid_from):
+        """tokens [B], positions [B], slot [1] (int64 tensor), valid_from [B] -> logits [B, V]."""
+        kern, B = self.kernels, tokens.shape[0]
+        H, K, hd = self.n_heads, self.n_kv, self.hd
+        x = self.embed[tokens]  # (B, D)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
+        kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
+        for i, L in enumerate(self.layers):
+            h = _rms(x, L.w_in, L.eps)
+            qkv = kern.group(L.qkv, h)  # (B, (H + 2K) * hd)
+            q, k, v = qkv.split([H * hd, K * hd, K * hd], -1)
+            q = _rope(q.reshape(B, H, hd), cos, sin)
+            k = _rope(k.reshape(B, K, hd), cos, sin)
+            kc, vc = kc_all[i], vc_all[i]  # (B, K, S, hd)
+            kc.index_copy_(2, slot, k[:, :, None])  # write this token's k/v at its slot
+            vc.index_copy_(2, slot, v.reshape(B, K, 1, hd))
+            o = kern.attention(q, kc, vc, slot, valid_from, self.scale)  # (B, H, hd)
+            x = x + kern.group(L.o, o.reshape(B, H * hd))
+            h = _rms(x, L.w_post, L.eps)
+            g, u = (
+                kern.group(L.gate_up, h).chunk(2, -1)
+                if L.gate_up.out_features[0] == L.gate_up.out_features[1]
+                else kern.group(L.gate_up, h).split(L.gate_up.out_features, -1)
+            )
+            x = x + kern.group(L.down, F.silu(g) * u)
+        x = _rms(x, self.w_norm, self.eps)
+        return kern.group(self.head, x)  # (B, V)
+
+
+class FastRunner:
+    """Runner with the same interface as ``EagerRunner``: chunked GEMM prefill, compiled one-token decode."""
+
+    def __init__(self, model, batch: int, max_len: int, options: RuntimeOptions | None = None):
+        from rankserve.runtime.native import NativeKernels
+
+        self.model = model
+        self.options = options or RuntimeOptions(backend="fast")
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(model.config, batch, max_len, device=p.device, dtype=p.dtype)
+        native = NativeKernels.load() if (self.options.native and p.device.type == "cpu") else None
+        self.kernels = Kernels(native)
+        t0 = time.perf_counter()
+        self.decoder = FastDecoder(model, self.cache, self.kernels)
+        self.pack_s = time.perf_counter() - t0
+        self.step = self.decoder
+        self.compile_s = 0.0
+        if self.options.compile:
+            self.step = torch.compile(self.decoder, fullgraph=True, dynamic=False)
+        self._compiled_once = False
+
+    @torch.inference_mode()
+    def prefill(self, tokens, positions, valid_from, start: int = 0, cache=None) -> torch.Tensor:
+        from rankserve.runtime.generate import attention_mask
+
+        cache = cache if cache is not None else self.cache
+        P, chunk = tokens.shape[1], self.options.prefill_chunk
+        for s in range(0, P, chunk):
+            e = min(P, s + chunk)
+            mask = attention_mask(valid_from, start + s, e - s)
+            logits = self.model(tokens[:, s:e], positions[:, s:e], cache, start + s, mask, last_only=True)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens, positions, slot: int, valid_from) -> torch.Tensor:
+        slot_t = torch.tensor([slot], device=self.device)
+        t0 = time.perf_counter()
+        out = self.step(tokens.reshape(-1), positions.reshape(-1), slot_t, valid_from)
+        if not self._compiled_once:
+            self._compiled_once = True
+            self.compile_s = time.perf_counter() - t0
+        return out
+
+    def warmup(self) -> float:
+        """Compile (or load from the on-disk cache) by running one throwaway step; returns seconds spent.
+
+        The step writes slot 0 of the cache, which every real generation overwrites in prefill.
+        """
+        B = self.cache.k.shape[1]
+        z = torch.zeros(B, dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        self.decode(z[:, None], z[:, None], 0, z)
+        return time.perf_counter() - t0
+
+
+def stage_bytes(p) -> int:
+    s = stage_of(p)
+    n = s.first.numel() + (0 if s.lift is None else s.lift.numel())
+    return n * s.first.element_size()

@@ -1,0 +1,121 @@
+"""The fast runtime against the eager reference: packing, decode path, compiled capture, recompiles."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
+from rankserve.linalg import truncated_svd
+from rankserve.runtime.fast import FastRunner
+from rankserve.runtime.generate import EagerRunner, padded_batch
+from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.packing import apply_packed, pack
+
+
+def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0):
+    """A tiny model with every decoder projection factorized (and q_proj sharing one basis, if asked)."""
+    model = tiny_model(variant, seed=seed)
+    for name, p in projections(model).items():
+        if name == "lm_head":
+            continue
+        r = max(1, int(keep * min(p.in_features, p.out_features)) - 3)  # odd ranks on purpose
+        U, V = truncated_svd(p.weight.detach(), r)
+        replace_module(model, name, LowRankLinear.from_factors(U, V, p.bias))
+    if shared:
+        layers = model.model.layers
+        basis = torch.nn.Parameter(layers[0].self_attn.q_proj.V.detach().clone(), requires_grad=False)
+        for layer in layers:
+            q = layer.self_attn.q_proj
+            coeff = q.dense_weight() @ torch.linalg.pinv(basis)
+            layer.self_attn.q_proj = SharedBasisLinear(basis, coeff, q.bias, group="q_proj.g0")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dense", "lowrank", "mixed", "shared"])
+def test_packing_is_exact(kind):
+    model = (
+        tiny_model("qwen2-bias")
+        if kind in ("dense", "mixed")
+        else lowrank_model("qwen2-bias", shared=kind == "shared")
+    )
+    if kind == "mixed":
+        p = model.model.layers[0].self_attn.k_proj
+        U, V = truncated_svd(p.weight.detach(), 7)
+        replace_module(model, "model.layers.0.self_attn.k_proj", LowRankLinear.from_factors(U, V, p.bias))
+    at = model.model.layers[0].self_attn
+    x = torch.randn(3, 64)
+    ref = torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
+    got = apply_packed(pack([at.q_proj, at.k_proj, at.v_proj]), x)
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def run(runner_cls, model, prompts, steps, options):
+    tokens, positions, vf = padded_batch(prompts, pad_id=0)
+    r = runner_cls(model, len(prompts), tokens.shape[1] + steps + 1, options)
+    logits = [r.prefill(tokens, positions, vf)]
+    nxt, pos, P = logits[-1].argmax(-1)[:, None], positions[:, -1:] + 1, tokens.shape[1]
+    for s in range(steps):
+        logits.append(r.decode(nxt, pos, P + s, vf))
+        nxt, pos = logits[-1].argmax(-1)[:, None], pos + 1
+    return torch.stack(logits, 1)
+
+
+CASES = [
+    ("llama-gqa", False),
+    ("qwen2-bias", False),
+    ("llama3-rope", False),
+    ("llama-gqa", True),
+    ("qwen2-bias", True),
+]
+
+
+@pytest.mark.parametrize("variant,lowrank", CASES)
+@pytest.mark.parametrize("native", [False, True])
+def test_fast_decode_equals_eager(variant, lowrank, native):
+    model = lowrank_model(variant) if lowrank else tiny_model(variant)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ref = run(EagerRunner, model, prompts, 10, RuntimeOptions())
+    got = run(FastRunner, model, prompts, 10, RuntimeOptions(backend="fast", compile=False, native=native))
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_shared_basis_model_decodes_like_eager():
+    model = lowrank_model("llama-gqa", shared=True)
+    ref = run(EagerRunner, model, [[3, 4, 5, 6]], 8, RuntimeOptions())
+    got = run(FastRunner, model, [[3, 4, 5, 6]], 8, RuntimeOptions(backend="fast", compile=False))
+    assert (got - ref).abs().max().item() <= 1e-3
+
+
+def test_compiled_step_equals_eager_and_never_recompiles():
+    import torch._dynamo.utils as dutils
+
+    torch._dynamo.reset()
+    model = lowrank_model("llama-gqa")
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
+    tokens, positions, vf = padded_batch(prompts, pad_id=0)
+    r = FastRunner(model, 2, 32, RuntimeOptions(backend="fast", compile=True))
+    logits = [r.prefill(tokens, positions, vf)]
+    nxt, pos = logits[-1].argmax(-1)[:, None], positions[:, -1:] + 1
+    graphs = None
+    for s in range(12):
+        logits.append(r.decode(nxt, pos, 5 + s, vf))
+        nxt, pos = logits[-1].argmax(-1)[:, None], pos + 1
+        if s == 0:
+            graphs = dutils.counters["stats"]["unique_graphs"]
+    assert dutils.counters["stats"]["unique_graphs"] == graphs  # steady state: no recompiles
+    got = torch.stack(logits, 1)
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_hf_naive_matches_rankserve():
+    from rankserve.bench import hf_from_rankserve
+
+    model = lowrank_model("qwen2-bias")
+    hf = hf_from_rankserve(model)
+    assert isinstance(hf.model.layers[0].self_attn.q_proj, torch.nn.Sequential)
+    t = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        assert (hf(t).logits - model(t)).abs().max().item() <= 1e-4
