@@ -1,9 +1,10 @@
 """Load test for a running ``rankserve serve``: N concurrent streaming clients for D seconds (loopback only).
 
 First one client alone (the single-stream baseline), then N clients together. Each client sends streaming
-completions back to back until the phase's deadline; requests already sent finish (each is bounded by
---max-tokens), and a hard timeout stops everything regardless. Reports generated tok/s, p50/p99 time to first
-token and inter-token latency, errors, and the server's RSS before and after.
+chat completions back to back until the phase's deadline; requests already sent finish (each is bounded by
+--max-tokens), and a hard timeout stops everything regardless. Reports generated tok/s (usage tokens over wall
+time), p50/p99 time to first token (first non-empty text) and inter-token latency (gaps between text chunks),
+TPOT (a request's mean time per output token), errors, and the server's RSS before and after.
 
     rankserve serve smollm2-135m --max-batch 32 --max-context 512 &
     python benchmarks/load.py --url http://127.0.0.1:8000 --clients 32 --duration 60 --server-pid $!
@@ -54,6 +55,7 @@ class PhaseResult:
     tokens: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -68,6 +70,7 @@ class PhaseResult:
             "ttft_p99_ms": _ms(percentile(self.ttft, 99)),
             "itl_p50_ms": _ms(percentile(self.itl, 50)),
             "itl_p99_ms": _ms(percentile(self.itl, 99)),
+            "tpot_p50_ms": _ms(percentile(self.tpot, 50)),
             "error_samples": self.error_samples[:3],
         }
 
@@ -83,12 +86,16 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 1)
 
 
-async def one_request(http: httpx.AsyncClient, body: dict, res: PhaseResult) -> None:
+def _text(choice: dict) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def one_request(http: httpx.AsyncClient, path: str, body: dict, res: PhaseResult) -> None:
     t0 = time.perf_counter()
     last, first, usage = None, None, None
     gaps = []
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as r:
+        async with http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
             async for line in r.aiter_lines():
@@ -99,7 +106,7 @@ async def one_request(http: httpx.AsyncClient, body: dict, res: PhaseResult) -> 
                     raise RuntimeError(chunk["error"]["message"])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices") and _text(chunk["choices"][0]):
                     now = time.perf_counter()
                     if first is None:
                         first = now - t0
@@ -117,6 +124,8 @@ async def one_request(http: httpx.AsyncClient, body: dict, res: PhaseResult) -> 
     if first is not None:
         res.ttft.append(first)
     res.itl.extend(gaps)
+    if first is not None and usage["completion_tokens"] > 1:
+        res.tpot.append((last - t0 - first) / (usage["completion_tokens"] - 1))
 
 
 async def run_phase(url: str, model: str, clients: int, duration: float, args) -> PhaseResult:
@@ -125,12 +134,14 @@ async def run_phase(url: str, model: str, clients: int, duration: float, args) -
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     timeout = httpx.Timeout(args.request_timeout)
 
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+
     async def client(i: int) -> None:
         k = i
         while time.perf_counter() < deadline:
+            prompt = PROMPTS[k % len(PROMPTS)]
             body = {
                 "model": model,
-                "prompt": PROMPTS[k % len(PROMPTS)],
                 "max_tokens": args.max_tokens,
                 "temperature": args.temperature,
                 "seed": k,
@@ -138,7 +149,11 @@ async def run_phase(url: str, model: str, clients: int, duration: float, args) -
                 "stream_options": {"include_usage": True},
                 "ignore_eos": args.ignore_eos,
             }
-            await one_request(http, body, res)
+            if args.endpoint == "chat":
+                body["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                body["prompt"] = prompt
+            await one_request(http, path, body, res)
             k += clients
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
@@ -196,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--endpoint", default="chat", choices=["chat", "completions"])
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="always generate --max-tokens (rankserve's extension)"
+    )
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--server-pid", type=int, default=None, help="read RSS from /proc/<pid>/status")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -232,7 +250,7 @@ def _print(name: str, s: dict) -> None:
     print(
         f"{name:>11}: {s['tok_s']:8.1f} tok/s  {s['generated_tokens']:6d} tokens  {s['requests']:4d} requests  "
         f"{s['errors']} errors  TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} ms  "
-        f"ITL p50/p99 {s['itl_p50_ms']}/{s['itl_p99_ms']} ms  ({s['wall_s']} s)"
+        f"ITL p50/p99 {s['itl_p50_ms']}/{s['itl_p99_ms']} ms  TPOT p50 {s['tpot_p50_ms']} ms  ({s['wall_s']} s)"
     )
     for e in s["error_samples"]:
         print(f"             error: {e}")

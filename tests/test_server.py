@@ -326,6 +326,8 @@ BAD = [
     ("top_p 0", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("stop int", "/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
     ("seed float", "/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("seed huge", "/v1/completions", {"prompt": "x", "seed": 2**70, "temperature": 0.5}, 400, "seed"),
+    ("temperature NaN", "/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, None),
     ("stream str", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("n=2", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),

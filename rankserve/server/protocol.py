@@ -65,7 +65,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Parameters shared by both endpoints (top_k, min_p and repetition_penalty are extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: StrictStr
     max_tokens: StrictInt | None = None
@@ -74,7 +74,7 @@ class _Sampling(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=0)] = 0
     min_p: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     repetition_penalty: Annotated[Number, Field(gt=0)] = 1.0
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None  # torch.Generator's range
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt = 1
     stream: StrictBool = False

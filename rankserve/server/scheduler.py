@@ -240,7 +240,10 @@ class Engine:
             if row.req.cancelled:
                 self._finish(b, "cancelled")
                 continue
-            self._sample(b, row)
+            try:
+                self._sample(b, row)
+            except Exception as e:  # one request's sampling failure ends that request only
+                self._fail_row(b, row.req, e)
         self._gauges()
         if self.active:
             self._decode()
@@ -261,9 +264,12 @@ class Engine:
                     return
                 self.pending.popleft()
             b = free[0]
-            self._prefill(b, req)
-            fresh.add(b)
-            self._sample(b, self.rows[b])
+            try:
+                self._prefill(b, req)
+                fresh.add(b)
+                self._sample(b, self.rows[b])
+            except Exception as e:  # fail this request alone; the row's KV is rewritten by the next one
+                self._fail_row(b, req, e)
 
     def _make_room(self, L: int, M: int, fresh: set[int] = frozenset()) -> bool:
         """Make slots [s-L, s+M-1) usable for a new row without cutting any running row; False if impossible.
@@ -379,6 +385,16 @@ class Engine:
         if self.metrics:
             self.metrics.finished.labels(reason).inc()
         self._emit(row.req, Event(text, reason, len(row.req.prompt_ids), row.text.n))
+
+    def _fail_row(self, b: int, req: Request, e: Exception) -> None:
+        log.exception("request %s failed", req.id)
+        if self.rows[b] is not None and self.rows[b].req is req:
+            self.rows[b] = None
+        req.finish_reason = "error"
+        self.stats["errors"] += 1
+        self._emit(
+            req, Event("", "error", len(req.prompt_ids), 0, f"generation failed: {type(e).__name__}: {e}")
+        )
 
     def _fail_all(self, message: str) -> None:
         for b, row in enumerate(self.rows):
