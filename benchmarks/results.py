@@ -281,7 +281,7 @@ def write_report(args, cache: dict) -> None:
     os.makedirs(os.path.dirname(args.md), exist_ok=True)
     with open(args.md, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    _plot(args.png, have, dense_ppl, win)
+    _plot(args.png, have, dense_ppl, win, st["seq_len"])
     print(f"wrote {args.md} and {args.png} ({len(have)} rows, {len(missing)} missing)", flush=True)
 
 
@@ -291,7 +291,7 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
-def _plot(path: str, have, dense_ppl, windows) -> None:
+def _plot(path: str, have, dense_ppl, windows: int, seq_len: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,7 +321,7 @@ def _plot(path: str, have, dense_ppl, windows) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("ratio = fraction of linear-layer parameters removed")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
-    ax.set_title(f"SmolLM2-135M, seq-len 2048, first {windows} test windows")
+    ax.set_title(f"SmolLM2-135M, WikiText-2 test, first {windows} windows of {seq_len} tokens")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -305,11 +305,14 @@ def fisher_row_importance(
             p.requires_grad_(True)
             hooks.append(p.register_post_accumulate_grad_hook(hook_for(n)))
         device = next(iter(params.values())).device
-        for i in tqdm(range(tokens.shape[0]), desc="fisher: backward", unit="sample", disable=not progress):
-            t = tokens[i : i + 1].to(device)  # (1, L)
-            logits = model(t)  # (1, L, V)
-            loss = F.cross_entropy(logits[0, :-1].float(), t[0, 1:])
-            loss.backward()
+        with torch.enable_grad():  # also when the caller runs under no_grad
+            for i in tqdm(
+                range(tokens.shape[0]), desc="fisher: backward", unit="sample", disable=not progress
+            ):
+                t = tokens[i : i + 1].to(device)  # (1, L)
+                logits = model(t)  # (1, L, V)
+                loss = F.cross_entropy(logits[0, :-1].float(), t[0, 1:])
+                loss.backward()
     finally:
         for h in hooks:
             h.remove()
