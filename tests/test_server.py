@@ -308,6 +308,24 @@ def test_scheduler_admits_into_running_batch_and_compacts(model, tok):
         assert out[name][-1].completion_tokens == n
 
 
+def test_scheduler_on_the_fast_runner(model, tok):
+    """The non-eager path (whole-batch runner.decode, runner row prefill) gives the same greedy text."""
+    from rankserve.runtime.options import RuntimeOptions
+
+    opts = RuntimeOptions(backend="fast", compile=False, native=False)
+    eng = Engine(model.inner, tok, max_batch=2, max_context=48, options=opts)
+    out = {}
+    for name, prompt, mt in (("a", "first one", 20), ("b", "second, longer prompt", 15), ("c", "3rd", 30)):
+        out[name] = (tok.encode(prompt), mt, [])
+        eng.submit(Request(out[name][0], SamplingParams(max_tokens=mt, ignore_eos=True), out[name][2].append))
+        for _ in range(4):
+            eng.step()
+    while eng.active or eng.pending:
+        eng.step()
+    for ids, mt, events in out.values():
+        assert "".join(e.text for e in events) == alone(model, tok, ids, max_tokens=mt, ignore_eos=True)[0]
+
+
 # ---- bad input never kills the server ----
 
 BAD = [
