@@ -1,0 +1,143 @@
+"""Microbenchmark: weight bytes streamed per second by one-token linears, PyTorch vs the native kernels.
+
+Every measurement cycles through many distinct weight matrices (``--working-set-mb``, default 1024 MB, far above
+the L3) so that each call reads its weights from memory, as in decode. A row is the median over ``--runs`` passes.
+
+Columns (GB/s of weights read; higher is better):
+- ``F.linear``: ``torch.nn.functional.linear(x, W)``;
+- ``gemv``: ``torch.ops.rankserve.gemv(x, W)``;
+- ``gemv_t``: ``torch.ops.rankserve.gemv_t(x, W.T.contiguous())``;
+- ``lr torch``: ``F.linear(F.linear(x, V), U)``, the factorized layer in eager PyTorch;
+- ``lr native``: ``torch.ops.rankserve.lowrank_gemv(x, V, U)``.
+For the low-rank columns V [r, in] and U [out, r] keep 60% of the dense parameters (r rounded down to 16).
+
+    python benchmarks/kernels.py --threads 2 [--batch 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rankserve.runtime.native import NativeKernels
+
+# (name, out, in): SmolLM2-135M projections and LM head, then Llama-3.2-1B-like shapes.
+SHAPES = [
+    ("smol attn q/o", 576, 576),
+    ("smol attn k/v", 192, 576),
+    ("smol mlp up/gate", 1536, 576),
+    ("smol mlp down", 576, 1536),
+    ("smol lm head", 49152, 576),
+    ("1b attn q/o", 2048, 2048),
+    ("1b mlp up/gate", 8192, 2048),
+    ("1b mlp down", 2048, 8192),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def lowrank_rank(out: int, inp: int, keep: float = 0.6) -> int:
+    """Rank whose U and V hold ``keep`` of the dense parameters, rounded down to a multiple of 16."""
+    return max(16, int(keep * out * inp / (out + inp)) // 16 * 16)
+
+
+def make_set(shapes: list[tuple[int, ...]], dtype: torch.dtype, working_set: int) -> list[list[torch.Tensor]]:
+    """Enough independent copies of a group of tensors to fill ``working_set`` bytes (at least 4)."""
+    group_bytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    copies = max(4, -(-working_set // group_bytes))
+    return [[torch.empty(s, dtype=dtype).uniform_(-0.05, 0.05) for s in shapes] for _ in range(copies)]
+
+
+def stream_rate(
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, sets: list[list[torch.Tensor]], runs: int
+) -> float:
+    """Median GB/s of weight bytes over ``runs`` passes, each calling ``fn(x, *group)`` once per group."""
+    nbytes = sum(t.numel() * t.element_size() for group in sets for t in group)
+    for group in sets:  # warm-up: page in, build oneDNN primitives, spin up the thread pools
+        fn(x, *group)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for group in sets:
+            fn(x, *group)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads (default 2)")
+    parser.add_argument("--batch", type=int, default=1, help="activation rows B (default 1)")
+    parser.add_argument("--runs", type=int, default=7, help="timed passes per cell; the median is reported")
+    parser.add_argument("--working-set-mb", type=int, default=1024, help="weight bytes cycled per pass (MB)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--shapes", nargs="+", default=None, help="substrings selecting shape names")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)  # also the OpenMP team size the native kernels use
+    kernels = NativeKernels.load()
+    if kernels is None:
+        raise SystemExit("native kernels unavailable (see the warning above)")
+    working_set = args.working_set_mb * 2**20
+    shapes = [s for s in SHAPES if args.shapes is None or any(p in s[0] for p in args.shapes)]
+
+    columns = {
+        "F.linear": lambda x, W: F.linear(x, W),
+        "gemv": lambda x, W: kernels.gemv(x, W),
+        "gemv_t": lambda x, Wt: kernels.gemv_t(x, Wt),
+        "lr torch": lambda x, V, U: F.linear(F.linear(x, V), U),
+        "lr native": lambda x, V, U: kernels.lowrank_gemv(x, V, U),
+    }
+    rows = []
+    with torch.inference_mode():
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            for name, out, inp in shapes:
+                x = torch.randn(args.batch, inp).to(dtype)
+                r = lowrank_rank(out, inp)
+                row = {"dtype": dname, "shape": name, "out": out, "in": inp, "rank": r, "batch": args.batch}
+                dense = make_set([(out, inp)], dtype, working_set)
+                row["F.linear"] = stream_rate(columns["F.linear"], x, dense, args.runs)
+                row["gemv"] = stream_rate(columns["gemv"], x, dense, args.runs)
+                del dense
+                transposed = make_set([(inp, out)], dtype, working_set)
+                row["gemv_t"] = stream_rate(columns["gemv_t"], x, transposed, args.runs)
+                del transposed
+                factors = make_set([(r, inp), (out, r)], dtype, working_set)
+                row["lr torch"] = stream_rate(columns["lr torch"], x, factors, args.runs)
+                row["lr native"] = stream_rate(columns["lr native"], x, factors, args.runs)
+                del factors
+                rows.append(row)
+
+    meta = {
+        "threads": args.threads,
+        "batch": args.batch,
+        "working_set_mb": args.working_set_mb,
+        "runs": args.runs,
+        "isa": kernels.isa,
+        "torch": torch.__version__,
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "results": rows}, indent=2))
+        return
+    print(
+        f"GB/s of weights streamed (median of {args.runs}), B={args.batch}, {args.threads} threads, "
+        f"working set {args.working_set_mb} MB, native isa {kernels.isa}"
+    )
+    names = list(columns)
+    header = f"{'dtype':5} {'shape':17} {'out x in':>11} {'rank':>5} " + " ".join(f"{c:>9}" for c in names)
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cells = " ".join(f"{row[c]:9.1f}" for c in names)
+        print(f"{row['dtype']:5} {row['shape']:17} {row['out']:>5}x{row['in']:<5} {row['rank']:5} {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+// Decode-time (few-token) matrix-vector kernels for rankserve.
+//
+// One-token decode is bound by how fast weights stream from memory. PyTorch's M=1 linear reaches about a third
+// of the memory bandwidth on our CPUs and uses one core; these kernels read each weight row once, on all threads,
+// with wide loads, and keep every partial sum in fp32.
+//
+// Ops (registered as torch.ops.rankserve.*; x row-major [B, in]; all tensors contiguous, on CPU, one dtype,
+// float32 or bfloat16; the output has the input dtype):
+//   gemv(x, W[out, in], bias?)                  y = x W^T + b
+//   lowrank_gemv(x, V[r, in], U[out, r], bias?)  y = (x V^T) U^T + b, with x V^T kept in fp32
+//   gemv_t(x, Wt[in, out], bias?)                y = x Wt + b, for weights stored transposed
+//
+// ISA paths, chosen at compile time (the extension is built with -march=native):
+//   AVX-512F (+ AVX512-BF16 vdpbf16ps for bf16 x bf16 dot products), AVX2+FMA, and plain scalar C++.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace rankserve {
+namespace {
+
+using bf16 = uint16_t;  // raw bfloat16 bits; the upper half of an fp32
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline T from_f32(float v);
+template <>
+inline float from_f32<float>(float v) { return v; }
+template <>
+inline bf16 from_f32<bf16>(float v) { return c10::BFloat16(v).x; }  // round to nearest even
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vector layer: Isa::V holds kLanes fp32 values; loads widen bf16 to fp32 (exact: bf16 is a truncated fp32).
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+struct Isa {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  // First n (< kLanes) elements, the rest zero; masked loads never touch memory past p + n.
+  static V load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static V load_tail(const bf16* p, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+    bf16 buf[kLanes] = {};
+    std::memcpy(buf, p, sizeof(bf16) * n);
+    return load(buf);
+#endif
+  }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V broadcast(float v) { return _mm512_set1_ps(v); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Isa {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  template <typename T>
+  static V load_tail(const T* p, int n) {
+    T buf[kLanes] = {};
+    std::memcpy(buf, p, sizeof(T) * n);
+    return load(buf);
+  }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V broadcast(float v) { return _mm256_set1_ps(v); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+#else
+struct Isa {
+  using V = float;
+  static constexpr int kLanes = 1;
+  static V zero() { return 0.0f; }
+  template <typename T>
+  static V load(const T* p) { return to_f32(*p); }
+  template <typename T>
+  static V load_tail(const T* p, int) { return to_f32(*p); }  // never called: kLanes == 1 leaves no tail
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V broadcast(float v) { return v; }
+  static void store(float* p, V v) { *p = v; }
+  static float sum(V v) { return v; }
+};
+#endif
+
+constexpr int kRows = 4;   // weight rows per tile: enough independent streams and accumulators
+constexpr int kBatch = 4;  // activation rows per pass: kRows * kBatch accumulators stay in registers
+
+// out[b * kRows + r] = dot(w[r * ldw : r * ldw + K], x[b * ldx : b * ldx + K]) for r < R, b < NB.
+template <typename WT, typename XT, int R, int NB>
+inline void dot_tile(const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t K, float* out) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<WT, bf16> && std::is_same_v<XT, bf16>) {
+    // vdpbf16ps: 32 bf16 products per instruction, summed pairwise into 16 fp32 lanes.
+    __m512 acc[NB][R];
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + k);
+      for (int b = 0; b < NB; ++b) {
+        const __m512i xv = _mm512_loadu_si512(x + b * ldx + k);
+        for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    }
+    if (k < K) {
+      const __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);  // zero-filled lanes add exact zeros
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + k);
+      for (int b = 0; b < NB; ++b) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(m, x + b * ldx + k);
+        for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], (__m512bh)wv[r], (__m512bh)xv);
+      }
+    }
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) out[b * kRows + r] = _mm512_reduce_add_ps(acc[b][r]);
+    return;
+  }
+#endif
+  using V = Isa::V;
+  constexpr int L = Isa::kLanes;
+  V acc[NB][R];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = Isa::zero();
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = Isa::load(w + r * ldw + k);
+    for (int b = 0; b < NB; ++b) {
+      const V xv = Isa::load(x + b * ldx + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = Isa::fma(wv[r], xv, acc[b][r]);
+    }
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = Isa::load_tail(w + r * ldw + k, n);
+    for (int b = 0; b < NB; ++b) {
+      const V xv = Isa::load_tail(x + b * ldx + k, n);
+      for (int r = 0; r < R; ++r) acc[b][r] = Isa::fma(wv[r], xv, acc[b][r]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) out[b * kRows + r] = Isa::sum(acc[b][r]);
+}
+
+template <typename WT, typename XT, int R>
+inline void dot_tile_nb(int nb, const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t K, float* out) {
+  switch (nb) {
+    case 1: return dot_tile<WT, XT, R, 1>(w, ldw, x, ldx, K, out);
+    case 2: return dot_tile<WT, XT, R, 2>(w, ldw, x, ldx, K, out);
+    case 3: return dot_tile<WT, XT, R, 3>(w, ldw, x, ldx, K, out);
+    default: return dot_tile<WT, XT, R, kBatch>(w, ldw, x, ldx, K, out);
+  }
+}
+
+template <typename WT, typename XT>
+inline void dot_tile_any(int rows, int nb, const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t K,
+                         float* out) {
+  static_assert(kRows == 4, "the switch below assumes 4 rows per tile");
+  switch (rows) {
+    case 1: return dot_tile_nb<WT, XT, 1>(nb, w, ldw, x, ldx, K, out);
+    case 2: return dot_tile_nb<WT, XT, 2>(nb, w, ldw, x, ldx, K, out);
+    case 3: return dot_tile_nb<WT, XT, 3>(nb, w, ldw, x, ldx, K, out);
+    default: return dot_tile_nb<WT, XT, kRows>(nb, w, ldw, x, ldx, K, out);
+  }
+}
+
+// y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for W [N, K], x [B, K], y with row stride ldy.
+// An orphaned `omp for`: called inside a parallel region it splits the row tiles over the team (contiguous
+// chunks, so each thread streams one region of W); called outside one it runs serially.
+// Each weight tile is loaded from memory once and reused, from L1/L2, for every group of kBatch activation rows.
+template <typename WT, typename XT, typename YT>
+void matvec_rows(const WT* W, int64_t N, int64_t K, const XT* x, int64_t B, const WT* bias, YT* y,
+                 int64_t ldy) {
+  const int64_t ntiles = (N + kRows - 1) / kRows;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t n0 = t * kRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+    for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
+      float out[kBatch * kRows];
+      dot_tile_any<WT, XT>(rows, nb, W + n0 * K, K, x + b0 * K, K, K, out);
+      for (int b = 0; b < nb; ++b)
+        for (int r = 0; r < rows; ++r) {
+          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n0 + r]) : 0.0f);
+          y[(b0 + b) * ldy + n0 + r] = from_f32<YT>(v);
+        }
+    }
+  }
+}
+
+// Below this many weight bytes a call is too short to pay for waking a second thread (~a few microseconds).
+constexpr int64_t kParallelMinBytes = 64 * 1024;
+
+inline int team_size(int64_t weight_bytes) {
+  return weight_bytes >= kParallelMinBytes ? std::max(1, at::get_num_threads()) : 1;
+}
+
+template <typename T>
+void gemv_kernel(const T* x, int64_t B, int64_t K, const T* W, int64_t N, const T* bias, T* y) {
+  const int nt = team_size(N * K * static_cast<int64_t>(sizeof(T)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  matvec_rows<T, T, T>(W, N, K, x, B, bias, y, N);
+}
+
+template <typename T>
+void lowrank_kernel(const T* x, int64_t B, int64_t K, const T* V, int64_t R, const T* U, int64_t N,
+                    const T* bias, T* y) {
+  // t = x V^T stays fp32 (B * r floats: in cache), so the low-rank path rounds only once, at the output.
+  std::vector<float> t(static_cast<size_t>(B * R));
+  const int nt = team_size((R * K + N * R) * static_cast<int64_t>(sizeof(T)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    matvec_rows<T, T, float>(V, R, K, x, B, nullptr, t.data(), R);
+    // The implicit barrier at the end of the `omp for` above makes all of t visible here.
+    matvec_rows<T, float, T>(U, N, R, t.data(), B, bias, y, N);
+  }
+}
+
+// y[b, :] = sum_k x[b, k] Wt[k, :] (+ bias) for Wt [K, N]: each thread owns a block of output columns, keeps its
+// fp32 partial sums in cache, and streams the matching segment of every row of Wt.
+template <typename T>
+void gemv_t_kernel(const T* x, int64_t B, int64_t K, const T* Wt, int64_t N, const T* bias, T* y) {
+  using V = Isa::V;
+  constexpr int L = Isa::kLanes;
+  const int nt = team_size(N * K * static_cast<int64_t>(sizeof(T)));
+  // Blocks of at most 4096 columns (16 KB of fp32 sums per activation row), at least one block per thread.
+  const int64_t per_thread = (N + nt - 1) / nt;
+  const int64_t cb = std::max<int64_t>(L, std::min<int64_t>(4096, (per_thread + L - 1) / L * L));
+  const int64_t nblocks = (N + cb - 1) / cb;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> acc(static_cast<size_t>(B * cb));
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t n0 = blk * cb;
+      const int64_t nc = std::min(cb, N - n0);
+      const int64_t nv = nc / L * L;  // vectorised columns; the remainder is done in scalar code
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = Wt + k * N + n0;
+        for (int64_t b = 0; b < B; ++b) {
+          const float xs = to_f32(x[b * K + k]);
+          const V xv = Isa::broadcast(xs);
+          float* a = acc.data() + b * cb;
+          for (int64_t j = 0; j < nv; j += L) Isa::store(a + j, Isa::fma(Isa::load(row + j), xv, Isa::load(a + j)));
+          for (int64_t j = nv; j < nc; ++j) a[j] += to_f32(row[j]) * xs;
+        }
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < nc; ++j) {
+          const float v = acc[b * cb + j] + (bias ? to_f32(bias[n0 + j]) : 0.0f);
+          y[b * N + n0 + j] = from_f32<T>(v);
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input checks and op entry points.
+// ---------------------------------------------------------------------------------------------------------------
+void check_operand(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "rankserve::", op, ": ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.dim() == dim, "rankserve::", op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "rankserve::", op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", dtype, "; all inputs must share one dtype");
+  TORCH_CHECK(t.is_contiguous(), "rankserve::", op, ": ", name, " must be contiguous (shape ", t.sizes(),
+              ", strides ", t.strides(), ")");
+}
+
+at::ScalarType check_x(const char* op, const at::Tensor& x) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "rankserve::", op,
+              ": x must be float32 or bfloat16, got ", dtype);
+  check_operand(op, "x", x, dtype, 2);
+  return dtype;
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, at::ScalarType dtype, int64_t out) {
+  if (!bias.has_value()) return;
+  check_operand(op, "bias", *bias, dtype, 1);
+  TORCH_CHECK(bias->size(0) == out, "rankserve::", op, ": bias has ", bias->size(0), " elements but the output has ",
+              out, " features");
+}
+
+template <typename T>
+const T* data_of(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+const T* data_of(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? data_of<T>(*t) : nullptr;
+}
+template <typename T>
+T* mutable_data_of(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias) {
+  const auto dtype = check_x("gemv", x);
+  check_operand("gemv", "W", W, dtype, 2);
+  TORCH_CHECK(W.size(1) == x.size(1), "rankserve::gemv: x is ", x.sizes(), " but W is ", W.sizes(),
+              "; W must be [out, in] with in == x.size(1) = ", x.size(1));
+  check_bias("gemv", bias, dtype, W.size(0));
+  const int64_t B = x.size(0), K = x.size(1), N = W.size(0);
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (dtype == at::kFloat)
+    gemv_kernel<float>(data_of<float>(x), B, K, data_of<float>(W), N, data_of<float>(bias), mutable_data_of<float>(y));
+  else
+    gemv_kernel<bf16>(data_of<bf16>(x), B, K, data_of<bf16>(W), N, data_of<bf16>(bias), mutable_data_of<bf16>(y));
+  return y;
+}
+
+at::Tensor lowrank_gemv(const at::Tensor& x, const at::Tensor& V, const at::Tensor& U,
+                        const std::optional<at::Tensor>& bias) {
+  const auto dtype = check_x("lowrank_gemv", x);
+  check_operand("lowrank_gemv", "V", V, dtype, 2);
+  check_operand("lowrank_gemv", "U", U, dtype, 2);
+  TORCH_CHECK(V.size(1) == x.size(1), "rankserve::lowrank_gemv: x is ", x.sizes(), " but V is ", V.sizes(),
+              "; V must be [r, in] with in == x.size(1) = ", x.size(1));
+  TORCH_CHECK(U.size(1) == V.size(0), "rankserve::lowrank_gemv: V is ", V.sizes(), " but U is ", U.sizes(),
+              "; U must be [out, r] with r == V.size(0) = ", V.size(0));
+  check_bias("lowrank_gemv", bias, dtype, U.size(0));
+  const int64_t B = x.size(0), K = x.size(1), R = V.size(0), N = U.size(0);
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (dtype == at::kFloat)
+    lowrank_kernel<float>(data_of<float>(x), B, K, data_of<float>(V), R, data_of<float>(U), N, data_of<float>(bias),
+                          mutable_data_of<float>(y));
+  else
+    lowrank_kernel<bf16>(data_of<bf16>(x), B, K, data_of<bf16>(V), R, data_of<bf16>(U), N, data_of<bf16>(bias),
+                         mutable_data_of<bf16>(y));
+  return y;
+}
+
+at::Tensor gemv_t(const at::Tensor& x, const at::Tensor& Wt, const std::optional<at::Tensor>& bias) {
+  const auto dtype = check_x("gemv_t", x);
+  check_operand("gemv_t", "Wt", Wt, dtype, 2);
+  TORCH_CHECK(Wt.size(0) == x.size(1), "rankserve::gemv_t: x is ", x.sizes(), " but Wt is ", Wt.sizes(),
+              "; Wt must be [in, out] with in == x.size(1) = ", x.size(1));
+  check_bias("gemv_t", bias, dtype, Wt.size(1));
+  const int64_t B = x.size(0), K = x.size(1), N = Wt.size(1);
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (dtype == at::kFloat)
+    gemv_t_kernel<float>(data_of<float>(x), B, K, data_of<float>(Wt), N, data_of<float>(bias),
+                         mutable_data_of<float>(y));
+  else
+    gemv_t_kernel<bf16>(data_of<bf16>(x), B, K, data_of<bf16>(Wt), N, data_of<bf16>(bias), mutable_data_of<bf16>(y));
+  return y;
+}
+
+// Which vector path this build uses, for logs and benchmark tables.
+std::string isa() {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return "avx512+bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+}  // namespace rankserve
+
+TORCH_LIBRARY(rankserve, m) {
+  m.def("gemv(Tensor x, Tensor W, Tensor? bias=None) -> Tensor");
+  m.def("lowrank_gemv(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
+  m.def("gemv_t(Tensor x, Tensor Wt, Tensor? bias=None) -> Tensor");
+  m.def("native_isa() -> str", &rankserve::isa);
+}
+
+TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
+  m.impl("gemv", &rankserve::gemv);
+  m.impl("lowrank_gemv", &rankserve::lowrank_gemv);
+  m.impl("gemv_t", &rankserve::gemv_t);
+}

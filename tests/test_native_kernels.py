@@ -1,0 +1,151 @@
+"""The native decode kernels against an fp64 reference, their input checks, and torch.compile tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankserve.runtime.native import NativeKernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+BATCHES = [1, 2, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> NativeKernels:
+    k = NativeKernels.load()
+    if k is None:
+        pytest.skip("native kernels cannot be built here (no compiler or build failure)")
+    return k
+
+
+def rand(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: error <= 1e-5 of the magnitude sum |x||w|. bf16: plus one rounding of the output to bf16."""
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = (got.double() - ref).abs()
+    bound = 1e-5 * scale
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * ref.abs()  # half an ulp of bf16's 8-bit significand
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max abs err {err.max().item():.3g} exceeds the bound by {worst:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("out_f,in_f", [(191, 577), (8, 16), (33, 100), (1, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_reference(kernels, dtype, B, out_f, in_f, with_bias):
+    gen = torch.Generator().manual_seed(B * 1000 + out_f)
+    x, W = rand(B, in_f, dtype=dtype, gen=gen), rand(out_f, in_f, dtype=dtype, gen=gen)
+    b = rand(out_f, dtype=dtype, gen=gen) if with_bias else None
+    ref = x.double() @ W.double().T + (b.double() if b is not None else 0)
+    scale = x.double().abs() @ W.double().abs().T
+    assert_close(kernels.gemv(x, W, b), ref, scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("rank", [1, 13, 17, 63, 250])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lowrank_gemv_matches_reference(kernels, dtype, B, rank, with_bias):
+    out_f, in_f = 191, 577
+    gen = torch.Generator().manual_seed(B * 1000 + rank)
+    x = rand(B, in_f, dtype=dtype, gen=gen)
+    V, U = rand(rank, in_f, dtype=dtype, gen=gen), rand(out_f, rank, dtype=dtype, gen=gen)
+    b = rand(out_f, dtype=dtype, gen=gen) if with_bias else None
+    t = x.double() @ V.double().T
+    ref = t @ U.double().T + (b.double() if b is not None else 0)
+    scale = (x.double().abs() @ V.double().abs().T) @ U.double().abs().T
+    assert_close(kernels.lowrank_gemv(x, V, U, b), ref, scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_t_matches_reference(kernels, dtype, B, with_bias):
+    out_f, in_f = 191, 577
+    gen = torch.Generator().manual_seed(B)
+    x, Wt = rand(B, in_f, dtype=dtype, gen=gen), rand(in_f, out_f, dtype=dtype, gen=gen)
+    b = rand(out_f, dtype=dtype, gen=gen) if with_bias else None
+    ref = x.double() @ Wt.double() + (b.double() if b is not None else 0)
+    scale = x.double().abs() @ Wt.double().abs()
+    assert_close(kernels.gemv_t(x, Wt, b), ref, scale, dtype)
+
+
+def test_large_rows_use_all_threads_and_agree(kernels):
+    # Big enough to take the parallel path (>= 64 KB of weights) with an odd row count.
+    gen = torch.Generator().manual_seed(0)
+    x, W = rand(3, 1031, dtype=torch.float32, gen=gen), rand(2051, 1031, dtype=torch.float32, gen=gen)
+    V, U = rand(250, 1031, dtype=torch.float32, gen=gen), rand(2051, 250, dtype=torch.float32, gen=gen)
+    assert_close(
+        kernels.gemv(x, W), x.double() @ W.double().T, x.double().abs() @ W.double().abs().T, torch.float32
+    )
+    ref = (x.double() @ V.double().T) @ U.double().T
+    scale = (x.double().abs() @ V.double().abs().T) @ U.double().abs().T
+    assert_close(kernels.lowrank_gemv(x, V, U), ref, scale, torch.float32)
+
+
+def test_empty_batch_and_zero_width(kernels):
+    assert kernels.gemv(torch.empty(0, 8), torch.ones(4, 8)).shape == (0, 4)
+    y = kernels.gemv(torch.empty(2, 0), torch.empty(4, 0), torch.arange(4.0))
+    assert torch.equal(y, torch.arange(4.0).expand(2, 4))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda k: k.gemv(torch.ones(1, 8), torch.ones(4, 9)), r"W must be \[out, in\]"),
+        (lambda k: k.gemv(torch.ones(8), torch.ones(4, 8)), r"x must be 2-D"),
+        (lambda k: k.gemv(torch.ones(1, 8, dtype=torch.float64), torch.ones(4, 8)), r"float32 or bfloat16"),
+        (
+            lambda k: k.gemv(torch.ones(1, 8), torch.ones(4, 8, dtype=torch.bfloat16)),
+            r"W has dtype .*share one",
+        ),
+        (lambda k: k.gemv(torch.ones(1, 8), torch.ones(8, 4).T), r"W must be contiguous"),
+        (lambda k: k.gemv(torch.ones(1, 8), torch.ones(4, 8), torch.ones(5)), r"bias has 5 elements"),
+        (
+            lambda k: k.lowrank_gemv(torch.ones(1, 8), torch.ones(3, 8), torch.ones(4, 2)),
+            r"U must be \[out, r\]",
+        ),
+        (
+            lambda k: k.lowrank_gemv(torch.ones(1, 8), torch.ones(3, 7), torch.ones(4, 3)),
+            r"V must be \[r, in\]",
+        ),
+        (lambda k: k.gemv_t(torch.ones(1, 8), torch.ones(4, 8)), r"Wt must be \[in, out\]"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kernels, call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(kernels)
+
+
+class _TinyDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.W = nn.Parameter(torch.randn(48, 40, generator=gen), requires_grad=False)
+        self.V = nn.Parameter(torch.randn(7, 48, generator=gen), requires_grad=False)
+        self.U = nn.Parameter(torch.randn(40, 7, generator=gen), requires_grad=False)
+        self.b = nn.Parameter(torch.randn(40, generator=gen), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.ops.rankserve.gemv(x, self.W))  # [B, 48]
+        return torch.ops.rankserve.lowrank_gemv(h, self.V, self.U, self.b) + x  # [B, 40]
+
+
+def test_torch_compile_fullgraph(kernels):
+    torch._dynamo.reset()
+    model = _TinyDecoder()
+    x = torch.randn(2, 40)
+    eager = model(x)
+    # fullgraph=True raises on any graph break; aot_eager runs the fake kernels through AOTAutograd tracing.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
