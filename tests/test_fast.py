@@ -119,3 +119,22 @@ def test_hf_naive_matches_rankserve():
     t = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         assert (hf(t).logits - model(t)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_fast_bf16_close_to_eager_bf16(lowrank):
+    model = (lowrank_model("qwen2-bias") if lowrank else tiny_model("qwen2-bias")).to(torch.bfloat16)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ref = run(EagerRunner, model, prompts, 6, RuntimeOptions()).float()
+    got = run(FastRunner, model, prompts, 6, RuntimeOptions(backend="fast", compile=False)).float()
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def test_native_decode_layer_is_used_when_available():
+    from rankserve.runtime.native import NativeKernels
+
+    if NativeKernels.load() is None:
+        pytest.skip("no C++ compiler: the PyTorch path is tested above")
+    r = FastRunner(tiny_model("llama-gqa"), 1, 16, RuntimeOptions(backend="fast", compile=False))
+    assert r.kernels.has_layer

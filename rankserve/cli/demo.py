@@ -1,29 +1,114 @@
-"""Run the default model end to end: load, answer a chat prompt, report speed."""
+"""Run the main job end to end on the default model: compress with SVD-LLM, save, reload, serve it fast."""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
 
-from rankserve.cli.main import apply_threads
+from rankserve.cli.main import CLIError, apply_threads
+
+QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
 
 
 def add_arguments(p):
     p.add_argument("--model", default=None, help="model to use (default: smollm2-135m)")
+    p.add_argument("--family", default="svd-llm")
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters removed")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--out", default=None, help="where to keep the compressed checkpoint (default: a temp dir)"
+    )
+
+
+def _answer(lm, backend: str, max_tokens: int) -> list:
+    from rankserve.runtime.generate import complete
+    from rankserve.runtime.options import RuntimeOptions
+    from rankserve.runtime.sampling import SamplingParams
+
+    out = []
+    for q in QUESTIONS:
+        ids = lm.tokenizer.chat([{"role": "user", "content": q}])
+        out.append(
+            complete(
+                lm.model,
+                lm.tokenizer,
+                ids,
+                SamplingParams(max_tokens=max_tokens),
+                RuntimeOptions(backend=backend),
+            )
+        )
+    return out
 
 
 def run(args) -> int:
+    from rankserve.calibration import make_calibration
+    from rankserve.checkpoint import build_manifest, save_checkpoint
+    from rankserve.compress import compress_
+    from rankserve.families import config_class
     from rankserve.loaders.source import DEFAULT_MODEL, load_model
-    from rankserve.runtime.generate import complete
-    from rankserve.runtime.sampling import SamplingParams
 
     apply_threads(args.threads)
+    if args.out and os.path.exists(args.out):
+        raise CLIError(f"--out {args.out} already exists; choose a new directory")
+    cfg = config_class(args.family)(ratio=args.ratio).validate()
     name = args.model or DEFAULT_MODEL
-    print(f"loading {name} ...", file=sys.stderr)
+
+    def say(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    say(f"[1/4] loading {name}")
     lm = load_model(name)
-    for q in ["What is the capital of France?", "Give me one tip for writing clear code."]:
-        ids = lm.tokenizer.chat([{"role": "user", "content": q}])
-        c = complete(lm.model, lm.tokenizer, ids, SamplingParams(max_tokens=args.max_tokens))
-        print(f"> {q}\n{c.text.strip()}\n  [{c.completion_tokens} tokens, {c.decode_tok_s:.1f} tok/s]\n")
+    dense = _answer(lm, "eager", args.max_tokens)
+
+    say(
+        f"[2/4] compressing with {cfg.name}, ratio {cfg.ratio} (fraction of linear-layer parameters removed), "
+        f"calibration: {args.calib_samples} x {args.calib_seq_len} tokens the model generates itself"
+    )
+    t0 = time.perf_counter()
+    calib = (
+        make_calibration(
+            None, lm.model, lm.tokenizer, args.calib_samples, args.calib_seq_len, 0, progress=True
+        )
+        if cfg.wanted_stats()
+        else None
+    )
+    report = compress_(lm.model, cfg, calib)
+    compress_s = time.perf_counter() - t0
+
+    out = args.out or os.path.join(
+        tempfile.mkdtemp(prefix="rankserve-demo-"), f"{name}-{cfg.name}-{cfg.ratio:g}"
+    )
+    say(f"[3/4] saving the checkpoint to {out}")
+    info = report.to_dict()
+    manifest = build_manifest(
+        lm.model,
+        family=cfg.name,
+        family_config=cfg.to_dict(),
+        ratio=cfg.ratio,
+        source_path=lm.source,
+        calibration=info.get("calibration"),
+        extra={"compression": {"wall_time_s": round(compress_s, 2)}},
+    )
+    save_checkpoint(lm.model, out, tokenizer=lm.tokenizer, manifest=manifest)
+
+    say("[4/4] reloading it and answering with the fast runtime (the first call compiles the decode step)")
+    small = load_model(out)
+    _answer(small, "fast", 4)  # compile once, outside the timings below
+    fast = _answer(small, "fast", args.max_tokens)
+
+    print(report.table())
+    print()
+    for q, d, f in zip(QUESTIONS, dense, fast, strict=True):
+        print(f"> {q}")
+        print(f"  dense (eager):      {d.text.strip()!r}  [{d.decode_tok_s:.1f} tok/s]")
+        print(f"  compressed (fast):  {f.text.strip()!r}  [{f.decode_tok_s:.1f} tok/s]")
+    print(f"\ncompressed checkpoint: {out} (compression took {compress_s:.0f} s)")
+    print(
+        f"next: rankserve generate {out} --chat --backend fast --prompt '...'   |   rankserve inspect {out}"
+    )
     return 0

@@ -37,6 +37,8 @@ class Kernels:
         self.native = native  # a rankserve.runtime.native.NativeKernels or None
         self.ops = torch.ops.rankserve if native is not None else None
         self.has_attn = native is not None and hasattr(self.ops, "attn_decode")
+        # the whole decoder layer as one native call (one OpenMP region instead of ~15 ops)
+        self.has_layer = native is not None and hasattr(self.ops, "decode_layer")
 
     def linear(self, x, W, bias=None):
         """[B, in] x [out, in] -> [B, out]."""
@@ -104,6 +106,14 @@ class FastLayer(nn.Module):
         self.w_post = layer.post_attention_layernorm.weight.detach()
         self.eps = layer.input_layernorm.eps
 
+    def native_args(self) -> list:
+        """The packed groups as the native ``decode_layer`` op takes them: first, lifts, splits, bias each."""
+        args = []
+        for g in (self.qkv, self.o, self.gate_up, self.down):
+            empty = g.first.new_empty(0, 0)
+            args += [g.first, [empty if lift is None else lift for lift in g.lifts], list(g.splits), g.bias]
+        return args
+
 
 class FastDecoder(nn.Module):
     """The one-token forward of a whole model over a shared KV cache, in a traceable form."""
@@ -117,6 +127,7 @@ class FastDecoder(nn.Module):
         self.scale = 1.0 / self.hd**0.5
         self.embed = model.model.embed_tokens.weight.detach()
         self.layers = [FastLayer(layer, dtype) for layer in model.model.layers]
+        self._native = [L.native_args() for L in self.layers]
         self.w_norm = model.model.norm.weight.detach()
         self.eps = model.model.norm.eps
         self.head = pack([model.lm_head], dtype)
@@ -133,6 +144,27 @@ class FastDecoder(nn.Module):
         x = self.embed[tokens]  # (B, D)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
         kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
+        if kern.has_layer and x.device.type == "cpu":
+            cos2, sin2 = cos[:, 0], sin[:, 0]  # (B, hd)
+            for i, L in enumerate(self.layers):
+                x = kern.ops.decode_layer(
+                    x,
+                    L.w_in,
+                    L.w_post,
+                    L.eps,
+                    *self._native[i],
+                    kc_all[i],
+                    vc_all[i],
+                    cos2,
+                    sin2,
+                    slot,
+                    valid_from,
+                    H,
+                    K,
+                    self.scale,
+                )
+            x = _rms(x, self.w_norm, self.eps)
+            return kern.group(self.head, x)  # (B, V)
         for i, L in enumerate(self.layers):
             h = _rms(x, L.w_in, L.eps)
             qkv = kern.group(L.qkv, h)  # (B, (H + 2K) * hd)

@@ -31,6 +31,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+_HEADER = Path(__file__).parent / "csrc" / "decode_layer.h"  # included by kernels.cpp
 _FLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
@@ -90,6 +91,10 @@ def _fake_gemv_t(x: Tensor, Wt: Tensor, bias: Tensor | None = None) -> Tensor:
     return x.new_empty((x.shape[0], Wt.shape[1]))
 
 
+def _fake_decode_layer(x: Tensor, *args, **kwargs) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _build_library(verbose: bool) -> None:
     """Compile the extension (or reuse the cached build) and load it; its TORCH_LIBRARY block registers the ops."""
     from torch.utils import cpp_extension
@@ -119,6 +124,7 @@ def _shared() -> NativeKernels | None:
         torch.library.register_fake("rankserve::gemv")(_fake_gemv)
         torch.library.register_fake("rankserve::lowrank_gemv")(_fake_lowrank_gemv)
         torch.library.register_fake("rankserve::gemv_t")(_fake_gemv_t)
+        torch.library.register_fake("rankserve::decode_layer")(_fake_decode_layer)
         isa = torch.ops.rankserve.native_isa()
     except Exception as exc:  # any build or load failure means "no native kernels", reported once
         logger.warning("rankserve native kernels unavailable, falling back to PyTorch: %s", exc)

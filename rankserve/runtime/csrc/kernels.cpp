@@ -403,6 +403,8 @@ std::string isa() {
 #endif
 }
 
+#include "decode_layer.h"
+
 }  // namespace
 }  // namespace rankserve
 
@@ -411,10 +413,17 @@ TORCH_LIBRARY(rankserve, m) {
   m.def("lowrank_gemv(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
   m.def("gemv_t(Tensor x, Tensor Wt, Tensor? bias=None) -> Tensor");
   m.def("native_isa() -> str", &rankserve::isa);
+  m.def(
+      "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, Tensor qkv_first, Tensor[] qkv_lifts, "
+      "int[] qkv_splits, Tensor? qkv_bias, Tensor o_first, Tensor[] o_lifts, int[] o_splits, Tensor? o_bias, "
+      "Tensor gu_first, Tensor[] gu_lifts, int[] gu_splits, Tensor? gu_bias, Tensor down_first, Tensor[] down_lifts, "
+      "int[] down_splits, Tensor? down_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, "
+      "Tensor slot, Tensor valid_from, int n_heads, int n_kv, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
   m.impl("gemv", &rankserve::gemv);
   m.impl("lowrank_gemv", &rankserve::lowrank_gemv);
   m.impl("gemv_t", &rankserve::gemv_t);
+  m.impl("decode_layer", &rankserve::decode_layer);
 }

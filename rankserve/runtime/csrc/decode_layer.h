@@ -1,0 +1,312 @@
+// One whole decoder layer for one-token decode, in one OpenMP parallel region.
+//
+// Included by kernels.cpp inside its anonymous namespace (it uses Isa, dot_tile_any, to_f32/from_f32, data_of).
+// Calling a GEMV op per projection costs a thread wake-up, a barrier and a dispatcher round trip each time; at
+// SmolLM2's sizes (a 576x576 matrix streams in ~30 us) that overhead is as large as the work. Here a layer is
+// one region: every stage is an `omp for` over rows (or heads), and the stages are separated only by the
+// implicit barriers between them.
+//
+// Semantics match the eager model (rankserve/models/llama.py) at one token per row:
+//   h   = rmsnorm(x) * w_in
+//   q,k,v = packed projections of h (dense members: one GEMV; low-rank members: V stage then U lift)
+//   q,k = rope(q, k); k,v written to the cache at `slot`; o = attention over slots [valid_from_b, slot]
+//   x  += o_proj(o)
+//   h   = rmsnorm(x) * w_post
+//   x  += down(silu(gate(h)) * up(h))
+// Values are rounded to the model dtype wherever the eager path rounds them; low-rank intermediates stay fp32.
+
+#include <omp.h>
+
+#include <cmath>
+
+// A matrix-vector job: y[b, :N] (row stride ldy) = x[b, :K] (row stride ldx) W[N, K]^T (+ bias).
+template <typename XT, typename YT>
+struct Seg {
+  const void* W;
+  int64_t N, K;
+  const XT* x;
+  int64_t ldx;
+  YT* y;
+  int64_t ldy;
+  const void* bias;  // in the weight dtype, or null
+};
+
+// Several jobs in one `omp for` (one barrier for all): tiles of kRows rows, numbered across the jobs.
+template <typename WT, typename XT, typename YT>
+void run_segs(const std::vector<Seg<XT, YT>>& segs, int64_t B) {
+  std::vector<int64_t> first_tile(segs.size() + 1, 0);
+  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + (segs[i].N + kRows - 1) / kRows;
+  const int64_t ntiles = first_tile.back();
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < ntiles; ++t) {
+    size_t i = 0;
+    while (t >= first_tile[i + 1]) ++i;
+    const Seg<XT, YT>& s = segs[i];
+    const WT* W = static_cast<const WT*>(s.W);
+    const WT* bias = static_cast<const WT*>(s.bias);
+    const int64_t n0 = (t - first_tile[i]) * kRows;
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, s.N - n0));
+    for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
+      float out[kBatch * kRows];
+      dot_tile_any<WT, XT>(rows, nb, W + n0 * s.K, s.K, s.x + b0 * s.ldx, s.ldx, s.K, out);
+      for (int b = 0; b < nb; ++b)
+        for (int r = 0; r < rows; ++r) {
+          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n0 + r]) : 0.0f);
+          s.y[(b0 + b) * s.ldy + n0 + r] = from_f32<YT>(v);
+        }
+    }
+  }
+}
+
+template <typename T>
+inline T round_t(float v) {
+  return from_f32<T>(v);
+}
+
+// A packed group of projections reading one input: first stages stacked in `first` [sum rows_i, K]; member i
+// is dense when lifts[i] is empty (its rows of `first` are its output), else low-rank with lift [out_i, r_i].
+template <typename T>
+struct Group {
+  const T* first;
+  int64_t K;
+  std::vector<int64_t> rows;   // rows of `first` per member
+  std::vector<const T*> lift;  // null for dense members
+  std::vector<int64_t> out;    // output features per member
+  const T* bias;               // [sum out_i] or null
+  int64_t total_out = 0;
+  int64_t total_rank = 0;      // rows of low-rank members (fp32 scratch size per activation row)
+};
+
+template <typename T>
+Group<T> make_group(const at::Tensor& first, const std::vector<at::Tensor>& lifts, c10::IntArrayRef splits,
+                    const std::optional<at::Tensor>& bias, const char* name, at::ScalarType dtype) {
+  check_operand("decode_layer", name, first, dtype, 2);
+  TORCH_CHECK(static_cast<int64_t>(lifts.size()) == static_cast<int64_t>(splits.size()) || lifts.empty(),
+              "rankserve::decode_layer: ", name, " has ", lifts.size(), " lifts for ", splits.size(), " members");
+  Group<T> g;
+  g.first = data_of<T>(first);
+  g.K = first.size(1);
+  int64_t sum = 0;
+  for (size_t i = 0; i < splits.size(); ++i) {
+    const int64_t r = splits[i];
+    g.rows.push_back(r);
+    sum += r;
+    const bool low = !lifts.empty() && lifts[i].numel() > 0;
+    if (low) {
+      check_operand("decode_layer", name, lifts[i], dtype, 2);
+      TORCH_CHECK(lifts[i].size(1) == r, "rankserve::decode_layer: ", name, " member ", i, " lift is ",
+                  lifts[i].sizes(), " but its first stage has ", r, " rows");
+      g.lift.push_back(data_of<T>(lifts[i]));
+      g.out.push_back(lifts[i].size(0));
+      g.total_rank += r;
+    } else {
+      g.lift.push_back(nullptr);
+      g.out.push_back(r);
+    }
+  }
+  TORCH_CHECK(sum == first.size(0), "rankserve::decode_layer: ", name, " splits sum to ", sum, " but first has ",
+              first.size(0), " rows");
+  g.total_out = 0;
+  for (auto o : g.out) g.total_out += o;
+  g.bias = nullptr;
+  if (bias.has_value()) {
+    check_operand("decode_layer", name, *bias, dtype, 1);
+    TORCH_CHECK(bias->size(0) == g.total_out, "rankserve::decode_layer: ", name, " bias has ", bias->size(0),
+                " elements for ", g.total_out, " outputs");
+    g.bias = data_of<T>(*bias);
+  }
+  return g;
+}
+
+// Apply a group to x [B, K] (T), writing y [B, total_out] (T); tmp holds B * total_rank floats.
+// Two sweeps (first stages, then lifts), each one `omp for`; must be called by every thread of the team.
+template <typename T>
+void apply_group(const Group<T>& g, const T* x, int64_t B, T* y, float* tmp) {
+  std::vector<Seg<T, T>> direct;       // dense members: straight into y
+  std::vector<Seg<T, float>> to_tmp;   // low-rank first stages: into fp32 scratch
+  std::vector<Seg<float, T>> lifts;    // low-rank lifts: scratch -> y
+  int64_t row = 0, col = 0, tcol = 0;
+  for (size_t i = 0; i < g.rows.size(); ++i) {
+    const T* W = g.first + row * g.K;
+    const T* b = g.bias ? g.bias + col : nullptr;
+    if (g.lift[i] == nullptr) {
+      direct.push_back({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b});
+    } else {
+      to_tmp.push_back({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr});
+      lifts.push_back({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b});
+      tcol += g.rows[i];
+    }
+    row += g.rows[i];
+    col += g.out[i];
+  }
+  // Dense rows and low-rank first stages stream in the same sweep (two orphaned loops, one barrier each).
+  if (!direct.empty()) run_segs<T, T, T>(direct, B);
+  if (!to_tmp.empty()) run_segs<T, T, float>(to_tmp, B);
+  if (!lifts.empty()) run_segs<T, float, T>(lifts, B);
+}
+
+template <typename T>
+void rmsnorm_rows(const T* x, const T* w, float eps, int64_t B, int64_t D, T* out) {
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    const T* xr = x + b * D;
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = to_f32(xr[d]);
+      ss += static_cast<double>(v) * v;
+    }
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
+    for (int64_t d = 0; d < D; ++d) {
+      const T normed = round_t<T>(to_f32(xr[d]) * inv);  // eager casts back to the model dtype first
+      out[b * D + d] = round_t<T>(to_f32(w[d]) * to_f32(normed));
+    }
+  }
+}
+
+// RoPE (HF half-split layout) on one head vector in place: v [hd], cos/sin [hd] in T.
+template <typename T>
+inline void rope_head(T* v, const T* cos, const T* sin, int64_t hd) {
+  const int64_t h = hd / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = to_f32(v[i]), b = to_f32(v[i + h]);
+    // x * cos + rotate_half(x) * sin, each product rounded as the eager elementwise ops round
+    const float ra = to_f32(round_t<T>(to_f32(round_t<T>(a * to_f32(cos[i]))) + to_f32(round_t<T>(-b * to_f32(sin[i])))));
+    const float rb = to_f32(round_t<T>(to_f32(round_t<T>(b * to_f32(cos[i + h]))) + to_f32(round_t<T>(a * to_f32(sin[i + h])))));
+    v[i] = round_t<T>(ra);
+    v[i + h] = round_t<T>(rb);
+  }
+}
+
+template <typename T>
+at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
+                             const Group<T>& qkv, const Group<T>& o, const Group<T>& gu, const Group<T>& down,
+                             at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                             int64_t slot, const int64_t* valid_from, int64_t H, int64_t KV, double scale) {
+  const int64_t B = x.size(0), D = x.size(1);
+  const int64_t S = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t F = gu.total_out / 2;
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  std::vector<T> h(B * D), qkv_out(B * qkv.total_out), attn(B * H * hd), ores(B * D), x1(B * D),
+      gu_out(B * gu.total_out), act(B * F), dres(B * D);
+  const int64_t scratch = std::max({qkv.total_rank, o.total_rank, gu.total_rank, down.total_rank, int64_t(1)});
+  std::vector<float> tmp(B * scratch);
+  const int nt = std::max(1, at::get_num_threads());
+  std::vector<float> scores(static_cast<size_t>(nt) * (S + 1));
+  const T* xp = data_of<T>(x);
+  T* kc = mutable_data_of<T>(k_cache);
+  T* vc = mutable_data_of<T>(v_cache);
+  const T* cp = data_of<T>(cos);
+  const T* sp = data_of<T>(sin);
+  const int64_t rep = H / KV;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    rmsnorm_rows<T>(xp, data_of<T>(w_in), static_cast<float>(eps), B, D, h.data());
+    apply_group<T>(qkv, h.data(), B, qkv_out.data(), tmp.data());
+    // RoPE on q and k heads, then k and v into the cache at `slot` (one item per (row, head)).
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * (H + KV); ++i) {
+      const int64_t b = i / (H + KV), head = i % (H + KV);
+      T* row = qkv_out.data() + b * qkv.total_out;
+      T* v = row + head * hd;  // q heads first, then k heads
+      rope_head<T>(v, cp + b * hd, sp + b * hd, hd);
+      if (head >= H) {
+        const int64_t g = head - H;
+        const int64_t off = ((b * KV + g) * S + slot) * hd;
+        std::memcpy(kc + off, v, sizeof(T) * hd);
+        std::memcpy(vc + off, row + (H + KV + g) * hd, sizeof(T) * hd);
+      }
+    }
+    // One-token attention over the valid prefix [valid_from_b, slot] only.
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * H; ++i) {
+      const int64_t b = i / H, head = i % H, g = head / rep;
+      float* sc = scores.data() + static_cast<size_t>(omp_get_thread_num()) * (S + 1);
+      const T* q = qkv_out.data() + b * qkv.total_out + head * hd;
+      const T* kb = kc + (b * KV + g) * S * hd;
+      const T* vb = vc + (b * KV + g) * S * hd;
+      const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(valid_from[b], slot)), hi = slot;
+      float mx = -INFINITY;
+      for (int64_t s = lo; s <= hi; ++s) {
+        float d = 0.0f;
+        for (int64_t j = 0; j < hd; ++j) d += to_f32(q[j]) * to_f32(kb[s * hd + j]);
+        sc[s - lo] = d * static_cast<float>(scale);
+        mx = std::max(mx, sc[s - lo]);
+      }
+      float den = 0.0f;
+      for (int64_t s = lo; s <= hi; ++s) den += (sc[s - lo] = std::exp(sc[s - lo] - mx));
+      float acc[512];
+      for (int64_t j = 0; j < hd; ++j) acc[j] = 0.0f;
+      for (int64_t s = lo; s <= hi; ++s) {
+        const float p = sc[s - lo] / den;
+        for (int64_t j = 0; j < hd; ++j) acc[j] += p * to_f32(vb[s * hd + j]);
+      }
+      T* dst = attn.data() + b * H * hd + head * hd;
+      for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j]);
+    }
+    apply_group<T>(o, attn.data(), B, ores.data(), tmp.data());
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * D; ++i) x1[i] = round_t<T>(to_f32(xp[i]) + to_f32(ores[i]));
+    rmsnorm_rows<T>(x1.data(), data_of<T>(w_post), static_cast<float>(eps), B, D, h.data());
+    apply_group<T>(gu, h.data(), B, gu_out.data(), tmp.data());
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * F; ++i) {
+      const int64_t b = i / F, j = i % F;
+      const float g = to_f32(gu_out[b * gu.total_out + j]), u = to_f32(gu_out[b * gu.total_out + F + j]);
+      const T silu = round_t<T>(g / (1.0f + std::exp(-g)));
+      act[i] = round_t<T>(to_f32(silu) * u);
+    }
+    apply_group<T>(down, act.data(), B, dres.data(), tmp.data());
+    T* op = mutable_data_of<T>(out);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
+  }
+  return out;
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
+                        const at::Tensor& qkv_first, at::TensorList qkv_lifts, c10::IntArrayRef qkv_splits,
+                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o_first, at::TensorList o_lifts,
+                        c10::IntArrayRef o_splits, const std::optional<at::Tensor>& o_bias,
+                        const at::Tensor& gu_first, at::TensorList gu_lifts, c10::IntArrayRef gu_splits,
+                        const std::optional<at::Tensor>& gu_bias, const at::Tensor& down_first,
+                        at::TensorList down_lifts, c10::IntArrayRef down_splits,
+                        const std::optional<at::Tensor>& down_bias, at::Tensor& k_cache, at::Tensor& v_cache,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot,
+                        const at::Tensor& valid_from, int64_t n_heads, int64_t n_kv, double scale) {
+  const auto dtype = check_x("decode_layer", x);
+  check_operand("decode_layer", "w_in", w_in, dtype, 1);
+  check_operand("decode_layer", "w_post", w_post, dtype, 1);
+  check_operand("decode_layer", "k_cache", k_cache, dtype, 4);
+  check_operand("decode_layer", "v_cache", v_cache, dtype, 4);
+  check_operand("decode_layer", "cos", cos, dtype, 2);
+  check_operand("decode_layer", "sin", sin, dtype, 2);
+  const int64_t B = x.size(0), D = x.size(1), hd = k_cache.size(3), S = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_kv, "rankserve::decode_layer: k_cache is ",
+              k_cache.sizes(), " for batch ", B, " and ", n_kv, " kv heads");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "rankserve::decode_layer: v_cache ", v_cache.sizes(),
+              " differs from k_cache ", k_cache.sizes());
+  TORCH_CHECK(hd <= 512 && hd % 2 == 0, "rankserve::decode_layer: head dim ", hd, " must be even and <= 512");
+  TORCH_CHECK(n_heads % n_kv == 0, "rankserve::decode_layer: ", n_heads, " heads over ", n_kv, " kv heads");
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd, "rankserve::decode_layer: cos is ", cos.sizes());
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "rankserve::decode_layer: slot must be one int64");
+  TORCH_CHECK(valid_from.scalar_type() == at::kLong && valid_from.numel() == B && valid_from.is_contiguous(),
+              "rankserve::decode_layer: valid_from must be int64 [B]");
+  const int64_t s = slot.item<int64_t>();
+  TORCH_CHECK(s >= 0 && s < S, "rankserve::decode_layer: slot ", s, " outside the cache of ", S, " slots");
+  const int64_t* vf = valid_from.const_data_ptr<int64_t>();
+  auto run = [&](auto tag) -> at::Tensor {
+    using T = decltype(tag);
+    const auto qkv = make_group<T>(qkv_first, qkv_lifts.vec(), qkv_splits, qkv_bias, "qkv", dtype);
+    const auto o = make_group<T>(o_first, o_lifts.vec(), o_splits, o_bias, "o", dtype);
+    const auto gu = make_group<T>(gu_first, gu_lifts.vec(), gu_splits, gu_bias, "gate_up", dtype);
+    const auto dn = make_group<T>(down_first, down_lifts.vec(), down_splits, down_bias, "down", dtype);
+    TORCH_CHECK(qkv.K == D && gu.K == D && o.total_out == D && dn.total_out == D,
+                "rankserve::decode_layer: projection sizes do not match hidden size ", D);
+    TORCH_CHECK(qkv.total_out == (n_heads + 2 * n_kv) * hd && o.K == n_heads * hd && dn.K * 2 == gu.total_out,
+                "rankserve::decode_layer: projection sizes do not match the head layout");
+    return decode_layer_impl<T>(x, w_in, w_post, eps, qkv, o, gu, dn, k_cache, v_cache, cos, sin, s, vf, n_heads,
+                                n_kv, scale);
+  };
+  return dtype == at::kFloat ? run(float{}) : run(bf16{});
+}
