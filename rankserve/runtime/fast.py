@@ -14,6 +14,7 @@ Prefill uses the model's own (GEMM-shaped, chunked) forward over the same cache.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -187,6 +188,18 @@ class FastDecoder(nn.Module):
         return kern.group(self.head, x)  # (B, V)
 
 
+SLOT_BUCKET = 256  # cache lengths are rounded up to this, so prompts of similar length share one compiled step
+
+
+def bucketed_len(max_len: int, limit: int) -> int:
+    """The cache length the fast path allocates: ``max_len`` rounded up to a bucket, capped by ``limit``.
+
+    The compiled step is specialised to the cache shape; attention reads only the valid prefix, so extra slots
+    cost memory, not time, and one graph serves every request that fits the bucket.
+    """
+    return max(max_len, min(limit, -(-max_len // SLOT_BUCKET) * SLOT_BUCKET))
+
+
 class FastRunner:
     """Runner with the same interface as ``EagerRunner``: chunked GEMM prefill, compiled one-token decode."""
 
@@ -197,6 +210,7 @@ class FastRunner:
         self.options = options or RuntimeOptions(backend="fast")
         p = next(model.parameters())
         self.device = p.device
+        max_len = bucketed_len(max_len, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, batch, max_len, device=p.device, dtype=p.dtype)
         native = NativeKernels.load() if (self.options.native and p.device.type == "cpu") else None
         self.kernels = Kernels(native)
@@ -205,9 +219,24 @@ class FastRunner:
         self.pack_s = time.perf_counter() - t0
         self.step = self.decoder
         self.compile_s = 0.0
+        self.artifacts = None
         if self.options.compile:
+            self.artifacts = CompileCache(self.options.cache_dir, self._signature(batch))
+            self.artifacts.load()
             self.step = torch.compile(self.decoder, fullgraph=True, dynamic=False)
         self._compiled_once = False
+
+    def _signature(self, batch: int) -> str:
+        """What the compiled step depends on: shapes and dtypes of every packed tensor, the kernel path, torch."""
+        d = self.decoder
+        parts = [torch.__version__, str(self.device), str(d.embed.dtype), f"B{batch}", f"S{self.cache.max_len}",
+                 f"native={self.kernels.native is not None}:{self.kernels.has_layer}", repr(self.model.config)]
+        for L in d.layers:
+            for g in (L.qkv, L.o, L.gate_up, L.down):
+                parts.append(f"{tuple(g.first.shape)}{g.splits}{[None if u is None else tuple(u.shape) for u in g.lifts]}"
+                             f"{g.bias is not None}")
+        parts.append(str(tuple(d.head.first.shape)))
+        return "|".join(parts)
 
     @torch.inference_mode()
     def prefill(self, tokens, positions, valid_from, start: int = 0, cache=None) -> torch.Tensor:
@@ -229,6 +258,8 @@ class FastRunner:
         if not self._compiled_once:
             self._compiled_once = True
             self.compile_s = time.perf_counter() - t0
+            if self.artifacts is not None:
+                self.artifacts.save()
         return out
 
     def warmup(self) -> float:
@@ -241,6 +272,46 @@ class FastRunner:
         t0 = time.perf_counter()
         self.decode(z[:, None], z[:, None], 0, z)
         return time.perf_counter() - t0
+
+
+class CompileCache:
+    """Compiled decode-step artifacts on disk (``torch.compiler`` cache artifacts), keyed by the step's signature,
+    so that a second start of the same model skips Inductor's code generation."""
+
+    def __init__(self, cache_dir: str | None, signature: str):
+        import hashlib
+
+        from rankserve.tokenizer import cache_dir as default_cache_dir
+
+        root = cache_dir or default_cache_dir("compiled")
+        self.path = os.path.join(root, hashlib.sha256(signature.encode()).hexdigest()[:24] + ".bin")
+        self.loaded = False
+
+    def load(self) -> bool:
+        if not os.path.isfile(self.path):
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                torch.compiler.load_cache_artifacts(f.read())
+            self.loaded = True
+        except Exception as e:  # a stale or damaged entry only costs a recompile
+            log.warning("ignoring compiled-step cache %s: %s", self.path, e)
+        return self.loaded
+
+    def save(self) -> None:
+        if self.loaded:
+            return
+        try:
+            art = torch.compiler.save_cache_artifacts()
+            if art is None:
+                return
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(art[0])
+            os.replace(tmp, self.path)
+        except Exception as e:
+            log.warning("could not save the compiled-step cache %s: %s", self.path, e)
 
 
 def stage_bytes(p) -> int:
