@@ -1,8 +1,9 @@
 """The benchmark harness: decode and prefill speed of one model across backends, side by side in one run.
 
-Each backend runs in its own subprocess (``python -m rankserve.bench worker ...``) so that thread pools,
-compile caches and peak RSS do not leak between backends. Warm-up is excluded and the median of ``runs``
-timed runs is reported.
+All backends run in one worker subprocess (``python -m rankserve.bench worker ...``): each is set up and
+warmed up once (compile time and the RSS it adds are recorded), then the timed runs go in interleaved rounds
+(A, B, C, A, B, C, ...) so that bandwidth drift on a shared machine does not bias the ratios. The median of
+``runs`` rounds is reported.
 
 Backends:
 - ``fast``: the fast runtime (packed, compiled, native kernels) on MODEL;
@@ -117,7 +118,7 @@ class BackendResult:
     ttft_s: float = 0.0
     weight_bytes_per_token: int = 0
     achieved_gbs: float = 0.0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # RSS this backend added to the worker (its models, caches, compiled code)
     load_s: float = 0.0
     compile_s: float = 0.0
     recompiles: int = 0
@@ -258,7 +259,7 @@ def _hf_model(source: str, dtype: torch.dtype):
     return m.eval()
 
 
-def hf_from_rankserve(model, naive: bool = True):
+def hf_from_rankserve(model):
     """An HF transformers model with ``model``'s weights; factorized projections become two ``nn.Linear``."""
     import transformers
     from torch import nn
@@ -367,112 +368,137 @@ def _run_llama_cpp(source: str, spec: BenchSpec, res: BackendResult):
     return once
 
 
-def run_worker(spec: BenchSpec, backend: str) -> BackendResult:
-    """Run one backend in this process and return its result (median over ``spec.runs`` after one warm-up)."""
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendResult, object]:
+    """Load what ``backend`` runs and return (result to fill, a callable doing one timed run).
+
+    ``cache`` shares loaded models between backends of one worker (the dense source is loaded once).
+    """
     from rankserve.analysis import model_stats
     from rankserve.loaders.source import load_model, parse_dtype
 
-    torch.set_num_threads(spec.threads)
     dtype = parse_dtype(spec.dtype)
     res = BackendResult(backend=backend)
-    t0 = time.perf_counter()
-    try:
-        import torch._dynamo.utils as dutils
+    rss0, t0 = _rss_mb(), time.perf_counter()
 
-        if spec.random_config:
-            dense = random_model(spec.random_config, dtype, None, spec.seed)
-            model = (
-                dense
-                if spec.random_ratio is None
-                else random_model(spec.random_config, dtype, spec.random_ratio, spec.seed)
-            )
-            if backend == "fast-dense":
-                model = dense
-            res.model = f"random:{spec.random_config}" + (
-                f"@{spec.random_ratio}" if spec.random_ratio else ""
-            )
-            once = None
-            if backend in ("hf", "hf-naive"):
-                once = _run_hf(
-                    hf_from_rankserve(dense if backend == "hf" else model), spec, model.config.vocab_size
-                )
-            elif backend == "llama.cpp":
-                return BackendResult(
-                    backend=backend, ok=False, note="llama.cpp needs a GGUF source, not a random model"
-                )
-            res.weight_bytes_per_token = model_stats(dense if backend == "hf" else model).bytes_per_token
-        else:
-            src = spec.model if backend not in ("fast-dense", "hf", "llama.cpp") else dense_source(spec.model)
-            res.model = src
-            once = None
-            if backend == "llama.cpp":
-                once = _run_llama_cpp(src, spec, res)
-                if once is None:
-                    return BackendResult(
-                        backend=backend,
-                        ok=False,
-                        model=src,
-                        note="llama-cpp-python is not installed (pip install llama-cpp-python)",
-                    )
-                lm = load_model(src, dtype=dtype)
-                model = lm.model
+    def get(src):
+        if src not in cache:
+            if src.startswith("random:"):
+                ratio = None if src == f"random:{spec.random_config}" else spec.random_ratio
+                cache[src] = random_model(spec.random_config, dtype, ratio, spec.seed)
             else:
-                lm = load_model(src, dtype=dtype)
-                model = lm.model
-                if backend == "hf":
-                    once = _run_hf(_hf_model(src, dtype), spec, model.config.vocab_size)
-                elif backend == "hf-naive":
-                    once = _run_hf(hf_from_rankserve(model), spec, model.config.vocab_size)
-            res.weight_bytes_per_token = model_stats(model).bytes_per_token
-        res.load_s = time.perf_counter() - t0
+                cache[src] = load_model(src, dtype=dtype).model
+        return cache[src]
+
+    if spec.random_config:
+        dense_src = f"random:{spec.random_config}"
+        main_src = dense_src if spec.random_ratio is None else f"{dense_src}@{spec.random_ratio}"
+    else:
+        dense_src, main_src = dense_source(spec.model), spec.model
+    src = dense_src if backend in ("fast-dense", "hf", "llama.cpp") else main_src
+    res.model = src
+    once = None
+    if backend == "llama.cpp":
+        if spec.random_config:
+            res.ok, res.note = False, "llama.cpp needs a GGUF source, not a random model"
+            return res, None
+        once = _run_llama_cpp(src, spec, res)
         if once is None:
+            res.ok, res.note = False, "llama-cpp-python is not installed (pip install llama-cpp-python)"
+            return res, None
+        model = get(src)
+    else:
+        model = get(src)
+        if backend == "hf":
+            hf = hf_from_rankserve(model) if spec.random_config else _hf_model(src, dtype)
+            once = _run_hf(hf, spec, model.config.vocab_size)
+        elif backend == "hf-naive":
+            once = _run_hf(hf_from_rankserve(model), spec, model.config.vocab_size)
+        else:
             once = _run_rankserve(model, spec, backend, res)
-        frames0 = dutils.counters["stats"]["unique_graphs"]
-        once()  # warm-up (compiles the fast path on its first decode)
-        frames1 = dutils.counters["stats"]["unique_graphs"]
-        runs = [once() for _ in range(spec.runs)]
-        res.recompiles = dutils.counters["stats"]["unique_graphs"] - frames1
-        if backend.startswith("fast") and frames1 > frames0:
-            res.compile_s = res.compile_s or 0.0
-        res.prefill_tok_s = spec.prompt_len / _median([r[0] for r in runs])
-        res.ttft_s = _median([r[1] for r in runs])
-        res.decode_runs = [round(r[2], 2) for r in runs]
-        res.decode_tok_s = _median([r[2] for r in runs])
-        res.achieved_gbs = res.decode_tok_s * res.weight_bytes_per_token / 1e9
-    except Exception as e:  # a failed backend is reported in the table, not fatal to the others
-        log.exception("backend %s failed", backend)
-        res.ok, res.note = False, f"{type(e).__name__}: {e}"
-    res.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return res
+    res.weight_bytes_per_token = model_stats(model).bytes_per_token
+    once()  # warm-up: the fast path compiles on its first decode
+    res.load_s = time.perf_counter() - t0
+    res.peak_rss_mb = _rss_mb() - rss0  # memory this backend added to the worker
+    return res, once
+
+
+def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
+    """Set up every backend in this process, then time them in interleaved rounds.
+
+    Interleaving (A, B, C, A, B, C, ...) matters on a shared machine: memory bandwidth drifts by tens of
+    percent over minutes, and back-to-back blocks would fold that drift into the ratios.
+    """
+    import torch._dynamo.utils as dutils
+
+    torch.set_num_threads(spec.threads)
+    cache: dict = {}
+    setups = []
+    for b in backends:
+        try:
+            setups.append(setup_backend(spec, b, cache))
+        except Exception as e:  # a failed backend is reported in the table, not fatal to the others
+            log.exception("backend %s failed", b)
+            setups.append((BackendResult(backend=b, ok=False, note=f"{type(e).__name__}: {e}"), None))
+    graphs = dutils.counters["stats"]["unique_graphs"]
+    runs: dict[str, list] = {b: [] for b in backends}
+    for _ in range(spec.runs):
+        for res, once in setups:
+            if once is not None and res.ok:
+                try:
+                    runs[res.backend].append(once())
+                except Exception as e:
+                    log.exception("backend %s failed", res.backend)
+                    res.ok, res.note = False, f"{type(e).__name__}: {e}"
+    recompiles = dutils.counters["stats"]["unique_graphs"] - graphs
+    out = []
+    for res, _ in setups:
+        rs = runs[res.backend]
+        if res.ok and rs:
+            res.prefill_tok_s = spec.prompt_len / _median([r[0] for r in rs])
+            res.ttft_s = _median([r[1] for r in rs])
+            res.decode_runs = [round(r[2], 2) for r in rs]
+            res.decode_tok_s = _median([r[2] for r in rs])
+            res.achieved_gbs = res.decode_tok_s * res.weight_bytes_per_token / 1e9
+            res.recompiles = recompiles if res.backend.startswith("fast") else 0
+        out.append(res)
+    return out
 
 
 def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True) -> dict:
-    """Run every backend in a subprocess, one after the other, and collect the results."""
+    """Run all backends in one worker subprocess (interleaved rounds) and collect the results."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     torch.set_num_threads(spec.threads)
     bw = bandwidth_probe() if probe else 0.0
-    runs = []
-    for b in backends:
-        cmd = [sys.executable, "-m", "rankserve.bench", "worker", b, json.dumps(asdict(spec))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            runs.append(asdict(BackendResult(backend=b, ok=False, note=f"worker failed: {tail}")))
-        else:
-            runs.append(json.loads(lines[-1]))
+    cmd = [sys.executable, "-m", "rankserve.bench", "worker", ",".join(backends), json.dumps(asdict(spec))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        runs = [asdict(BackendResult(backend=b, ok=False, note=f"worker failed: {tail}")) for b in backends]
+    else:
+        runs = json.loads(lines[-1])
     for r in runs:
         r["bandwidth_fraction"] = round(r["achieved_gbs"] / bw, 3) if bw and r.get("ok") else None
     return {"bandwidth_gbs": round(bw, 2), "spec": asdict(spec), "runs": runs}
 
 
 def _worker_main(argv: list[str]) -> int:
-    backend, spec_json = argv[0], argv[1]
+    backends, spec_json = argv[0].split(","), argv[1]
     spec = BenchSpec(**json.loads(spec_json))
-    res = run_worker(spec, backend)
-    print(json.dumps(asdict(res)))
+    print(json.dumps([asdict(r) for r in run_worker(spec, backends)]))
     return 0
 
 

@@ -70,7 +70,7 @@ def run(args) -> int:
     )
     hdr = (
         f"{'backend':11s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'MB/token':>9s} "
-        f"{'GB/s':>6s} {'% bw':>5s} {'RSS MB':>7s} {'compile s':>9s} {'recomp':>6s}  note"
+        f"{'GB/s':>6s} {'% bw':>5s} {'+RSS MB':>7s} {'compile s':>9s} {'recomp':>6s}  note"
     )
     print(hdr)
     for r in out["runs"]:
