@@ -64,19 +64,6 @@ def test_lowrank_gemv_matches_reference(kernels, dtype, B, rank, with_bias):
     assert_close(kernels.lowrank_gemv(x, V, U, b), ref, scale, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_t_matches_reference(kernels, dtype, B, with_bias):
-    out_f, in_f = 191, 577
-    gen = torch.Generator().manual_seed(B)
-    x, Wt = rand(B, in_f, dtype=dtype, gen=gen), rand(in_f, out_f, dtype=dtype, gen=gen)
-    b = rand(out_f, dtype=dtype, gen=gen) if with_bias else None
-    ref = x.double() @ Wt.double() + (b.double() if b is not None else 0)
-    scale = x.double().abs() @ Wt.double().abs()
-    assert_close(kernels.gemv_t(x, Wt, b), ref, scale, dtype)
-
-
 def test_large_rows_use_all_threads_and_agree(kernels):
     # Big enough to take the parallel path (>= 64 KB of weights) with an odd row count.
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +103,6 @@ def test_empty_batch_and_zero_width(kernels):
             lambda k: k.lowrank_gemv(torch.ones(1, 8), torch.ones(3, 7), torch.ones(4, 3)),
             r"V must be \[r, in\]",
         ),
-        (lambda k: k.gemv_t(torch.ones(1, 8), torch.ones(4, 8)), r"Wt must be \[in, out\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kernels, call, match):

@@ -8,8 +8,7 @@ Ops (x is ``[B, in]``; all tensors contiguous, on CPU, one dtype, float32 or bfl
 
 - ``gemv(x, W[out, in], bias=None) -> [B, out]``: ``x @ W.T + bias``;
 - ``lowrank_gemv(x, V[r, in], U[out, r], bias=None) -> [B, out]``: ``(x @ V.T) @ U.T + bias`` in one call, with
-  ``x @ V.T`` kept in fp32;
-- ``gemv_t(x, Wt[in, out], bias=None) -> [B, out]``: ``x @ Wt + bias`` for a weight stored transposed.
+  ``x @ V.T`` kept in fp32.
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces models that call them.
 """
@@ -54,8 +53,10 @@ def _build_dir(key: str) -> Path:
 
 def _build_key() -> str:
     h = hashlib.sha256()
+    # Every source and header in csrc/: kernels.cpp includes the headers, so a header edit must rebuild too.
+    for path in sorted(_SOURCE.parent.glob("*.[ch]*")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (
-        _SOURCE.read_bytes(),
         torch.__version__.encode(),
         _cpu_flags().encode(),
         " ".join(_FLAGS).encode(),
@@ -83,12 +84,6 @@ def _fake_lowrank_gemv(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = No
         U.shape[1] == V.shape[0], lambda: f"rankserve::lowrank_gemv: V is {V.shape} but U is {U.shape}"
     )
     return x.new_empty((x.shape[0], U.shape[0]))
-
-
-def _fake_gemv_t(x: Tensor, Wt: Tensor, bias: Tensor | None = None) -> Tensor:
-    torch._check(x.dim() == 2 and Wt.dim() == 2, lambda: "rankserve::gemv_t: x and Wt must be 2-D")
-    torch._check(x.shape[1] == Wt.shape[0], lambda: f"rankserve::gemv_t: x is {x.shape} but Wt is {Wt.shape}")
-    return x.new_empty((x.shape[0], Wt.shape[1]))
 
 
 def _fake_decode_layer(x: Tensor, *args, **kwargs) -> Tensor:
@@ -123,7 +118,6 @@ def _shared() -> NativeKernels | None:
         _build_library(verbose=False)
         torch.library.register_fake("rankserve::gemv")(_fake_gemv)
         torch.library.register_fake("rankserve::lowrank_gemv")(_fake_lowrank_gemv)
-        torch.library.register_fake("rankserve::gemv_t")(_fake_gemv_t)
         torch.library.register_fake("rankserve::decode_layer")(_fake_decode_layer)
         isa = torch.ops.rankserve.native_isa()
     except Exception as exc:  # any build or load failure means "no native kernels", reported once
@@ -158,10 +152,6 @@ class NativeKernels:
     def lowrank_gemv(self, x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(x[B, in] @ V[r, in].T) @ U[out, r].T + bias`` -> ``[B, out]``, the middle product kept in fp32."""
         return self._ops.lowrank_gemv(x, V, U, bias)
-
-    def gemv_t(self, x: Tensor, Wt: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``x[B, in] @ Wt[in, out] + bias`` -> ``[B, out]``, for a weight stored transposed."""
-        return self._ops.gemv_t(x, Wt, bias)
 
     def __repr__(self) -> str:
         return f"NativeKernels(isa={self.isa!r})"

@@ -8,7 +8,8 @@
 // float32 or bfloat16; the output has the input dtype):
 //   gemv(x, W[out, in], bias?)                  y = x W^T + b
 //   lowrank_gemv(x, V[r, in], U[out, r], bias?)  y = (x V^T) U^T + b, with x V^T kept in fp32
-//   gemv_t(x, Wt[in, out], bias?)                y = x Wt + b, for weights stored transposed
+// There is no transposed-weight variant: the LM head (the tied embedding, [vocab, hidden]) is already [out, in],
+// and a column-blocked x @ Wt kernel reads the same bytes plus accumulator traffic; it measured no faster.
 //
 // ISA paths, chosen at compile time (the extension is built with -march=native):
 //   AVX-512F (+ AVX512-BF16 vdpbf16ps for bf16 x bf16 dot products), AVX2+FMA, and plain scalar C++.
@@ -75,8 +76,6 @@ struct Isa {
 #endif
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V broadcast(float v) { return _mm512_set1_ps(v); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -96,8 +95,6 @@ struct Isa {
     return load(buf);
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V broadcast(float v) { return _mm256_set1_ps(v); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -115,8 +112,6 @@ struct Isa {
   template <typename T>
   static V load_tail(const T* p, int) { return to_f32(*p); }  // never called: kLanes == 1 leaves no tail
   static V fma(V a, V b, V c) { return a * b + c; }
-  static V broadcast(float v) { return v; }
-  static void store(float* p, V v) { *p = v; }
   static float sum(V v) { return v; }
 };
 #endif
@@ -258,45 +253,6 @@ void lowrank_kernel(const T* x, int64_t B, int64_t K, const T* V, int64_t R, con
   }
 }
 
-// y[b, :] = sum_k x[b, k] Wt[k, :] (+ bias) for Wt [K, N]: each thread owns a block of output columns, keeps its
-// fp32 partial sums in cache, and streams the matching segment of every row of Wt.
-template <typename T>
-void gemv_t_kernel(const T* x, int64_t B, int64_t K, const T* Wt, int64_t N, const T* bias, T* y) {
-  using V = Isa::V;
-  constexpr int L = Isa::kLanes;
-  const int nt = team_size(N * K * static_cast<int64_t>(sizeof(T)));
-  // Blocks of at most 4096 columns (16 KB of fp32 sums per activation row), at least one block per thread.
-  const int64_t per_thread = (N + nt - 1) / nt;
-  const int64_t cb = std::max<int64_t>(L, std::min<int64_t>(4096, (per_thread + L - 1) / L * L));
-  const int64_t nblocks = (N + cb - 1) / cb;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<float> acc(static_cast<size_t>(B * cb));
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t n0 = blk * cb;
-      const int64_t nc = std::min(cb, N - n0);
-      const int64_t nv = nc / L * L;  // vectorised columns; the remainder is done in scalar code
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* row = Wt + k * N + n0;
-        for (int64_t b = 0; b < B; ++b) {
-          const float xs = to_f32(x[b * K + k]);
-          const V xv = Isa::broadcast(xs);
-          float* a = acc.data() + b * cb;
-          for (int64_t j = 0; j < nv; j += L) Isa::store(a + j, Isa::fma(Isa::load(row + j), xv, Isa::load(a + j)));
-          for (int64_t j = nv; j < nc; ++j) a[j] += to_f32(row[j]) * xs;
-        }
-      }
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < nc; ++j) {
-          const float v = acc[b * cb + j] + (bias ? to_f32(bias[n0 + j]) : 0.0f);
-          y[b * N + n0 + j] = from_f32<T>(v);
-        }
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Input checks and op entry points.
 // ---------------------------------------------------------------------------------------------------------------
@@ -374,22 +330,6 @@ at::Tensor lowrank_gemv(const at::Tensor& x, const at::Tensor& V, const at::Tens
   return y;
 }
 
-at::Tensor gemv_t(const at::Tensor& x, const at::Tensor& Wt, const std::optional<at::Tensor>& bias) {
-  const auto dtype = check_x("gemv_t", x);
-  check_operand("gemv_t", "Wt", Wt, dtype, 2);
-  TORCH_CHECK(Wt.size(0) == x.size(1), "rankserve::gemv_t: x is ", x.sizes(), " but Wt is ", Wt.sizes(),
-              "; Wt must be [in, out] with in == x.size(1) = ", x.size(1));
-  check_bias("gemv_t", bias, dtype, Wt.size(1));
-  const int64_t B = x.size(0), K = x.size(1), N = Wt.size(1);
-  at::Tensor y = at::empty({B, N}, x.options());
-  if (dtype == at::kFloat)
-    gemv_t_kernel<float>(data_of<float>(x), B, K, data_of<float>(Wt), N, data_of<float>(bias),
-                         mutable_data_of<float>(y));
-  else
-    gemv_t_kernel<bf16>(data_of<bf16>(x), B, K, data_of<bf16>(Wt), N, data_of<bf16>(bias), mutable_data_of<bf16>(y));
-  return y;
-}
-
 // Which vector path this build uses, for logs and benchmark tables.
 std::string isa() {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -411,7 +351,6 @@ std::string isa() {
 TORCH_LIBRARY(rankserve, m) {
   m.def("gemv(Tensor x, Tensor W, Tensor? bias=None) -> Tensor");
   m.def("lowrank_gemv(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
-  m.def("gemv_t(Tensor x, Tensor Wt, Tensor? bias=None) -> Tensor");
   m.def("native_isa() -> str", &rankserve::isa);
   m.def(
       "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, Tensor qkv_first, Tensor[] qkv_lifts, "
@@ -424,6 +363,5 @@ TORCH_LIBRARY(rankserve, m) {
 TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
   m.impl("gemv", &rankserve::gemv);
   m.impl("lowrank_gemv", &rankserve::lowrank_gemv);
-  m.impl("gemv_t", &rankserve::gemv_t);
   m.impl("decode_layer", &rankserve::decode_layer);
 }
