@@ -108,9 +108,10 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             a = unpermute_qk(a, cfg.num_attention_heads)
         elif stem.endswith("attn_k"):
             a = unpermute_qk(a, cfg.num_key_value_heads)
-        if not a.flags.writeable:  # unquantized tensors are read-only views of the memory-mapped file
-            a = a.copy()
-        out[name] = torch.from_numpy(np.ascontiguousarray(a))
+        # Copy into torch-owned memory: GEMV over numpy's (4 KB-page) allocations measured ~4x slower here than
+        # over the same values in torch's allocations (prefetchers and TLB reach stop at page boundaries).
+        # Unquantized tensors are read-only views of the file, so they need the copy anyway.
+        out[name] = torch.tensor(np.ascontiguousarray(a))
     return out
 
 
