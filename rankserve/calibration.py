@@ -16,7 +16,6 @@ Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rankserve.families.base import SAME_INPUT, short_name
+from rankserve.hashing import file_sha256
 from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
 
@@ -68,14 +68,6 @@ def _check_sizes(n_samples: int, seq_len: int) -> None:
         raise ValueError(f"calibration samples must be a positive integer, got {n_samples!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"calibration sequence length must be an integer >= 2, got {seq_len!r}")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def text_calibration(path: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> Calibration:

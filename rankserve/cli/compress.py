@@ -67,12 +67,9 @@ def run(args) -> int:
         raise CLIError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        from rankserve.checkpoint import build_manifest, save_checkpoint
-    except ImportError as e:
-        raise CLIError(f"checkpoint writing is unavailable ({e})") from None
     from rankserve.calibration import make_calibration
-    from rankserve.compress import compress_
+    from rankserve.checkpoint import save_checkpoint
+    from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model
 
     apply_threads(args.threads)
@@ -99,23 +96,11 @@ def run(args) -> int:
         )
     calib_s = time.perf_counter() - t0
     report = compress_(lm.model, cfg, calib, batch_size=args.batch_size)
-    info = report.to_dict()
-    for k in ("family", "family_config", "ratio", "ratio_convention"):  # standard manifest keys already
-        info.pop(k)
-    info["calibration_time_s"] = round(calib_s, 3)
-    info["wall_time_total_s"] = round(time.perf_counter() - t0, 3)
-    manifest = build_manifest(
-        lm.model,
-        family=cfg.name,
-        family_config=cfg.to_dict(),
-        ratio=cfg.ratio,
-        source_path=lm.source,
-        calibration=info.pop("calibration"),
-        extra={"compression": info},
-    )
+    info = {"calibration_time_s": round(calib_s, 3), "wall_time_total_s": round(time.perf_counter() - t0, 3)}
+    manifest = compression_manifest(lm.model, cfg, report, lm.source, info)
     path = save_checkpoint(lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest)
     if args.json:
-        print(json.dumps({"checkpoint": path, **manifest, "compression": info}))
+        print(json.dumps({"checkpoint": path, **manifest}))
     else:
         print(report.table())
         print(f"checkpoint: {path}")

@@ -47,8 +47,8 @@ def _answer(lm, backend: str, max_tokens: int) -> list:
 
 def run(args) -> int:
     from rankserve.calibration import make_calibration
-    from rankserve.checkpoint import build_manifest, save_checkpoint
-    from rankserve.compress import compress_
+    from rankserve.checkpoint import save_checkpoint
+    from rankserve.compress import compress_, compression_manifest
     from rankserve.families import config_class
     from rankserve.loaders.source import DEFAULT_MODEL, load_model
 
@@ -84,16 +84,7 @@ def run(args) -> int:
         tempfile.mkdtemp(prefix="rankserve-demo-"), f"{name}-{cfg.name}-{cfg.ratio:g}"
     )
     say(f"[3/4] saving the checkpoint to {out}")
-    info = report.to_dict()
-    manifest = build_manifest(
-        lm.model,
-        family=cfg.name,
-        family_config=cfg.to_dict(),
-        ratio=cfg.ratio,
-        source_path=lm.source,
-        calibration=info.get("calibration"),
-        extra={"compression": {"wall_time_s": round(compress_s, 2)}},
-    )
+    manifest = compression_manifest(lm.model, cfg, report, lm.source, {"wall_time_s": round(compress_s, 2)})
     save_checkpoint(lm.model, out, tokenizer=lm.tokenizer, manifest=manifest)
 
     say("[4/4] reloading it and answering with the fast runtime (the first call compiles the decode step)")

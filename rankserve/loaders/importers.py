@@ -17,7 +17,6 @@ complete model or raises :class:`CheckpointImportError` naming the tensor, the e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rankserve.hashing import file_sha256
 from rankserve.loaders.safe_pickle import (
     CheckpointImportError,
     Record,
@@ -423,12 +423,6 @@ def _declared_ranks(table: Any, key: str, source: str, geometry: _Geometry) -> d
 # Files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -520,7 +514,7 @@ def _provenance(source: Path, fmt: str, files: list[Path], raw_config: Mapping, 
     return {
         "source": str(source.resolve()),
         "format": fmt,
-        "sha256": {str(f.resolve().relative_to(base.resolve())): _sha256(f) for f in files},
+        "sha256": {str(f.resolve().relative_to(base.resolve())): file_sha256(f) for f in files},
         "original_architectures": list(raw_config.get("architectures") or []),
         "notes": notes,
     }
