@@ -30,7 +30,6 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-_HEADER = Path(__file__).parent / "csrc" / "decode_layer.h"  # included by kernels.cpp
 _FLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
