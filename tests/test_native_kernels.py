@@ -135,3 +135,12 @@ def test_torch_compile_fullgraph(kernels):
         torch.testing.assert_close(compiled(x), eager)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    # A build killed mid-way leaves cpp_extension's `lock` file behind; later loads must not wait on it forever.
+    from rankserve.runtime.native import _exclusive_build
+
+    (tmp_path / "lock").write_text("")
+    with _exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()

@@ -15,6 +15,7 @@ Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -22,6 +23,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,15 +101,37 @@ def _build_library(verbose: bool) -> None:
     key = _build_key()
     build_dir = _build_dir(key)
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"rankserve_kernels_{key}",
-        sources=[str(_SOURCE)],
-        extra_cflags=list(_FLAGS),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,  # a plain shared library, loaded into torch.ops
-        verbose=verbose,
-    )
+    with _exclusive_build(build_dir):
+        cpp_extension.load(
+            name=f"rankserve_kernels_{key}",
+            sources=[str(_SOURCE)],
+            extra_cflags=list(_FLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,  # a plain shared library, loaded into torch.ops
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """One builder per directory at a time, through an OS file lock that is released when its holder dies.
+
+    cpp_extension's own ``lock`` file outlives a killed build, and then every later process waits on it forever.
+    While we hold the OS lock no other rankserve process is building here, so a ``lock`` file is stale: remove it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: keep cpp_extension's own locking only
+        yield
+        return
+    with open(build_dir / "rankserve-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=1)
