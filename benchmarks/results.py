@@ -6,7 +6,7 @@ Each row compresses a fresh copy of the dense model in memory (``compress_``) an
 split is only ever used for perplexity. Rows are cached in ``--cache`` as they finish, so a run can be stopped
 and resumed, and ``--report-only`` rewrites ``docs/RESULTS.md`` and ``docs/ppl_vs_ratio.png`` from the cache.
 
-    nice -n 10 python benchmarks/results.py --max-windows 8
+    nice -n 10 python benchmarks/results.py --threads 1 --max-windows 8
     python benchmarks/results.py --report-only
 
 ``ratio`` is the fraction of decoder linear-layer parameters REMOVED (SVD-LLM convention: 0.4 keeps 60%).
@@ -128,7 +128,13 @@ def run_rows(args, cache: dict) -> None:
         if rows.get(key, {}).get("settings") == st:
             continue  # filled meanwhile (an adaptive row reused its uniform twin)
         print(f"[{datetime.datetime.now():%H:%M:%S}] {key} ...", flush=True)
-        row = {"family": family, "ratio": ratio, "ranks": mode, "settings": st}
+        row = {
+            "family": family,
+            "ratio": ratio,
+            "ranks": mode,
+            "settings": st,
+            "threads": torch.get_num_threads(),
+        }
         if family == "dense":
             model = dense
         else:
@@ -143,7 +149,10 @@ def run_rows(args, cache: dict) -> None:
                     save_cache(args.cache, cache)
                     continue
             model = copy.deepcopy(dense)
+            c0 = time.process_time()
             rep = compress_(model, cfg, calib, progress=args.progress)
+            # CPU time too: other jobs on this machine sometimes pause (SIGSTOP) or crowd out this process
+            row["compress_cpu_s"] = time.process_time() - c0
             row.update(
                 rank_mode=rep.rank_mode,
                 achieved_ratio=rep.achieved_ratio,
@@ -233,30 +242,35 @@ def write_report(args, cache: dict) -> None:
         "- Adaptive ranks: one greedy allocation of the uniform parameter budget over whitened spectra (svd-llm), "
         "activation-scaled spectra (asvd) or plain spectra (svd, fwsvd), from a statistics pass over the dense "
         "model. Basis Sharing has no adaptive mode: its adaptive rows are its uniform rows.",
-        "- Compress time: wall time of `compress_` (statistics passes + decompositions), 2 shared CPU cores, "
-        "other jobs running; calibration tokenization excluded.",
+        "- Compress time: wall time of `compress_` (statistics passes + decompositions) with 1 torch thread "
+        "(`--threads 1`) unless marked, on 2 CPU cores shared with other jobs; calibration tokenization excluded. "
+        "Two threads were much slower while other processes held a core (the FWSVD backward pass: 21 s vs 4.7 s "
+        "per sample), and other jobs sometimes paused this one, so wall times are rough; the CPU time of the "
+        "process (one thread) is the steadier measure of the work.",
         "",
         "Command:",
         "",
         "```",
-        "nice -n 10 python benchmarks/results.py --max-windows "
+        "nice -n 10 python benchmarks/results.py --threads 1 --max-windows "
         f"{st['max_windows']} --calib-samples {st['calib_samples']} --calib-seq-len {st['calib_seq_len']} "
         f"--seed {st['seed']} --seq-len {st['seq_len']}",
         "```",
         "",
-        "| family | ranks | ratio (removed) | achieved | linear params kept | perplexity | x dense | compress s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| family | ranks | ratio (removed) | achieved | linear params kept | perplexity | x dense "
+        "| compress wall s | compress CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, r in have:
         if key == "dense":
-            lines.append(f"| dense | - | 0 | 0 | 100% | {r['perplexity']:.2f} | 1.00 | - |")
+            lines.append(f"| dense | - | 0 | 0 | 100% | {r['perplexity']:.2f} | 1.00 | - | - |")
             continue
         kept = r["params_linear_after"] / r["params_linear_before"]
         rel = r["perplexity"] / dense_ppl if dense_ppl else float("nan")
         mode = r["ranks"] + (" (=uniform)" if r.get("reused") else "")
+        cpu = f"{r['compress_cpu_s']:.0f}" if "compress_cpu_s" in r else "-"
         lines.append(
             f"| {r['family']} | {mode} | {r['ratio']:g} | {r['achieved_ratio']:.4f} | {kept:.1%} | "
-            f"{_fmt(r['perplexity'])} | {_fmt(rel)} | {r['compress_s']:.0f} |"
+            f"{_fmt(r['perplexity'])} | {_fmt(rel)} | {r['compress_s']:.0f}{_threads_mark(r)} | {cpu} |"
         )
     lines.append("")
     if missing:
@@ -283,6 +297,10 @@ def write_report(args, cache: dict) -> None:
         f.write("\n".join(lines) + "\n")
     _plot(args.png, have, dense_ppl, win, st["seq_len"])
     print(f"wrote {args.md} and {args.png} ({len(have)} rows, {len(missing)} missing)", flush=True)
+
+
+def _threads_mark(r: dict) -> str:
+    return f" ({r['threads']} threads)" if r.get("threads", 1) != 1 else ""
 
 
 def _fmt(x: float) -> str:
