@@ -373,8 +373,13 @@ def _unique_params(modules: list[nn.Module]) -> int:
     return sum(seen.values())
 
 
-def compression_manifest(model: nn.Module, config: FamilyConfig, report: CompressionReport, source_path: str | None,
-                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def compression_manifest(
+    model: nn.Module,
+    config: FamilyConfig,
+    report: CompressionReport,
+    source_path: str | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The checkpoint manifest of a model compressed by :func:`compress_`: family, ratio and its convention,
     ranks and shapes (from the model), calibration settings, and the report's details under ``compression``."""
     from rankserve.checkpoint import build_manifest
@@ -383,6 +388,12 @@ def compression_manifest(model: nn.Module, config: FamilyConfig, report: Compres
     for k in ("family", "family_config", "ratio", "ratio_convention"):  # standard manifest keys already
         info.pop(k)
     info.update(extra or {})
-    return build_manifest(model, family=config.name, family_config=config.to_dict(), ratio=config.ratio,
-                          source_path=source_path, calibration=info.pop("calibration"),
-                          extra={"compression": info})
+    return build_manifest(
+        model,
+        family=config.name,
+        family_config=config.to_dict(),
+        ratio=config.ratio,
+        source_path=source_path,
+        calibration=info.pop("calibration"),
+        extra={"compression": info},
+    )
