@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -831,3 +832,12 @@ def reference_logits(fixture: str | Path | Fixture, tokens: Tensor) -> Tensor:
     path = Path(fixture.path if isinstance(fixture, Fixture) else fixture)
     config, tensor, linear, has_lm_head = _svd_llm_reference(path) if path.is_file() else _dir_reference(path)
     return _llama_forward(config, tensor, linear, has_lm_head, tokens)
+
+
+@pytest.fixture(autouse=True)
+def _private_tempdir(tmp_path, monkeypatch):
+    """Temporary directories (rebuilt tokenizers, ...) go under tmp_path, so leftovers can be seen.
+
+    Test modules import this fixture, which makes it autouse there."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))

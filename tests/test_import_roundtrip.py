@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from importer_fixtures import (
+from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fixture)
+    _private_tempdir,
     global_call_pickle,
     reference_logits,
     tiny_config,
@@ -31,13 +32,6 @@ from rankserve.loaders.importers import CheckpointImportError, read_checkpoint
 from rankserve.loaders.source import load_model
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def _private_tempdir(tmp_path, monkeypatch):
-    """Temporary directories (rebuilt tokenizers, ...) go under tmp_path, so leftovers can be seen."""
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from importer_fixtures import (
+from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fixture)
+    _private_tempdir,
     fast_tokenizer_json,
     global_call_pickle,
     module_name,
@@ -33,13 +34,6 @@ from rankserve.loaders.importers import (
 from rankserve.loaders.safe_pickle import Record, load_restricted
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def _private_tempdir(tmp_path, monkeypatch):
-    """Recovered tokenizers go to a temporary directory the caller owns; keep the tests' ones under tmp_path."""
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
 
 
 @pytest.fixture(scope="module")
