@@ -156,7 +156,9 @@ class NativeKernels:
 
     def __init__(self, isa: str) -> None:
         self.isa = isa  # "avx512+bf16", "avx512", "avx2" or "scalar": the vector path compiled in
-        self._ops = torch.ops.rankserve
+        # The resolved overloads: calling them skips the packet's overload lookup (~1.5 us of a ~5 us call).
+        self._gemv = torch.ops.rankserve.gemv.default
+        self._lowrank_gemv = torch.ops.rankserve.lowrank_gemv.default
 
     @classmethod
     def load(cls, verbose: bool = False) -> NativeKernels | None:
@@ -170,11 +172,11 @@ class NativeKernels:
 
     def gemv(self, x: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x[B, in] @ W[out, in].T + bias`` -> ``[B, out]``."""
-        return self._ops.gemv(x, W, bias)
+        return self._gemv(x, W, bias)
 
     def lowrank_gemv(self, x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(x[B, in] @ V[r, in].T) @ U[out, r].T + bias`` -> ``[B, out]``, the middle product kept in fp32."""
-        return self._ops.lowrank_gemv(x, V, U, bias)
+        return self._lowrank_gemv(x, V, U, bias)
 
     def __repr__(self) -> str:
         return f"NativeKernels(isa={self.isa!r})"
