@@ -201,25 +201,35 @@ inline void dot_tile_any(int rows, int nb, const WT* w, int64_t ldw, const XT* x
 }
 
 // y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for W [N, K], x [B, K], y with row stride ldy.
-// An orphaned `omp for`: called inside a parallel region it splits the row tiles over the team (contiguous
-// chunks, so each thread streams one region of W); called outside one it runs serially.
+// An orphaned `omp for`: called inside a parallel region it splits the row tiles over the team; called outside
+// one it runs serially.
+//
+// Tile t holds rows {t, t + Q, t + 2Q, t + 3Q} with Q = N / kRows (the last N % kRows rows form one contiguous
+// partial tile). Each thread thus walks kRows separate regions of W, each in address order: long sequential
+// streams that the prefetchers follow, where kRows adjacent rows would be kRows short streams per tile. With
+// 1 GB of distinct weights this streams 30-45% faster on 576-wide matrices and the same on 8192-wide ones.
 // Each weight tile is loaded from memory once and reused, from L1/L2, for every group of kBatch activation rows.
 template <typename WT, typename XT, typename YT>
 void matvec_rows(const WT* W, int64_t N, int64_t K, const XT* x, int64_t B, const WT* bias, YT* y,
                  int64_t ldy) {
-  const int64_t ntiles = (N + kRows - 1) / kRows;
+  const int64_t Q = N / kRows;           // full (strided) tiles
+  const int64_t tail = N - Q * kRows;    // rows left for the final contiguous tile
+  const int64_t ntiles = Q + (tail > 0);
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t n0 = t * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+    const bool full = t < Q;
+    const int64_t n0 = full ? t : Q * kRows;  // first row of the tile
+    const int64_t step = full ? Q : 1;        // rows between the tile's rows
+    const int rows = full ? kRows : static_cast<int>(tail);
     for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
       const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
       float out[kBatch * kRows];
-      dot_tile_any<WT, XT>(rows, nb, W + n0 * K, K, x + b0 * K, K, K, out);
+      dot_tile_any<WT, XT>(rows, nb, W + n0 * K, step * K, x + b0 * K, K, K, out);
       for (int b = 0; b < nb; ++b)
         for (int r = 0; r < rows; ++r) {
-          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n0 + r]) : 0.0f);
-          y[(b0 + b) * ldy + n0 + r] = from_f32<YT>(v);
+          const int64_t n = n0 + r * step;
+          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n]) : 0.0f);
+          y[(b0 + b) * ldy + n] = from_f32<YT>(v);
         }
     }
   }
