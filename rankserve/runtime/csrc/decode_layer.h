@@ -31,32 +31,41 @@ struct Seg {
   const void* bias;  // in the weight dtype, or null
 };
 
-// Several jobs in one `omp for` (one barrier for all): tiles of kRows rows, numbered across the jobs.
+// Several jobs in one `omp for` (one barrier for all): the row tiles of every job (see matvec_tile), numbered
+// across the jobs.
 template <typename WT, typename XT, typename YT>
 void run_segs(const std::vector<Seg<XT, YT>>& segs, int64_t B) {
   std::vector<int64_t> first_tile(segs.size() + 1, 0);
-  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + (segs[i].N + kRows - 1) / kRows;
+  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + tile_count(segs[i].N);
   const int64_t ntiles = first_tile.back();
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) {
     size_t i = 0;
     while (t >= first_tile[i + 1]) ++i;
     const Seg<XT, YT>& s = segs[i];
-    const WT* W = static_cast<const WT*>(s.W);
-    const WT* bias = static_cast<const WT*>(s.bias);
-    const int64_t n0 = (t - first_tile[i]) * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, s.N - n0));
-    for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
-      const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
-      float out[kBatch * kRows];
-      dot_tile_any<WT, XT>(rows, nb, W + n0 * s.K, s.K, s.x + b0 * s.ldx, s.ldx, s.K, out);
-      for (int b = 0; b < nb; ++b)
-        for (int r = 0; r < rows; ++r) {
-          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n0 + r]) : 0.0f);
-          s.y[(b0 + b) * s.ldy + n0 + r] = from_f32<YT>(v);
-        }
-    }
+    matvec_tile<WT, XT, YT>(t - first_tile[i], static_cast<const WT*>(s.W), s.N, s.K, s.x, s.ldx, B,
+                            static_cast<const WT*>(s.bias), s.y, s.ldy);
   }
+}
+
+// dot(q[:n], k[:n]) with q in fp32.
+template <typename T>
+inline float dot_f32(const float* q, const T* k, int64_t n) {
+  Isa::V acc = Isa::zero();
+  int64_t j = 0;
+  for (; j + Isa::kLanes <= n; j += Isa::kLanes) acc = Isa::fma(Isa::load(q + j), Isa::load(k + j), acc);
+  float s = Isa::sum(acc);
+  for (; j < n; ++j) s += q[j] * to_f32(k[j]);
+  return s;
+}
+
+// acc[:n] += p * v[:n] with acc in fp32.
+template <typename T>
+inline void axpy_f32(float p, const T* v, float* acc, int64_t n) {
+  const Isa::V pv = Isa::set1(p);
+  int64_t j = 0;
+  for (; j + Isa::kLanes <= n; j += Isa::kLanes) Isa::store(acc + j, Isa::fma(pv, Isa::load(v + j), Isa::load(acc + j)));
+  for (; j < n; ++j) acc[j] += p * to_f32(v[j]);
 }
 
 template <typename T>
@@ -226,21 +235,16 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       const T* kb = kc + (b * KV + g) * S * hd;
       const T* vb = vc + (b * KV + g) * S * hd;
       const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(valid_from[b], slot)), hi = slot;
+      float qf[512], acc[512];
+      for (int64_t j = 0; j < hd; ++j) qf[j] = to_f32(q[j]), acc[j] = 0.0f;
       float mx = -INFINITY;
       for (int64_t s = lo; s <= hi; ++s) {
-        float d = 0.0f;
-        for (int64_t j = 0; j < hd; ++j) d += to_f32(q[j]) * to_f32(kb[s * hd + j]);
-        sc[s - lo] = d * static_cast<float>(scale);
+        sc[s - lo] = dot_f32<T>(qf, kb + s * hd, hd) * static_cast<float>(scale);
         mx = std::max(mx, sc[s - lo]);
       }
       float den = 0.0f;
       for (int64_t s = lo; s <= hi; ++s) den += (sc[s - lo] = std::exp(sc[s - lo] - mx));
-      float acc[512];
-      for (int64_t j = 0; j < hd; ++j) acc[j] = 0.0f;
-      for (int64_t s = lo; s <= hi; ++s) {
-        const float p = sc[s - lo] / den;
-        for (int64_t j = 0; j < hd; ++j) acc[j] += p * to_f32(vb[s * hd + j]);
-      }
+      for (int64_t s = lo; s <= hi; ++s) axpy_f32<T>(sc[s - lo] / den, vb + s * hd, acc, hd);
       T* dst = attn.data() + b * H * hd + head * hd;
       for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j]);
     }

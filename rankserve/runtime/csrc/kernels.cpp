@@ -76,6 +76,8 @@ struct Isa {
 #endif
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -95,6 +97,8 @@ struct Isa {
     return load(buf);
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -112,6 +116,8 @@ struct Isa {
   template <typename T>
   static V load_tail(const T* p, int) { return to_f32(*p); }  // never called: kLanes == 1 leaves no tail
   static V fma(V a, V b, V c) { return a * b + c; }
+  static V set1(float v) { return v; }
+  static void store(float* p, V v) { *p = v; }
   static float sum(V v) { return v; }
 };
 #endif
@@ -200,39 +206,45 @@ inline void dot_tile_any(int rows, int nb, const WT* w, int64_t ldw, const XT* x
   }
 }
 
-// y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for W [N, K], x [B, K], y with row stride ldy.
-// An orphaned `omp for`: called inside a parallel region it splits the row tiles over the team; called outside
-// one it runs serially.
-//
-// Tile t holds rows {t, t + Q, t + 2Q, t + 3Q} with Q = N / kRows (the last N % kRows rows form one contiguous
-// partial tile). Each thread thus walks kRows separate regions of W, each in address order: long sequential
-// streams that the prefetchers follow, where kRows adjacent rows would be kRows short streams per tile. With
-// 1 GB of distinct weights this streams 30-45% faster on 576-wide matrices and the same on 8192-wide ones.
-// Each weight tile is loaded from memory once and reused, from L1/L2, for every group of kBatch activation rows.
+// Row tiles of an N-row matrix. Tile t < Q = N / kRows holds rows {t, t + Q, t + 2Q, t + 3Q}; the last N % kRows
+// rows form one contiguous partial tile. Under a static schedule each thread thus walks kRows separate regions
+// of W, each in address order: long sequential streams that the prefetchers follow, where kRows adjacent rows per
+// tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernels.py) this streamed 30-75%
+// faster on SmolLM2's 576-wide matrices and the LM head, and the same on 1B-shape ones.
+inline int64_t tile_count(int64_t N) { return N / kRows + (N % kRows != 0); }
+
+// y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for the rows n of tile t of W [N, K]; x [B, K] with row stride ldx,
+// y with row stride ldy. Each weight tile is loaded from memory once and reused, from L1/L2, for every group of
+// kBatch activation rows.
+template <typename WT, typename XT, typename YT>
+inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* x, int64_t ldx, int64_t B,
+                        const WT* bias, YT* y, int64_t ldy) {
+  const int64_t Q = N / kRows;
+  const bool full = t < Q;
+  const int64_t n0 = full ? t : Q * kRows;  // first row of the tile
+  const int64_t step = full ? Q : 1;        // rows between the tile's rows
+  const int rows = full ? kRows : static_cast<int>(N - Q * kRows);
+  for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
+    float out[kBatch * kRows];
+    dot_tile_any<WT, XT>(rows, nb, W + n0 * K, step * K, x + b0 * ldx, ldx, K, out);
+    for (int b = 0; b < nb; ++b)
+      for (int r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r * step;
+        const float v = out[b * kRows + r] + (bias ? to_f32(bias[n]) : 0.0f);
+        y[(b0 + b) * ldy + n] = from_f32<YT>(v);
+      }
+  }
+}
+
+// The whole of y = x W^T (+ bias) as an orphaned `omp for`: called inside a parallel region it splits the row
+// tiles over the team; called outside one it runs serially.
 template <typename WT, typename XT, typename YT>
 void matvec_rows(const WT* W, int64_t N, int64_t K, const XT* x, int64_t B, const WT* bias, YT* y,
                  int64_t ldy) {
-  const int64_t Q = N / kRows;           // full (strided) tiles
-  const int64_t tail = N - Q * kRows;    // rows left for the final contiguous tile
-  const int64_t ntiles = Q + (tail > 0);
+  const int64_t ntiles = tile_count(N);
 #pragma omp for schedule(static)
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const bool full = t < Q;
-    const int64_t n0 = full ? t : Q * kRows;  // first row of the tile
-    const int64_t step = full ? Q : 1;        // rows between the tile's rows
-    const int rows = full ? kRows : static_cast<int>(tail);
-    for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
-      const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
-      float out[kBatch * kRows];
-      dot_tile_any<WT, XT>(rows, nb, W + n0 * K, step * K, x + b0 * K, K, K, out);
-      for (int b = 0; b < nb; ++b)
-        for (int r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r * step;
-          const float v = out[b * kRows + r] + (bias ? to_f32(bias[n]) : 0.0f);
-          y[(b0 + b) * ldy + n] = from_f32<YT>(v);
-        }
-    }
-  }
+  for (int64_t t = 0; t < ntiles; ++t) matvec_tile<WT, XT, YT>(t, W, N, K, x, K, B, bias, y, ldy);
 }
 
 // Below this many weight bytes a call is too short to pay for waking a second thread (~a few microseconds).
