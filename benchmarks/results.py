@@ -46,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=8, help="perplexity windows (0 = the whole test set)")
-    p.add_argument("--cache", default="/tmp/rankserve-results.json", help="JSON file of finished rows")
+    p.add_argument(
+        "--cache", default=os.path.join(REPO, "docs", "results.json"), help="JSON file of finished rows"
+    )
     p.add_argument("--md", default=os.path.join(REPO, "docs", "RESULTS.md"))
     p.add_argument("--png", default=os.path.join(REPO, "docs", "ppl_vs_ratio.png"))
     p.add_argument("--threads", type=int, default=None)

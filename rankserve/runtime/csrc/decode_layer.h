@@ -13,7 +13,7 @@
 //   x  += o_proj(o)
 //   h   = rmsnorm(x) * w_post
 //   x  += down(silu(gate(h)) * up(h))
-// Values are rounded to the model dtype wherever the eager path rounds them; low-rank intermediates stay fp32.
+// Values are rounded to the model dtype wherever the eager path rounds them, the low-rank rank vector included.
 
 #include <omp.h>
 
@@ -84,7 +84,7 @@ struct Group {
   std::vector<int64_t> out;    // output features per member
   const T* bias;               // [sum out_i] or null
   int64_t total_out = 0;
-  int64_t total_rank = 0;      // rows of low-rank members (fp32 scratch size per activation row)
+  int64_t total_rank = 0;      // rows of low-rank members (scratch size per activation row)
 };
 
 template <typename T>
@@ -128,31 +128,31 @@ Group<T> make_group(const at::Tensor& first, const std::vector<at::Tensor>& lift
   return g;
 }
 
-// Apply a group to x [B, K] (T), writing y [B, total_out] (T); tmp holds B * total_rank floats.
-// Two sweeps (first stages, then lifts), each one `omp for`; must be called by every thread of the team.
+// Apply a group to x [B, K] (T), writing y [B, total_out] (T); tmp holds B * total_rank values.
+// Two sweeps, each one `omp for`: dense members and low-rank first stages, then the lifts. The rank vector is
+// rounded to T between them, as the eager LowRankLinear rounds F.linear(x, V) before F.linear(., U); in bf16
+// that also lets the lifts use the bf16 x bf16 dot product (vdpbf16ps) instead of widening every weight.
+// Must be called by every thread of the team.
 template <typename T>
-void apply_group(const Group<T>& g, const T* x, int64_t B, T* y, float* tmp) {
-  std::vector<Seg<T, T>> direct;       // dense members: straight into y
-  std::vector<Seg<T, float>> to_tmp;   // low-rank first stages: into fp32 scratch
-  std::vector<Seg<float, T>> lifts;    // low-rank lifts: scratch -> y
+void apply_group(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp) {
+  std::vector<Seg<T, T>> first;  // dense members straight into y, low-rank first stages into tmp
+  std::vector<Seg<T, T>> lifts;  // low-rank lifts: tmp -> y
   int64_t row = 0, col = 0, tcol = 0;
   for (size_t i = 0; i < g.rows.size(); ++i) {
     const T* W = g.first + row * g.K;
     const T* b = g.bias ? g.bias + col : nullptr;
     if (g.lift[i] == nullptr) {
-      direct.push_back({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b});
+      first.push_back({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b});
     } else {
-      to_tmp.push_back({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr});
+      first.push_back({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr});
       lifts.push_back({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b});
       tcol += g.rows[i];
     }
     row += g.rows[i];
     col += g.out[i];
   }
-  // Dense rows and low-rank first stages stream in the same sweep (two orphaned loops, one barrier each).
-  if (!direct.empty()) run_segs<T, T, T>(direct, B);
-  if (!to_tmp.empty()) run_segs<T, T, float>(to_tmp, B);
-  if (!lifts.empty()) run_segs<T, float, T>(lifts, B);
+  run_segs<T, T, T>(first, B);
+  if (!lifts.empty()) run_segs<T, T, T>(lifts, B);
 }
 
 template <typename T>
@@ -199,7 +199,7 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
   std::vector<T> h(B * D), qkv_out(B * qkv.total_out), attn(B * H * hd), ores(B * D), x1(B * D),
       gu_out(B * gu.total_out), act(B * F), dres(B * D);
   const int64_t scratch = std::max({qkv.total_rank, o.total_rank, gu.total_rank, down.total_rank, int64_t(1)});
-  std::vector<float> tmp(B * scratch);
+  std::vector<T> tmp(B * scratch);
   const int nt = std::max(1, at::get_num_threads());
   std::vector<float> scores(static_cast<size_t>(nt) * (S + 1));
   const T* xp = data_of<T>(x);
