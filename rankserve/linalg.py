@@ -343,27 +343,31 @@ def lstsq_update_u(W: Tensor, V: Tensor, xtx: Tensor, *, dtype: torch.dtype = to
 # 6. ASVD
 
 
+def asvd_channel_scale(act_absmean: Tensor, alpha: float) -> Tensor:
+    """ASVD's input-channel scale ``s_j = mean|x_j|^alpha`` (float64), clamped below at ``1e-6 * max(s)`` so that
+    dead channels stay invertible; all ones if every channel is dead. NaN/inf statistics count as 0."""
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    a = torch.nan_to_num(_f64(act_absmean), nan=0.0, posinf=0.0).abs()
+    s = a**alpha
+    smax = float(s.max())
+    return s.clamp_min(_SCALE_FLOOR_REL * smax) if smax > 0 else torch.ones_like(s)
+
+
 def asvd_scaled_svd(
     W: Tensor, act_absmean: Tensor, rank: int, alpha: float = 0.5, *, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
     """ASVD (activation-aware SVD): scale input channels by activation magnitude before truncating.
 
-    ``s_j = mean|x_j|^alpha`` clamped below at ``1e-6 * max(s)`` (dead channels must not divide by 0);
-    SVD of ``W diag(s) = A Sigma B^T``; ``U = A_r sqrt(Sigma_r)``, ``V = sqrt(Sigma_r) B_r^T diag(1/s)``,
-    so ``U V ~= W`` with errors pushed onto low-activation input channels.
+    ``s`` = :func:`asvd_channel_scale`; SVD of ``W diag(s) = A Sigma B^T``; ``U = A_r sqrt(Sigma_r)``,
+    ``V = sqrt(Sigma_r) B_r^T diag(1/s)``, so ``U V ~= W`` with errors pushed onto low-activation input channels.
     """
     _check_matrix(W)
     _check_rank(rank, min(W.shape))
     if act_absmean.shape != (W.shape[1],):
         raise ValueError(f"act_absmean must have shape ({W.shape[1]},), got {tuple(act_absmean.shape)}")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
     W64 = _f64(W)
-    a = _f64(act_absmean).to(W64.device)
-    a = torch.nan_to_num(a, nan=0.0, posinf=0.0).abs()
-    s = a**alpha
-    smax = float(s.max())
-    s = s.clamp_min(_SCALE_FLOOR_REL * smax) if smax > 0 else torch.ones_like(s)
+    s = asvd_channel_scale(act_absmean, alpha).to(W64.device)
     A, sig, Bh = torch.linalg.svd(W64 * s, full_matrices=False)
     U, V = _split_sqrt(A, sig, Bh, rank)
     return _out(U, W, dtype), _out(V / s, W, dtype)

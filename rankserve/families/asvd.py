@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from rankserve.families.base import (
@@ -28,10 +27,7 @@ from rankserve.families.base import (
     register,
 )
 from rankserve.layers import Projection
-from rankserve.linalg import asvd_scaled_svd, svd_spectrum
-
-# Same floor as rankserve.linalg.asvd_scaled_svd, so the adaptive spectra match what is truncated.
-_SCALE_FLOOR_REL = 1e-6
+from rankserve.linalg import asvd_channel_scale, asvd_scaled_svd, svd_spectrum
 
 
 @dataclass
@@ -49,17 +45,9 @@ class ASVDConfig(FamilyConfig):
         return self
 
 
-def channel_scale(absmean: Tensor, alpha: float) -> Tensor:
-    """``mean|x|^alpha`` clamped at 1e-6 of its max (dead channels must stay invertible); ones if all dead."""
-    a = torch.nan_to_num(f64(absmean), nan=0.0, posinf=0.0).abs()
-    s = a**alpha
-    smax = float(s.max())
-    return s.clamp_min(_SCALE_FLOOR_REL * smax) if smax > 0 else torch.ones_like(s)
-
-
 class ASVDTransform(Transform):
     def spectrum(self, cfg: ASVDConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
-        s = channel_scale(need(data, "absmean", cfg.name), cfg.alpha)
+        s = asvd_channel_scale(need(data, "absmean", cfg.name), cfg.alpha)
         return svd_spectrum(f64(weights[0]) * s)
 
     def factorize(
