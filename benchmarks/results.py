@@ -262,6 +262,14 @@ def write_report(args, cache: dict) -> None:
         "| compress wall s | compress CPU s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    fam_order = {f: i for i, f in enumerate(["dense", *FAMILIES])}
+    have.sort(
+        key=lambda kr: (
+            kr[1]["ratio"],
+            fam_order[kr[1]["family"]],
+            MODES.index(kr[1]["ranks"]) if kr[1]["ranks"] in MODES else -1,
+        )
+    )
     for key, r in have:
         if key == "dense":
             lines.append(f"| dense | - | 0 | 0 | 100% | {r['perplexity']:.2f} | 1.00 | - | - |")
@@ -278,6 +286,7 @@ def write_report(args, cache: dict) -> None:
     if missing:
         lines.append(f"**Not finished** (not in the table): {', '.join(missing)}.")
         lines.append("")
+    lines += _orderings(have)
     whit = {}
     for _, r in have:
         for k, v in (r.get("whitening") or {}).items():
@@ -299,6 +308,38 @@ def write_report(args, cache: dict) -> None:
         f.write("\n".join(lines) + "\n")
     _plot(args.png, have, dense_ppl, win, st["seq_len"])
     print(f"wrote {args.md} and {args.png} ({len(have)} rows, {len(missing)} missing)", flush=True)
+
+
+def _orderings(have) -> list[str]:
+    """Families from best to worst perplexity at each ratio (uniform ranks), and where adaptive ranks helped."""
+    out = []
+    ratios = sorted({r["ratio"] for _, r in have if r["family"] != "dense"})
+    for ratio in ratios:
+        uni = sorted(
+            (r for _, r in have if r["ratio"] == ratio and r["ranks"] == "uniform"),
+            key=lambda r: r["perplexity"],
+        )
+        if uni:
+            out.append(
+                f"- ratio {ratio:g}, uniform ranks, best to worst: "
+                + " < ".join(f"{r['family']} ({_fmt(r['perplexity'])})" for r in uni)
+            )
+    pairs = {}
+    for _, r in have:
+        if r["family"] != "dense" and not r.get("reused"):
+            pairs.setdefault((r["family"], r["ratio"]), {})[r["ranks"]] = r["perplexity"]
+    better = [
+        f"{f} {q:g}" for (f, q), d in sorted(pairs.items()) if len(d) == 2 and d["adaptive"] < d["uniform"]
+    ]
+    worse = [
+        f"{f} {q:g}" for (f, q), d in sorted(pairs.items()) if len(d) == 2 and d["adaptive"] >= d["uniform"]
+    ]
+    if better or worse:
+        out.append(
+            f"- adaptive ranks lowered perplexity for: {', '.join(better) or 'none'}; "
+            f"raised it for: {', '.join(worse) or 'none'}"
+        )
+    return ["Read from the table:", "", *out, ""] if out else []
 
 
 def _threads_mark(r: dict) -> str:
