@@ -37,7 +37,9 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("out_f,in_f", [(191, 577), (8, 16), (33, 100), (6, 40), (1, 1)])
+@pytest.mark.parametrize(
+    "out_f,in_f", [(191, 577), (101, 250), (48, 17), (37, 384), (8, 16), (33, 100), (6, 40), (1, 1)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemv_matches_reference(kernels, dtype, B, out_f, in_f, with_bias):
     gen = torch.Generator().manual_seed(B * 1000 + out_f)

@@ -36,7 +36,7 @@ struct Seg {
 template <typename WT, typename XT, typename YT>
 void run_segs(const std::vector<Seg<XT, YT>>& segs, int64_t B) {
   std::vector<int64_t> first_tile(segs.size() + 1, 0);
-  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + tile_count(segs[i].N);
+  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + tile_count(segs[i].N, segs[i].K, B);
   const int64_t ntiles = first_tile.back();
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) {

@@ -211,7 +211,102 @@ inline void dot_tile_any(int rows, int nb, const WT* w, int64_t ldw, const XT* x
 // of W, each in address order: long sequential streams that the prefetchers follow, where kRows adjacent rows per
 // tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernels.py) this streamed 30-75%
 // faster on SmolLM2's 576-wide matrices and the LM head, and the same on 1B-shape ones.
-inline int64_t tile_count(int64_t N) { return N / kRows + (N % kRows != 0); }
+//
+// One activation row (B == 1, every decode step) with short rows (K <= kWideMaxK: the low-rank lifts, whose rows
+// are one rank vector long) on AVX-512 uses wide tiles instead: tile t < G = N / 16 holds
+// the four 4-row blocks starting at rows 4t, 4G + 4t, 8G + 4t and 12G + 4t (still four address-ordered streams
+// per thread), and its 16 sums are reduced together (hsum16) and stored as one vector. A 4-row tile pays a
+// horizontal reduction and a scalar store per row, which at SmolLM2's low-rank lifts (rows of 86-251 values) cost
+// as much as the dot products. The last N % 16 rows are contiguous 4-row tiles. In place of 4-row tiles, wide
+// tiles ran SmolLM2's lifts 1.4-1.7x faster from cache (bf16 [1536, 251]: 40 -> 27 us on one thread) but streamed
+// long rows (the 576-wide LM head) from memory ~35% slower, hence the bound on K.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool kWideTiles = true;
+#else
+constexpr bool kWideTiles = false;
+#endif
+constexpr int kWide = 16;
+constexpr int64_t kWideMaxK = 384;
+
+inline bool wide_tiles(int64_t K, int64_t B) { return kWideTiles && B == 1 && K <= kWideMaxK; }
+
+inline int64_t tile_count(int64_t N, int64_t K, int64_t B) {
+  if (!wide_tiles(K, B)) return N / kRows + (N % kRows != 0);
+  const int64_t G = N / kWide, rest = N - G * kWide;
+  return G + (rest + kRows - 1) / kRows;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// [sum(v[0]), sum(v[1]), ..., sum(v[15])] in 45 shuffles and adds (16 separate reductions take ~130).
+inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the lane's partial sums of v[4k .. 4k+3]
+    const __m512d a = _mm512_castps_pd(t[2 * k]), b = _mm512_castps_pd(t[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The 16 dot products of one wide tile with x [K]: row r is blk[r / 4] + (r % 4) * ldw.
+template <typename WT, typename XT>
+inline __m512 dot_wide(const WT* const* blk, int64_t ldw, const XT* x, int64_t K) {
+  __m512 acc[kWide];
+  for (int r = 0; r < kWide; ++r) acc[r] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<WT, bf16> && std::is_same_v<XT, bf16>) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512i xv = _mm512_loadu_si512(x + k);
+      for (int r = 0; r < kWide; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(blk[r / 4] + (r % 4) * ldw + k), (__m512bh)xv);
+    }
+    if (k < K) {
+      const __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+      const __m512i xv = _mm512_maskz_loadu_epi16(m, x + k);
+      for (int r = 0; r < kWide; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, blk[r / 4] + (r % 4) * ldw + k),
+                                  (__m512bh)xv);
+    }
+    return hsum16(acc);
+  }
+#endif
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = Isa::load(x + k);
+    for (int r = 0; r < kWide; ++r) acc[r] = _mm512_fmadd_ps(Isa::load(blk[r / 4] + (r % 4) * ldw + k), xv, acc[r]);
+  }
+  if (k < K) {
+    const int n = static_cast<int>(K - k);
+    const __m512 xv = Isa::load_tail(x + k, n);
+    for (int r = 0; r < kWide; ++r)
+      acc[r] = _mm512_fmadd_ps(Isa::load_tail(blk[r / 4] + (r % 4) * ldw + k, n), xv, acc[r]);
+  }
+  return hsum16(acc);
+}
+
+// Four rows' values v (lanes 4i .. 4i+3 of a wide tile's result) to y + 4 rows starting at row n.
+inline void store4(float* y, __m128 v) { _mm_storeu_ps(y, v); }
+inline void store4(bf16* y, __m128 v) {
+  // round to nearest even, as c10::BFloat16 does for finite values
+  __m128i u = _mm_castps_si128(v);
+  u = _mm_add_epi32(u, _mm_add_epi32(_mm_set1_epi32(0x7FFF), _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1))));
+  u = _mm_srli_epi32(u, 16);
+  const __m128i packed = _mm_packus_epi32(u, u);  // values are < 65536: no saturation
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(y), packed);
+}
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4(const bf16* p) {
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+}
+#endif
 
 // y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for the rows n of tile t of W [N, K]; x [B, K] with row stride ldx,
 // y with row stride ldy. Each weight tile is loaded from memory once and reused, from L1/L2, for every group of
@@ -219,11 +314,36 @@ inline int64_t tile_count(int64_t N) { return N / kRows + (N % kRows != 0); }
 template <typename WT, typename XT, typename YT>
 inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* x, int64_t ldx, int64_t B,
                         const WT* bias, YT* y, int64_t ldy) {
-  const int64_t Q = N / kRows;
-  const bool full = t < Q;
-  const int64_t n0 = full ? t : Q * kRows;  // first row of the tile
-  const int64_t step = full ? Q : 1;        // rows between the tile's rows
-  const int rows = full ? kRows : static_cast<int>(N - Q * kRows);
+  int64_t n0, step;
+  int rows;
+  if (wide_tiles(K, B)) {
+    const int64_t G = N / kWide;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (t < G) {
+      const WT* blk[4];
+      for (int g = 0; g < 4; ++g) blk[g] = W + (g * 4 * G + 4 * t) * K;
+      const __m512 v = dot_wide<WT, XT>(blk, K, x, K);
+      alignas(64) float out[kWide];
+      _mm512_store_ps(out, v);
+      for (int g = 0; g < 4; ++g) {
+        const int64_t n = g * 4 * G + 4 * t;
+        __m128 s = _mm_load_ps(out + 4 * g);
+        if (bias) s = _mm_add_ps(s, load4(bias + n));
+        store4(y + n, s);
+      }
+      return;
+    }
+#endif
+    n0 = G * kWide + (t - G) * kRows;  // the last N % 16 rows: contiguous 4-row tiles
+    step = 1;
+    rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+  } else {
+    const int64_t Q = N / kRows;
+    const bool full = t < Q;
+    n0 = full ? t : Q * kRows;  // first row of the tile
+    step = full ? Q : 1;        // rows between the tile's rows
+    rows = full ? kRows : static_cast<int>(N - Q * kRows);
+  }
   for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
     const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
     float out[kBatch * kRows];
@@ -242,7 +362,7 @@ inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* 
 template <typename WT, typename XT, typename YT>
 void matvec_rows(const WT* W, int64_t N, int64_t K, const XT* x, int64_t B, const WT* bias, YT* y,
                  int64_t ldy) {
-  const int64_t ntiles = tile_count(N);
+  const int64_t ntiles = tile_count(N, K, B);
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) matvec_tile<WT, XT, YT>(t, W, N, K, x, K, B, bias, y, ldy);
 }
