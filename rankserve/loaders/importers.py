@@ -423,8 +423,6 @@ def _declared_ranks(table: Any, key: str, source: str, geometry: _Geometry) -> d
 # Files
 
 
-
-
 def _weight_files(directory: Path) -> list[Path]:
     """The weight files of an HF directory: safetensors first, then ``pytorch_model*.bin``; shards by index."""
     for single, index in (

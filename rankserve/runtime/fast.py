@@ -188,7 +188,9 @@ class FastDecoder(nn.Module):
         return kern.group(self.head, x)  # (B, V)
 
 
-SLOT_BUCKET = 256  # cache lengths are rounded up to this, so prompts of similar length share one compiled step
+SLOT_BUCKET = (
+    256  # cache lengths are rounded up to this, so prompts of similar length share one compiled step
+)
 
 
 def bucketed_len(max_len: int, limit: int) -> int:
@@ -229,12 +231,21 @@ class FastRunner:
     def _signature(self, batch: int) -> str:
         """What the compiled step depends on: shapes and dtypes of every packed tensor, the kernel path, torch."""
         d = self.decoder
-        parts = [torch.__version__, str(self.device), str(d.embed.dtype), f"B{batch}", f"S{self.cache.max_len}",
-                 f"native={self.kernels.native is not None}:{self.kernels.has_layer}", repr(self.model.config)]
+        parts = [
+            torch.__version__,
+            str(self.device),
+            str(d.embed.dtype),
+            f"B{batch}",
+            f"S{self.cache.max_len}",
+            f"native={self.kernels.native is not None}:{self.kernels.has_layer}",
+            repr(self.model.config),
+        ]
         for L in d.layers:
             for g in (L.qkv, L.o, L.gate_up, L.down):
-                parts.append(f"{tuple(g.first.shape)}{g.splits}{[None if u is None else tuple(u.shape) for u in g.lifts]}"
-                             f"{g.bias is not None}")
+                parts.append(
+                    f"{tuple(g.first.shape)}{g.splits}{[None if u is None else tuple(u.shape) for u in g.lifts]}"
+                    f"{g.bias is not None}"
+                )
         parts.append(str(tuple(d.head.first.shape)))
         return "|".join(parts)
 
