@@ -214,5 +214,7 @@ class LlamaForCausalLM(nn.Module):
             )
         h = self.hidden_states(tokens, positions, cache, start, mask)
         if last_only:
-            h = h[:, -1:]
+            # 2-D: a 3-D [B, 1, D] input to F.linear can take matmul's bmm path, which first copies the whole
+            # transposed LM head (147 ms instead of 6 ms for SmolLM2's tied head in bf16, every prefill)
+            return self.lm_head(h[:, -1])[:, None]
         return self.lm_head(h)
