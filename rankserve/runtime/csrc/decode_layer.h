@@ -20,33 +20,42 @@
 #include <cmath>
 
 // A matrix-vector job: y[b, :N] (row stride ldy) = x[b, :K] (row stride ldx) W[N, K]^T (+ bias).
-template <typename XT, typename YT>
+template <typename T>
 struct Seg {
-  const void* W;
+  const T* W;
   int64_t N, K;
-  const XT* x;
+  const T* x;
   int64_t ldx;
-  YT* y;
+  T* y;
   int64_t ldy;
-  const void* bias;  // in the weight dtype, or null
+  const T* bias;  // or null
 };
 
-// Several jobs in one `omp for` (one barrier for all): the row tiles of every job (see matvec_tile), numbered
-// across the jobs.
-template <typename WT, typename XT, typename YT>
-void run_segs(const std::vector<Seg<XT, YT>>& segs, int64_t B) {
-  std::vector<int64_t> first_tile(segs.size() + 1, 0);
-  for (size_t i = 0; i < segs.size(); ++i) first_tile[i + 1] = first_tile[i] + tile_count(segs[i].N, segs[i].K, B);
-  const int64_t ntiles = first_tile.back();
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < ntiles; ++t) {
-    size_t i = 0;
-    while (t >= first_tile[i + 1]) ++i;
-    const Seg<XT, YT>& s = segs[i];
-    matvec_tile<WT, XT, YT>(t - first_tile[i], static_cast<const WT*>(s.W), s.N, s.K, s.x, s.ldx, B,
-                            static_cast<const WT*>(s.bias), s.y, s.ldy);
+// Jobs that run between the same two barriers, as one `omp for` over the row tiles of every job (see
+// matvec_tile) numbered across the jobs. Built before the parallel region, so that no thread allocates in it.
+template <typename T>
+struct Stage {
+  std::vector<Seg<T>> segs;
+  std::vector<int64_t> first_tile{0};  // first_tile[i]: number of segs[i]'s first tile; back(): all tiles
+
+  void add(const Seg<T>& s, int64_t B) {
+    segs.push_back(s);
+    first_tile.push_back(first_tile.back() + tile_count(s.N, s.K, B));
   }
-}
+  bool empty() const { return segs.empty(); }
+
+  // Must be called by every thread of the team; ends with the `omp for`'s barrier.
+  void run(int64_t B) const {
+    const int64_t ntiles = first_tile.back();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < ntiles; ++t) {
+      size_t i = 0;
+      while (t >= first_tile[i + 1]) ++i;
+      const Seg<T>& s = segs[i];
+      matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
+    }
+  }
+};
 
 // dot(q[:n], k[:n]) with q in fp32.
 template <typename T>
@@ -128,31 +137,27 @@ Group<T> make_group(const at::Tensor& first, const std::vector<at::Tensor>& lift
   return g;
 }
 
-// Apply a group to x [B, K] (T), writing y [B, total_out] (T); tmp holds B * total_rank values.
-// Two sweeps, each one `omp for`: dense members and low-rank first stages, then the lifts. The rank vector is
-// rounded to T between them, as the eager LowRankLinear rounds F.linear(x, V) before F.linear(., U); in bf16
-// that also lets the lifts use the bf16 x bf16 dot product (vdpbf16ps) instead of widening every weight.
-// Must be called by every thread of the team.
+// The two stages of a group applied to x [B, K] (T), writing y [B, total_out] (T); tmp holds B * total_rank
+// values. First stage: dense members straight into y, low-rank first stages into tmp; second: the lifts (tmp ->
+// y). The rank vector is rounded to T between them, as the eager LowRankLinear rounds F.linear(x, V) before
+// F.linear(., U); in bf16 that also lets the lifts use the bf16 x bf16 dot product (vdpbf16ps) instead of
+// widening every weight.
 template <typename T>
-void apply_group(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp) {
-  std::vector<Seg<T, T>> first;  // dense members straight into y, low-rank first stages into tmp
-  std::vector<Seg<T, T>> lifts;  // low-rank lifts: tmp -> y
+void group_stages(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp, Stage<T>& first, Stage<T>& lifts) {
   int64_t row = 0, col = 0, tcol = 0;
   for (size_t i = 0; i < g.rows.size(); ++i) {
     const T* W = g.first + row * g.K;
     const T* b = g.bias ? g.bias + col : nullptr;
     if (g.lift[i] == nullptr) {
-      first.push_back({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b});
+      first.add({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b}, B);
     } else {
-      first.push_back({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr});
-      lifts.push_back({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b});
+      first.add({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr}, B);
+      lifts.add({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b}, B);
       tcol += g.rows[i];
     }
     row += g.rows[i];
     col += g.out[i];
   }
-  run_segs<T, T, T>(first, B);
-  if (!lifts.empty()) run_segs<T, T, T>(lifts, B);
 }
 
 template <typename T>
@@ -200,6 +205,16 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       gu_out(B * gu.total_out), act(B * F), dres(B * D);
   const int64_t scratch = std::max({qkv.total_rank, o.total_rank, gu.total_rank, down.total_rank, int64_t(1)});
   std::vector<T> tmp(B * scratch);
+  // The groups run one after another, so they share one scratch vector.
+  Stage<T> st[8];  // qkv, o, gate_up, down: first stage and lifts of each
+  group_stages<T>(qkv, h.data(), B, qkv_out.data(), tmp.data(), st[0], st[1]);
+  group_stages<T>(o, attn.data(), B, ores.data(), tmp.data(), st[2], st[3]);
+  group_stages<T>(gu, h.data(), B, gu_out.data(), tmp.data(), st[4], st[5]);
+  group_stages<T>(down, act.data(), B, dres.data(), tmp.data(), st[6], st[7]);
+  auto run_group = [&](int g) {  // by every thread of the team
+    st[2 * g].run(B);
+    if (!st[2 * g + 1].empty()) st[2 * g + 1].run(B);
+  };
   const int nt = std::max(1, at::get_num_threads());
   std::vector<float> scores(static_cast<size_t>(nt) * (S + 1));
   const T* xp = data_of<T>(x);
@@ -211,7 +226,7 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     rmsnorm_rows<T>(xp, data_of<T>(w_in), static_cast<float>(eps), B, D, h.data());
-    apply_group<T>(qkv, h.data(), B, qkv_out.data(), tmp.data());
+    run_group(0);
     // RoPE on q and k heads, then k and v into the cache at `slot` (one item per (row, head)).
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * (H + KV); ++i) {
@@ -248,11 +263,11 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       T* dst = attn.data() + b * H * hd + head * hd;
       for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j]);
     }
-    apply_group<T>(o, attn.data(), B, ores.data(), tmp.data());
+    run_group(1);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * D; ++i) x1[i] = round_t<T>(to_f32(xp[i]) + to_f32(ores[i]));
     rmsnorm_rows<T>(x1.data(), data_of<T>(w_post), static_cast<float>(eps), B, D, h.data());
-    apply_group<T>(gu, h.data(), B, gu_out.data(), tmp.data());
+    run_group(2);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) {
       const int64_t b = i / F, j = i % F;
@@ -260,7 +275,7 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       const T silu = round_t<T>(g / (1.0f + std::exp(-g)));
       act[i] = round_t<T>(to_f32(silu) * u);
     }
-    apply_group<T>(down, act.data(), B, dres.data(), tmp.data());
+    run_group(3);
     T* op = mutable_data_of<T>(out);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
