@@ -37,7 +37,6 @@ class Kernels:
     def __init__(self, native=None):
         self.native = native  # a rankserve.runtime.native.NativeKernels or None
         self.ops = torch.ops.rankserve if native is not None else None
-        self.has_attn = native is not None and hasattr(self.ops, "attn_decode")
         # the whole decoder layer as one native call (one OpenMP region instead of ~15 ops)
         self.has_layer = native is not None and hasattr(self.ops, "decode_layer")
 
@@ -69,8 +68,6 @@ class Kernels:
 
     def attention(self, q, k_cache, v_cache, slot, valid_from, scale: float):
         """One query per row over cache slots [valid_from_b, slot]: q [B, H, hd], caches [B, K, S, hd]."""
-        if self.has_attn and q.device.type == "cpu":
-            return self.ops.attn_decode(q, k_cache, v_cache, slot, valid_from, scale)
         B, H, hd = q.shape
         K, S = k_cache.shape[1], k_cache.shape[2]
         qg = q.view(B, K, H // K, hd)  # (B, K, rep, hd): query heads grouped by their kv head
@@ -188,9 +185,8 @@ class FastDecoder(nn.Module):
         return kern.group(self.head, x)  # (B, V)
 
 
-SLOT_BUCKET = (
-    256  # cache lengths are rounded up to this, so prompts of similar length share one compiled step
-)
+# Cache lengths are rounded up to this, so prompts of similar length share one compiled step.
+SLOT_BUCKET = 256
 
 
 def bucketed_len(max_len: int, limit: int) -> int:

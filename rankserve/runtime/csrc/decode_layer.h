@@ -57,17 +57,6 @@ struct Stage {
   }
 };
 
-// dot(q[:n], k[:n]) with q in fp32.
-template <typename T>
-inline float dot_f32(const float* q, const T* k, int64_t n) {
-  Isa::V acc = Isa::zero();
-  int64_t j = 0;
-  for (; j + Isa::kLanes <= n; j += Isa::kLanes) acc = Isa::fma(Isa::load(q + j), Isa::load(k + j), acc);
-  float s = Isa::sum(acc);
-  for (; j < n; ++j) s += q[j] * to_f32(k[j]);
-  return s;
-}
-
 // acc[:n] += p * v[:n] with acc in fp32.
 template <typename T>
 inline void axpy_f32(float p, const T* v, float* acc, int64_t n) {
@@ -254,7 +243,9 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       for (int64_t j = 0; j < hd; ++j) qf[j] = to_f32(q[j]), acc[j] = 0.0f;
       float mx = -INFINITY;
       for (int64_t s = lo; s <= hi; ++s) {
-        sc[s - lo] = dot_f32<T>(qf, kb + s * hd, hd) * static_cast<float>(scale);
+        float d;  // dot(k_s, q): the one-row, one-activation case of the GEMV tile
+        dot_tile<T, float, 1, 1>(kb + s * hd, hd, qf, hd, hd, &d);
+        sc[s - lo] = d * static_cast<float>(scale);
         mx = std::max(mx, sc[s - lo]);
       }
       float den = 0.0f;
