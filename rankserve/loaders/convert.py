@@ -28,8 +28,8 @@ from rankserve.config import ConfigError, ModelConfig
 from rankserve.fsutil import owned_tempdir
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
 from rankserve.loaders.importers import CheckpointImportError, ImportedModel, read_checkpoint
+from rankserve.loaders.weights import WeightError, new_model
 from rankserve.loaders.weights import check_finite as check_weights_finite
-from rankserve.loaders.weights import new_model
 
 __all__ = ["DTYPES", "imported_to_model", "import_checkpoint", "load_tokenizer_dir"]
 
@@ -331,7 +331,10 @@ def import_checkpoint(
             raise CheckpointImportError(f"{src} carries no usable tokenizer; {TOKENIZER_HINT}")
         model = imported_to_model(imp, DTYPES[dtype])
         if check_finite:
-            check_weights_finite(model, os.fspath(src))
+            try:
+                check_weights_finite(model, os.fspath(src))
+            except WeightError as e:
+                raise CheckpointImportError(str(e)) from None
         cfg = model.config
         tok = load_tokenizer_dir(imp.tokenizer_dir, cfg.model_type, eos_ids=cfg.eos_ids)
         if tokenizer is not None:
