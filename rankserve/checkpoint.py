@@ -385,6 +385,10 @@ def _write_tensor(f, t: torch.Tensor) -> None:
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file, streaming tensor by tensor (the format: u64 header length, JSON header padded
     to 8 bytes, then the tensors' bytes in header order)."""
+    # Not safetensors.torch.save_file: the versions pyproject allows (>= 0.4) serialise every tensor to bytes
+    # before writing, a second copy of the model in RAM. 0.8 writes from pointers (measured: +1 MiB peak RSS
+    # for 384 MiB of tensors, +4 MiB here), but it still refuses tensors that share storage (imported views of
+    # one pickled storage) and does not fsync, which the rename into place relies on.
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():
