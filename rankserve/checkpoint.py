@@ -22,14 +22,14 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from rankserve import __version__
+from rankserve import __version__, fsutil
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.hashing import update_from_file
 from rankserve.layers import (
     DenseLinear,
     LowRankLinear,
@@ -165,7 +165,7 @@ def source_fingerprint(path: str) -> dict:
     path = os.fspath(path)
     h = hashlib.sha256()
     if os.path.isfile(path):
-        _hash_file(h, path)
+        update_from_file(h, path)
         return {"path": os.path.abspath(path), "sha256": h.hexdigest(), "hashed": "file"}
     if os.path.isdir(path):
         names = sorted(
@@ -179,19 +179,13 @@ def source_fingerprint(path: str) -> dict:
         for f in names:
             full = os.path.join(path, f)
             h.update(f"{f}\0{os.path.getsize(full)}\0".encode())
-            _hash_file(h, full)
+            update_from_file(h, full)
         return {
             "path": os.path.abspath(path),
             "sha256": h.hexdigest(),
             "hashed": "directory: sha256 over (name, size, bytes) of " + ", ".join(names),
         }
     raise CheckpointError(f"source {path}: no such file or directory")
-
-
-def _hash_file(h, path: str, chunk: int = 1 << 20) -> None:
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
 
 
 def build_manifest(
@@ -391,6 +385,10 @@ def _write_tensor(f, t: torch.Tensor) -> None:
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file, streaming tensor by tensor (the format: u64 header length, JSON header padded
     to 8 bytes, then the tensors' bytes in header order)."""
+    # Not safetensors.torch.save_file: the versions pyproject allows (>= 0.4) serialise every tensor to bytes
+    # before writing, a second copy of the model in RAM. 0.8 writes from pointers (measured: +1 MiB peak RSS
+    # for 384 MiB of tensors, +4 MiB here), but it still refuses tensors that share storage (imported views of
+    # one pickled storage) and does not fsync, which the rename into place relies on.
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():
@@ -438,29 +436,73 @@ def _dir_mode() -> int:
     return 0o755
 
 
+# A save writes into ``.NAME.tmp-<pid>-<random>`` beside NAME; the fallback swap sets the old checkpoint aside
+# as ``.NAME.old-<pid>-<random>``. The pid tells a killed save's leftovers from another process's live save.
+_TMP_PREFIX = r"\..+\.tmp-"
+_OLD_PREFIX = r"\.(?P<name>.+)\.old-"
+
+
+def recover_leftovers(parent: str) -> None:
+    """Clean up after saves into ``parent`` that were killed: their temporary directories are removed, and an
+    old checkpoint that the fallback swap had set aside is put back under its name if that name is empty
+    (removed otherwise). Only leftovers of dead processes are touched."""
+    fsutil.sweep(parent, _TMP_PREFIX)
+    for m in fsutil.dead_leftovers(parent, _OLD_PREFIX):
+        aside, target = os.path.join(parent, m[0]), os.path.join(parent, m["name"])
+        try:
+            if os.path.lexists(target):
+                shutil.rmtree(aside)
+            else:
+                os.rename(aside, target)
+                log.warning("restored %s, set aside by an overwrite that was interrupted", target)
+        except OSError:
+            pass  # a read-only parent or a race with another run: the next run tries again
+
+
+def check_out_dir(path: str, overwrite: bool = False) -> str:
+    """Check that a checkpoint can be written at ``path`` and return its absolute path; every writer calls this
+    before any work, so bad output paths cost nothing.
+
+    Refused, with a CheckpointError that says what to do: an existing ``path`` unless ``overwrite`` (and even
+    then anything but a real directory), a parent directory that is missing or not writable. Leftovers of
+    killed saves in the parent are cleaned first (:func:`recover_leftovers`).
+    """
+    out = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise CheckpointError(
+            f"{path}: the parent directory {parent} does not exist; create it or choose another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{path}: the directory {parent} is not writable; choose another path")
+    recover_leftovers(parent)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise CheckpointError(f"{path} already exists; choose another path or pass --overwrite")
+        if os.path.islink(out) or not os.path.isdir(out):
+            raise CheckpointError(f"{path} exists and is not a directory; refusing to replace it")
+    return out
+
+
 def save_checkpoint(
     model: nn.Module, out_dir: str, *, tokenizer, manifest: dict, overwrite: bool = False
 ) -> str:
     """Write ``model`` as a checkpoint directory at ``out_dir`` atomically; return its path.
 
-    Everything is written to a temporary sibling directory, then renamed into place, so a crash or an
+    Everything is written to a temporary sibling directory, then renamed into place, so a crash, a kill or an
     exception leaves either no checkpoint or the complete one. An existing ``out_dir`` is refused unless
-    ``overwrite`` (then the old one is renamed aside, the new one in, and the old one deleted).
+    ``overwrite``; then the new directory and the old one are exchanged atomically, so the name holds a whole
+    checkpoint, old or new, at every instant (:func:`_swap_into_place`).
     ``tokenizer`` is a :class:`~rankserve.tokenizer.Tokenizer` (``None`` writes no tokenizer files).
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = check_out_dir(out_dir, overwrite)
     parent, name = os.path.split(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; choose another path or pass overwrite=True")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise CheckpointError(f"{out_dir} exists and is not a directory; refusing to replace it")
     validate_manifest(manifest)
     _check_manifest_matches(model, manifest)
     if manifest["dtype"] != _dtype_name(_model_dtype(model)):
         raise CheckpointError(f"manifest dtype {manifest['dtype']} but the model is {_model_dtype(model)}")
     tensors = _checkpoint_tensors(model)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+    tmp = fsutil.owned_tempdir(f".{name}.tmp-", parent)
     try:
         os.chmod(tmp, _dir_mode())  # mkdtemp makes it private (0700); a checkpoint is an ordinary directory
         if tokenizer is not None:
@@ -472,14 +514,18 @@ def save_checkpoint(
         meta = {"format": "pt", "rankserve_format_version": str(FORMAT_VERSION)}
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), tensors, meta)
         _swap_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        _remove_tree(tmp)  # after a swap it holds the old checkpoint; after a failure, the partial new one
     log.info("saved checkpoint %s (%d tensors)", out_dir, len(tensors))
     return out_dir
 
 
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _swap_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
+    """Move the finished checkpoint ``tmp`` to ``out_dir``; an existing ``out_dir`` ends up at ``tmp``."""
     parent, name = os.path.split(out_dir)
     if not os.path.exists(out_dir):
         try:
@@ -489,8 +535,16 @@ def _swap_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
             if not os.path.exists(out_dir):
                 raise
     if not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; choose another path or pass overwrite=True")
-    aside = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+        raise CheckpointError(f"{out_dir} already exists; choose another path or pass --overwrite")
+    if fsutil.exchange(tmp, out_dir):
+        return
+    # No atomic exchange on this OS or filesystem (NFS, Windows, some FUSE): two renames, with a moment in
+    # between when the name is empty. The old checkpoint is set aside under a pid-tagged name, so if this
+    # process dies there, the next save into this directory, or the next load of the name, puts it back
+    # (recover_leftovers). We do not make the name a symlink to versioned directories instead: that changes
+    # what a checkpoint is on disk for every user (copy and upload tools see a link), and an existing real
+    # directory still could not be turned into such a link atomically.
+    aside = fsutil.owned_tempdir(f".{name}.old-", parent)
     os.rmdir(aside)  # only the unique name is wanted; rename needs the target free
     os.replace(out_dir, aside)
     try:
@@ -498,7 +552,7 @@ def _swap_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
     except BaseException:
         os.replace(aside, out_dir)  # put the old checkpoint back
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove_tree(aside)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,14 @@ def window_nll(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _exp(x: float) -> float:
+    """``math.exp`` that returns inf instead of raising OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -97,16 +105,21 @@ def perplexity(
         for start in range(0, len(batches), batch_size):
             chunk = batches[start : start + batch_size].to(device)  # (b, seq_len)
             nll = window_nll(model, chunk).item()
-            if not math.isfinite(nll):  # reported as is (the papers' scripts silently skip such windows)
-                log.warning("windows %d..%d give a non-finite loss", start, start + len(chunk) - 1)
+            if not math.isfinite(nll):  # the papers' scripts silently skip such windows; a number would lie
+                raise ValueError(
+                    f"windows {start}..{start + len(chunk) - 1} give a non-finite loss ({nll}): the model "
+                    "computes NaN or Inf logits; its weights or its dtype are broken"
+                )
             total += nll
             bar.update(len(chunk))
-            bar.set_postfix(ppl=f"{math.exp(total / ((start + len(chunk)) * (seq_len - 1))):.3f}")
+            bar.set_postfix(ppl=f"{_exp(total / ((start + len(chunk)) * (seq_len - 1))):.3f}")
     scored = len(batches) * (seq_len - 1)
     nll = total / scored
-    log.info("perplexity %.4f over %d windows of %d tokens", math.exp(nll), len(batches), seq_len)
+    if not math.isfinite(_exp(nll)):
+        raise ValueError(f"mean loss {nll:.1f} nats per token: the perplexity overflows; the model is broken")
+    log.info("perplexity %.4f over %d windows of %d tokens", _exp(nll), len(batches), seq_len)
     return {
-        "perplexity": math.exp(nll),
+        "perplexity": _exp(nll),
         "nll": nll,
         "windows": len(batches),
         "tokens": scored,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
+
+from rankserve.fsutil import owned_tempdir
 
 
 @dataclass
@@ -123,7 +124,7 @@ def load_hf_tokenizer(
 def _save_atomically(hf, target: str) -> None:
     try:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+        tmp = owned_tempdir(".tmp-", os.path.dirname(target))  # a killed run's copy is swept by the next
         hf.save_pretrained(tmp)
         os.replace(tmp, target) if not os.path.exists(target) else shutil.rmtree(tmp)
     except OSError:  # a read-only cache only costs speed

@@ -22,7 +22,8 @@ def add_arguments(p):
         required=True,
         help="fraction of linear-layer parameters REMOVED (SVD-LLM convention): 0.4 keeps 60%%",
     )
-    p.add_argument("--out", required=True, help="checkpoint directory to create (must not exist)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--calib-data", default=None, help="calibration text file (default: text the model generates itself)"
     )
@@ -59,8 +60,9 @@ def run(args) -> int:
             f"--ratio is the fraction of parameters removed and must be in [0, 1), got {args.ratio}"
         )
     cfg = family_config(args)
-    if os.path.exists(args.out):
-        raise CLIError(f"--out {args.out} already exists; choose a new directory")
+    from rankserve.checkpoint import check_out_dir, save_checkpoint
+
+    check_out_dir(args.out, args.overwrite)
     if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
         raise CLIError(f"calibration file not found: {args.calib_data}")
     if args.calib_samples < 1 or args.calib_seq_len < 2:
@@ -68,12 +70,11 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     from rankserve.calibration import make_calibration
-    from rankserve.checkpoint import save_checkpoint
     from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model
 
     apply_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
     if lm.kind == "rankserve" and lm.manifest.get("family"):
         raise CLIError(
             f"{args.model} is already compressed ({lm.manifest['family']}); start from a dense model"
@@ -98,7 +99,9 @@ def run(args) -> int:
     report = compress_(lm.model, cfg, calib, batch_size=args.batch_size)
     info = {"calibration_time_s": round(calib_s, 3), "wall_time_total_s": round(time.perf_counter() - t0, 3)}
     manifest = compression_manifest(lm.model, cfg, report, lm.source, info)
-    path = save_checkpoint(lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest)
+    path = save_checkpoint(
+        lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
+    )
     if args.json:
         print(json.dumps({"checkpoint": path, **manifest}))
     else:

@@ -58,7 +58,7 @@ def run(args) -> int:
         raise CLIError(f"--max-windows must be >= 1, got {args.max_windows}")
     text, data = read_text(args.data)  # before loading the model: a bad path fails fast
     apply_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
     r = perplexity(
         lm.model,
         lm.tokenizer,
@@ -81,7 +81,8 @@ def run(args) -> int:
                     "text_tokens": r["text_tokens"],
                     "data": data,
                     "dtype": args.dtype,
-                }
+                },
+                allow_nan=False,  # NaN is not JSON; perplexity() raises on a non-finite loss instead
             )
         )
     else:

@@ -56,7 +56,7 @@ def run(args) -> int:
     ).validate()
     apply_threads(args.threads)
     options = RuntimeOptions(backend=args.backend).validate()
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
     ids = prompt_ids(lm.tokenizer, args.prompt, args.chat, args.system)
     parts, token_ids, last = [], [], None
     for r in stream_generate(lm.model, lm.tokenizer, ids, params, options):

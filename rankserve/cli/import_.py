@@ -8,7 +8,6 @@ never imported. Every tensor is checked against the config; a failed import writ
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from rankserve.cli.main import CLIError
@@ -33,6 +32,12 @@ def add_arguments(p):
     )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="stored dtype (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--no-check-finite",
+        dest="check_finite",
+        action="store_false",
+        help="import even if a weight holds NaN or Inf",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -41,12 +46,11 @@ def _fmt_int(n: int) -> str:
 
 
 def run(args) -> int:
-    from rankserve.checkpoint import read_manifest
+    from rankserve.checkpoint import check_out_dir, read_manifest
     from rankserve.loaders.convert import import_checkpoint, summary
     from rankserve.loaders.importers import CheckpointImportError
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise CLIError(f"--out {args.out} already exists; choose a new directory or pass --overwrite")
+    check_out_dir(args.out, args.overwrite)  # before reading anything
     try:
         path = import_checkpoint(
             args.format,
@@ -55,6 +59,7 @@ def run(args) -> int:
             tokenizer=args.tokenizer,
             dtype=args.dtype,
             overwrite=args.overwrite,
+            check_finite=args.check_finite,
         )
     except CheckpointImportError as e:
         raise CLIError(" ".join(str(e).split("\n"))) from None

@@ -62,7 +62,7 @@ def run(args) -> int:
     from rankserve.loaders.source import load_model
 
     apply_threads(args.threads)
-    d = describe(load_model(args.model, dtype=args.dtype))
+    d = describe(load_model(args.model, dtype=args.dtype, check_finite=args.check_finite))
     if args.json:
         print(json.dumps(d, indent=1))
         return 0

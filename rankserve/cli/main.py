@@ -20,6 +20,13 @@ def common_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
             "model", help="model directory, .gguf file, rankserve checkpoint or alias (smollm2-135m)"
         )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="working dtype (default fp32)")
+    if model:
+        p.add_argument(
+            "--no-check-finite",
+            dest="check_finite",
+            action="store_false",
+            help="load the model even if a weight holds NaN or Inf",
+        )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
 
 

@@ -53,7 +53,7 @@ def run(args) -> int:
     model_id, aliases = served_names(args.model)
 
     def load():
-        lm = load_model(args.model, dtype=args.dtype)
+        lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
         return lm.model, lm.tokenizer
 
     app = create_app(load, model_id, aliases, args.max_batch, args.max_context, options)

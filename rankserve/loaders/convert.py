@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,9 +25,11 @@ import torch
 from torch import nn
 
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.fsutil import owned_tempdir
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
 from rankserve.loaders.importers import CheckpointImportError, ImportedModel, read_checkpoint
-from rankserve.loaders.weights import new_model
+from rankserve.loaders.weights import WeightError, new_model
+from rankserve.loaders.weights import check_finite as check_weights_finite
 
 __all__ = ["DTYPES", "imported_to_model", "import_checkpoint", "load_tokenizer_dir"]
 
@@ -225,7 +226,7 @@ def load_tokenizer_dir(directory: str | Path, model_type: str, eos_ids: list[int
             f"tokenizer {directory}: no tokenizer files (looked for {', '.join(_TOKENIZER_REQUIRED)}); "
             f"{TOKENIZER_HINT}"
         )
-    private = tempfile.mkdtemp(prefix="rankserve-tokenizer-load-")
+    private = owned_tempdir("rankserve-tokenizer-load-")  # a killed run's copy is swept by the next
     try:
         for name in present:
             shutil.copyfile(directory / name, os.path.join(private, name))
@@ -295,6 +296,7 @@ def import_checkpoint(
     tokenizer: str | os.PathLike | None = None,
     dtype: str = "fp32",
     overwrite: bool = False,
+    check_finite: bool = True,
 ) -> str:
     """Import the checkpoint ``src`` (format ``fmt``, or ``"auto"``) as a rankserve checkpoint at ``out_dir``.
 
@@ -302,14 +304,16 @@ def import_checkpoint(
     when the source has none. The manifest records the family, ``ratio`` = the measured fraction of decoder
     linear-layer parameters removed, every projection's rank, the source's path and sha256, and the reader's
     provenance. Returns the checkpoint path. Nothing is written unless the whole import succeeds.
+    ``check_finite`` refuses a source with a NaN or Inf weight.
     """
-    from rankserve.checkpoint import build_manifest, save_checkpoint
+    from rankserve.checkpoint import CheckpointError, build_manifest, check_out_dir, save_checkpoint
 
     if dtype not in DTYPES:
         raise CheckpointImportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not overwrite:
-        raise CheckpointImportError(f"{out_dir} already exists; choose another path or pass --overwrite")
+    try:
+        out_dir = check_out_dir(out_dir, overwrite)
+    except CheckpointError as e:
+        raise CheckpointImportError(str(e)) from None
     if tokenizer is not None:
         tokenizer = os.fspath(tokenizer)
         if not os.path.isdir(tokenizer):
@@ -326,6 +330,11 @@ def import_checkpoint(
         if imp.tokenizer_dir is None:
             raise CheckpointImportError(f"{src} carries no usable tokenizer; {TOKENIZER_HINT}")
         model = imported_to_model(imp, DTYPES[dtype])
+        if check_finite:
+            try:
+                check_weights_finite(model, os.fspath(src))
+            except WeightError as e:
+                raise CheckpointImportError(str(e)) from None
         cfg = model.config
         tok = load_tokenizer_dir(imp.tokenizer_dir, cfg.model_type, eos_ids=cfg.eos_ids)
         if tokenizer is not None:

@@ -21,7 +21,6 @@ import json
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rankserve.fsutil import owned_tempdir
 from rankserve.hashing import file_sha256
 from rankserve.loaders.safe_pickle import (
     CheckpointImportError,
@@ -1154,7 +1154,7 @@ def _recover_tokenizer(tok_rec: Any, notes: list[str]) -> str | None:
             f"cannot rebuild the pickled {tok_rec.qualname} ({type(e).__name__}: {e}): pass --tokenizer"
         )
         return None
-    directory = tempfile.mkdtemp(prefix="rankserve-tokenizer-")
+    directory = owned_tempdir("rankserve-tokenizer-")  # pid-tagged: a killed import's copy is swept
     try:
         tok.save_pretrained(directory)
         if isinstance(proto, bytes):

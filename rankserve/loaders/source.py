@@ -67,6 +67,11 @@ def resolve(source: str) -> tuple[str, str]:
         if not os.path.isfile(path):
             raise SourceError(f"model {source!r}: {path} is missing; reinstall with: {install}")
         return "gguf", path
+    if not os.path.lexists(source):
+        from rankserve.checkpoint import recover_leftovers
+
+        # An overwrite killed on a filesystem without atomic exchange leaves the name empty for a moment.
+        recover_leftovers(os.path.dirname(os.path.abspath(source)))
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "rankserve.json")):
             return "rankserve", source
@@ -86,9 +91,15 @@ def resolve(source: str) -> tuple[str, str]:
     )
 
 
-def load_model(source: str, dtype: str | torch.dtype = "fp32", device: str = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer from any supported source, built on meta then assigned once."""
-    from rankserve.loaders.weights import build_model
+def load_model(
+    source: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", check_finite: bool = True
+) -> LoadedModel:
+    """Load a model and its tokenizer from any supported source, built on meta then assigned once.
+
+    ``check_finite`` refuses a model with a NaN or Inf weight (one pass over the weights, see
+    :func:`~rankserve.loaders.weights.check_finite`).
+    """
+    from rankserve.loaders import weights
 
     dtype = parse_dtype(dtype)
     kind, path = resolve(source)
@@ -97,19 +108,22 @@ def load_model(source: str, dtype: str | torch.dtype = "fp32", device: str = "cp
         from rankserve.loaders.gguf_file import read_gguf
 
         cfg, tensors = read_gguf(path)
-        model = build_model(cfg, tensors, dtype, device, source=path)
-        tok = load_hf_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path), eos_ids=cfg.eos_ids)
+        model = weights.build_model(cfg, tensors, dtype, device, source=path)
     elif kind == "hf":
         from rankserve.loaders.hf_dir import read_hf_dir
 
         cfg, tensors = read_hf_dir(path)
-        model = build_model(cfg, tensors, dtype, device, source=path)
-        tok = load_hf_tokenizer(path, eos_ids=cfg.eos_ids)
+        model = weights.build_model(cfg, tensors, dtype, device, source=path)
     else:
         from rankserve.checkpoint import load_checkpoint
 
         model, manifest = load_checkpoint(path, dtype=dtype, device=device)
         cfg = model.config
+    if check_finite:  # before the tokenizer, which can take seconds
+        weights.check_finite(model, path)
+    if kind == "gguf":
+        tok = load_hf_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path), eos_ids=cfg.eos_ids)
+    else:
         tok = load_hf_tokenizer(path, eos_ids=cfg.eos_ids)
     log.info("loaded %s (%s) as %s", path, kind, dtype)
     return LoadedModel(
