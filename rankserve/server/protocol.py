@@ -303,8 +303,9 @@ def completion_logprobs(entries, text_of, offset: int = 0) -> dict:
         t = text_of(e.token)
         tokens.append(t)
         token_logprobs.append(e.logprob)
-        top = {text_of(i): lp for i, lp in e.top}
-        top.setdefault(t, e.logprob)
+        top: dict[str, float] = {}
+        for i, lp in [*e.top, (e.token, e.logprob)]:
+            top.setdefault(text_of(i), lp)  # ids that share a text keep the likeliest (``top`` is sorted)
         top_logprobs.append(top)
         text_offset.append(offset)
         offset += len(t)
