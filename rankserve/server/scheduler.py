@@ -29,6 +29,7 @@ import torch
 from rankserve.runtime.generate import EagerRunner, attention_mask, make_runner
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import Sampler, SamplingParams, token_logprobs
+from rankserve.runtime.text import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -61,57 +62,6 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens sampled since the last event
-
-
-class TextStream:
-    """Token ids in, text deltas out, for one request: stop strings held back and cut, EOS, max_tokens.
-
-    The same rules as :func:`rankserve.runtime.generate.stream_generate`, step for step, so that a request
-    served in a batch returns the same text as the request run alone.
-    """
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.params = params
-        self.decoder = tokenizer.stream_decoder()
-        self.stop_ids = set(tokenizer.eos_ids) | set(params.stop_token_ids)
-        self.stops = [s for s in params.stop if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1  # text that may still become a stop
-        self.pending = ""  # decoded but not yet emitted
-        self.n = 0  # tokens pushed
-
-    def ends_on(self, tok: int) -> bool:
-        """Whether ``tok`` is a stop token that ends the request (its text is never emitted)."""
-        return tok in self.stop_ids and not self.params.ignore_eos
-
-    def push(self, tok: int) -> tuple[str, str | None]:
-        """(text to emit now, finish reason or None)."""
-        self.n += 1
-        finish = None
-        if self.ends_on(tok):
-            finish = "stop"
-        else:
-            self.pending += self.decoder.push(tok)
-        cut = _stop_hit(self.pending, self.stops)
-        if cut >= 0:
-            self.pending, finish = self.pending[:cut], "stop"
-        if finish is None and self.n >= self.params.max_tokens:
-            finish = "length"
-        if finish is None:
-            safe = max(0, len(self.pending) - self.hold)
-            piece, self.pending = self.pending[:safe], self.pending[safe:]
-            return piece, None
-        if cut < 0 and finish != "stop":
-            self.pending += self.decoder.flush()
-            c = _stop_hit(self.pending, self.stops)
-            if c >= 0:
-                self.pending, finish = self.pending[:c], "stop"
-        piece, self.pending = self.pending, ""
-        return piece, finish
-
-
-def _stop_hit(text: str, stops: list[str]) -> int:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
 
 
 _ids = itertools.count()
@@ -376,7 +326,7 @@ class Engine:
             logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=self.cache.row_view(b))[0]
         else:
             # Row b from slot s-L on: the prompt lands at window slots [0, L), exactly as in a solo run.
-            window = CacheWindow(self.cache, b, b + 1, s - L)
+            window = self.cache.window(b, b + 1, s - L)
             chunk = self.options.prefill_chunk
             for c in range(0, L, chunk):
                 e = min(L, c + chunk)
@@ -433,7 +383,7 @@ class Engine:
         if self._eager:
             live = [b for b, r in enumerate(self.rows) if r is not None]
             hi, lo = live[-1] + 1, int(vf[live].min())
-            window = CacheWindow(self.cache, 0, hi, lo)  # rows [0, hi), slots [lo, max_len)
+            window = self.cache.window(0, hi, lo)  # rows [0, hi), slots [lo, max_len)
             wvf = vf[:hi] - lo
             mask = attention_mask(wvf, s - lo, 1)  # (hi, 1, 1, s-lo+1)
             logits = self.model(tokens[:hi], positions[:hi], window, s - lo, mask)[:, -1]  # (hi, V)
@@ -504,22 +454,3 @@ class Engine:
 
 
 _EMPTY = torch.empty(0, dtype=torch.long)
-
-
-class CacheWindow:
-    """Rows [r0, r1) and slots [lo, max_len) of a KV cache, sharing its storage; window slot i is slot lo+i.
-
-    The model only calls ``update``; writes land in the shared cache, and attention covers the window's
-    valid prefix, so a request in a window computes exactly what it computes alone.
-    """
-
-    def __init__(self, cache, r0: int, r1: int, lo: int):
-        self.k = cache.k[:, r0:r1, :, lo:]  # (L, rows, K, S_max - lo, hd)
-        self.v = cache.v[:, r0:r1, :, lo:]
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, K, T, hd] at window slots [start, start+T); return the prefix [B, K, start+T, hd]."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
