@@ -2,9 +2,14 @@
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 from test_loaders import write_hf_dir
 from tiny_tok import tiny_tokenizer
@@ -86,6 +91,14 @@ def test_inspect_json(tiny_dir):
         (["generate", "{empty}", "--prompt", "x"], "has no config.json"),
         (["generate", "{gpt2}", "--prompt", "x"], "not supported: model_type 'gpt2'"),
         (["inspect", "{tiny}", "--threads", "0"], "--threads must be >= 1"),
+        (["generate", "{tiny}", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite"),
+        (["generate", "{tiny}", "--prompt", "x", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (
+            ["generate", "{tiny}", "--prompt", b"caf\xe9"],
+            "--prompt is not valid UTF-8 (byte 0xe9 at character 3)",
+        ),
+        (["serve", "/nonexistent/model", "--port", "0"], "model not found: /nonexistent/model"),
+        (["serve", "{tiny}", "--port", "70000"], "--port must be in 0..65535"),
     ],
 )
 def test_bad_input_gives_one_line(tiny_dir, tmp_path, args, pattern):
@@ -96,5 +109,38 @@ def test_bad_input_gives_one_line(tiny_dir, tmp_path, args, pattern):
     (gpt2 / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     )
-    args = [a.format(tiny=tiny_dir, empty=empty, gpt2=gpt2) for a in args]
+    args = [a.format(tiny=tiny_dir, empty=empty, gpt2=gpt2) if isinstance(a, str) else a for a in args]
     assert_one_line_error(rankserve(*args), pattern)
+
+
+def test_serve_on_a_taken_port_gives_one_line(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = rankserve("serve", tiny_dir, "--port", str(port))
+    assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_serve_answers_then_exits_on_sigterm(tiny_dir, tmp_path):
+    """The real process: one line once it listens (with the model loaded), a completion, then SIGTERM exits."""
+    log = tmp_path / "stderr.txt"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "rankserve", "serve", tiny_dir, "--port", "0", "--shutdown-timeout", "2"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        url = m.group(0)
+        assert httpx.get(url + "/health").json()["status"] == "ok"  # listening means loaded
+        body = {"model": os.path.basename(tiny_dir), "prompt": "hi", "max_tokens": 3}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in log.read_text()

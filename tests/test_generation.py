@@ -11,7 +11,7 @@ from rankserve.runtime.generate import (
     generate_tokens,
     stream_generate,
 )
-from rankserve.runtime.sampling import SamplingParams, filter_logits
+from rankserve.runtime.sampling import Sampler, SamplingParams, filter_logits
 from rankserve.tokenizer import Tokenizer
 
 
@@ -130,3 +130,33 @@ def test_bad_inputs(model, tok):
         complete(model, tok, PROMPT, SamplingParams(top_p=0))
     with pytest.raises(PromptTooLongError, match="context is 256"):
         complete(model, tok, list(range(4, 100)) * 3, SamplingParams(max_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(temperature=-0.5),
+        dict(top_p=float("nan")),
+        dict(top_p=1.5),
+        dict(min_p=float("nan")),
+        dict(repetition_penalty=float("inf")),
+        dict(repetition_penalty=float("nan")),
+        dict(top_k=-1),
+        dict(seed=2**64),
+    ],
+    ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}",
+)
+def test_sampling_params_refuse_non_finite_and_out_of_range(bad):
+    """NaN passes every comparison unnoticed; validate() names the parameter (the CLI and the server both use it)."""
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        SamplingParams(**bad).validate()
+
+
+def test_tiny_temperature_samples_the_top_token():
+    """logits / 1e-39 overflows to inf; shifted by the max first it stays a valid, near-greedy distribution."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    s = Sampler(SamplingParams(temperature=1e-39, seed=0))
+    assert [s(logits, torch.empty(0, dtype=torch.long)) for _ in range(5)] == [1] * 5

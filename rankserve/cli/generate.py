@@ -36,6 +36,18 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) ->
     return tokenizer.encode(prompt)
 
 
+def check_utf8(flag: str, text: str | None) -> None:
+    """CLIError if an argument is not valid UTF-8 (Python keeps its undecodable bytes as lone surrogates)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"character U+{c:04X}"
+        raise CLIError(
+            f"{flag} is not valid UTF-8 ({what} at character {e.start}); pass UTF-8 text"
+        ) from None
+
+
 def run(args) -> int:
     from rankserve.loaders.source import load_model
     from rankserve.runtime.generate import stream_generate
@@ -44,6 +56,12 @@ def run(args) -> int:
 
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    for flag, text in [
+        ("--prompt", args.prompt),
+        ("--system", args.system),
+        *(("--stop", s) for s in args.stop),
+    ]:
+        check_utf8(flag, text)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

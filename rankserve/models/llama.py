@@ -79,10 +79,14 @@ class KVCache(nn.Module):
 
     def row_view(self, b: int) -> KVCache:
         """A cache over row ``b`` only, sharing storage (to prefill one request into a running batch)."""
+        return self.window(b, b + 1)
+
+    def window(self, r0: int, r1: int, lo: int = 0) -> KVCache:
+        """Rows [r0, r1) and slots [lo, max_len), sharing storage: the view's slot i is slot lo + i."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
-        view.register_buffer("k", self.k[:, b : b + 1], persistent=False)
-        view.register_buffer("v", self.v[:, b : b + 1], persistent=False)
+        view.register_buffer("k", self.k[:, r0:r1, :, lo:], persistent=False)  # (L, r1-r0, K, S_max-lo, hd)
+        view.register_buffer("v", self.v[:, r0:r1, :, lo:], persistent=False)
         return view
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):

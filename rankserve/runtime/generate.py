@@ -14,6 +14,7 @@ import torch
 from rankserve.models.llama import KVCache
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import Sampler, SamplingParams
+from rankserve.runtime.text import TextStream
 
 
 class PromptTooLongError(ValueError):
@@ -170,12 +171,6 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" | "length" on the last response
 
 
-def _stop_hit(text: str, stops: list[str]) -> int:
-    """Index where the earliest stop string starts in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
-
-
 def stream_generate(
     model,
     tokenizer,
@@ -186,19 +181,15 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream text deltas for one prompt, honouring stop strings (the matched stop string is not emitted)."""
     params = params.validate()
-    decoder = tokenizer.stream_decoder()
-    stops = [s for s in params.stop if s]
-    hold = max((len(s) for s in stops), default=1) - 1  # text that might still turn into a stop string
-    emitted, pending = 0, ""  # characters emitted so far / text decoded but not yet emitted
-    n = 0
+    text = TextStream(tokenizer, params)
     t_first = None
-    finish = None
     stepper = generate_tokens(
         model, [prompt_ids], params, tokenizer.eos_ids, tokenizer.pad_id, options, runner
     )
     for out in stepper:
         tok = out.tokens[0]
-        n += 1
+        piece, finish = text.push(tok)
+        n = text.n
         now = time.perf_counter()
         t_first = t_first or now
         dt = now - t_first
@@ -206,36 +197,16 @@ def stream_generate(
             prompt_tok_s=len(prompt_ids) / max(out.prefill_s, 1e-9),
             decode_tok_s=(n - 1) / dt if n > 1 and dt > 0 else 0.0,
         )
-        is_stop_token = tok in tokenizer.eos_ids or tok in params.stop_token_ids
-        if is_stop_token and not params.ignore_eos:
-            finish = "stop"
-        else:
-            pending += decoder.push(tok)
-        cut = _stop_hit(pending, stops)
-        if cut >= 0:
-            pending, finish = pending[:cut], "stop"
-        if finish is None and n >= params.max_tokens:
-            finish = "length"
-        if finish is None:
-            safe = max(0, len(pending) - hold)
-            piece, pending = pending[:safe], pending[safe:]
-            emitted += len(piece)
-            yield GenerationResponse(piece, tok, len(prompt_ids), n, **rates)
-            continue
-        if cut < 0 and finish != "stop":
-            pending += decoder.flush()
-            c = _stop_hit(pending, stops)
-            if c >= 0:
-                pending, finish = pending[:c], "stop"
-        yield GenerationResponse(pending, tok, len(prompt_ids), n, finish_reason=finish, **rates)
-        stepper.close()
-        return
+        yield GenerationResponse(piece, tok, len(prompt_ids), n, finish_reason=finish, **rates)
+        if finish is not None:
+            stepper.close()
+            return
     # The generator ended without a verdict only if the cache ran out of room.
     yield GenerationResponse(
-        pending + decoder.flush(),
+        text.flush(),
         None,
         len(prompt_ids),
-        n,
+        text.n,
         finish_reason="length",
         prompt_tok_s=0.0,
         decode_tok_s=0.0,

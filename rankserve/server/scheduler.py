@@ -22,15 +22,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from rankserve.runtime.generate import EagerRunner, attention_mask, make_runner
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.sampling import Sampler, SamplingParams
+from rankserve.runtime.sampling import Sampler, SamplingParams, token_logprobs
+from rankserve.runtime.text import TextStream
 
 log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The engine holds as many requests as its batch and queue allow; try again later."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the raw logits, and the ``top`` likeliest (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -38,70 +56,35 @@ class Event:
     """One piece of a request's output, delivered to its sink from the scheduler thread."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length" on the last event; "cancelled" | "error" too
+    # "stop" | "length" on the last event; "cancelled" (client gone), "abort" (shutdown deadline), "error" too
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-
-
-class TextStream:
-    """Token ids in, text deltas out, for one request: stop strings held back and cut, EOS, max_tokens.
-
-    The same rules as :func:`rankserve.runtime.generate.stream_generate`, step for step, so that a request
-    served in a batch returns the same text as the request run alone.
-    """
-
-    def __init__(self, tokenizer, params: SamplingParams):
-        self.params = params
-        self.decoder = tokenizer.stream_decoder()
-        self.stop_ids = set(tokenizer.eos_ids) | set(params.stop_token_ids)
-        self.stops = [s for s in params.stop if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1  # text that may still become a stop
-        self.pending = ""  # decoded but not yet emitted
-        self.n = 0  # tokens pushed
-
-    def push(self, tok: int) -> tuple[str, str | None]:
-        """(text to emit now, finish reason or None)."""
-        self.n += 1
-        finish = None
-        if tok in self.stop_ids and not self.params.ignore_eos:
-            finish = "stop"
-        else:
-            self.pending += self.decoder.push(tok)
-        cut = _stop_hit(self.pending, self.stops)
-        if cut >= 0:
-            self.pending, finish = self.pending[:cut], "stop"
-        if finish is None and self.n >= self.params.max_tokens:
-            finish = "length"
-        if finish is None:
-            safe = max(0, len(self.pending) - self.hold)
-            piece, self.pending = self.pending[:safe], self.pending[safe:]
-            return piece, None
-        if cut < 0 and finish != "stop":
-            self.pending += self.decoder.flush()
-            c = _stop_hit(self.pending, self.stops)
-            if c >= 0:
-                self.pending, finish = self.pending[:c], "stop"
-        piece, self.pending = self.pending, ""
-        return piece, finish
-
-
-def _stop_hit(text: str, stops: list[str]) -> int:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens sampled since the last event
 
 
 _ids = itertools.count()
 
 
 class Request:
-    """A submitted generation. ``sink`` is called from the scheduler thread with each :class:`Event`."""
+    """A submitted generation. ``sink`` is called from the scheduler thread with each :class:`Event`.
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]):
+    ``logprobs``: None, or how many alternatives to report with each sampled token's log-probability.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Callable[[Event], None],
+        logprobs: int | None = None,
+    ):
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params.validate()
         self.sink = sink
+        self.logprobs = logprobs
         self.arrival = time.perf_counter()
         self.cancelled = False  # set by any thread; the scheduler frees the row at its next step
         self.finish_reason: str | None = None
@@ -118,6 +101,7 @@ class _Row:
     logits: torch.Tensor  # [V] to sample the next token from
     last_token: int = -1
     t_last: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with an event
 
     @property
     def remaining(self) -> int:
@@ -126,7 +110,11 @@ class _Row:
 
 
 class Engine:
-    """The continuous-batching scheduler over one model; thread-safe ``submit`` and ``cancel``."""
+    """The continuous-batching scheduler over one model; thread-safe ``submit``, ``cancel`` and ``abort``.
+
+    At most ``max_batch + max_queue`` requests are in the engine at once (running or waiting for a row); a
+    request beyond that is refused with :class:`QueueFullError` rather than left to wait without bound.
+    """
 
     def __init__(
         self,
@@ -136,12 +124,13 @@ class Engine:
         max_context: int = 1024,
         options: RuntimeOptions | None = None,
         metrics=None,
+        max_queue: int = 64,
     ):
-        if max_batch < 1 or max_context < 2:
-            raise ValueError("max_batch must be >= 1 and max_context >= 2")
+        if max_batch < 1 or max_context < 2 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1, max_context >= 2 and max_queue >= 0")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.options = (options or RuntimeOptions()).validate()
-        self.max_batch, self.max_context = max_batch, max_context
+        self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.runner = make_runner(model, max_batch, max_context, self.options)
         self.cache = self.runner.cache
         self.device = next(model.parameters()).device
@@ -157,10 +146,12 @@ class Engine:
         self.valid_from = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.slot = 0  # the shared next write slot s
         self.pending: deque[Request] = deque()
-        self.cond = threading.Condition()
+        self.live: set[Request] = set()  # submitted and not finished (guarded by cond)
+        self.cond = threading.Condition()  # an RLock inside: _emit may take it while it is held
         self.stats = dict(admitted=0, finished=0, cancelled=0, compactions=0, steps=0, errors=0)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._abort: str | None = None  # set once: end every request with this finish reason, take no more
 
     # ---- the public, thread-safe side ----
 
@@ -178,9 +169,24 @@ class Engine:
                 f"{self.max_context - n_prompt} new tokens, but max_tokens is {max_tokens}"
             )
 
+    @property
+    def full(self) -> bool:
+        """Whether a request submitted now would be refused for lack of room."""
+        return len(self.live) >= self.max_batch + self.max_queue
+
     def submit(self, req: Request) -> Request:
+        """Queue a request; ValueError if it cannot fit the cache, QueueFullError / EngineClosedError if the
+        engine cannot take it now."""
         self.check(len(req.prompt_ids), req.params.max_tokens)
         with self.cond:
+            if self._abort is not None or self._stopping:
+                raise EngineClosedError("the server is shutting down")
+            if self.full:
+                raise QueueFullError(
+                    f"the server is at capacity ({self.max_batch} running, {len(self.pending)} waiting); "
+                    "retry later"
+                )
+            self.live.add(req)
             self.pending.append(req)
             self._gauges()
             self.cond.notify()
@@ -190,6 +196,12 @@ class Engine:
         """Stop a request (its client went away); its row is freed before the next decode step."""
         req.cancelled = True
         with self.cond:
+            self.cond.notify()
+
+    def abort(self, reason: str = "abort") -> None:
+        """End every running and waiting request with ``reason`` at the next step, and refuse new ones."""
+        with self.cond:
+            self._abort = reason
             self.cond.notify()
 
     @property
@@ -232,6 +244,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: admit waiting requests into free rows, sample every row once, decode the batch."""
+        if self._abort is not None:
+            self._end_all(self._abort)
+            return
         fresh: set[int] = set()  # rows admitted (and so already sampled) in this step
         self._admit(fresh)
         for b, row in enumerate(self.rows):
@@ -311,7 +326,7 @@ class Engine:
             logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=self.cache.row_view(b))[0]
         else:
             # Row b from slot s-L on: the prompt lands at window slots [0, L), exactly as in a solo run.
-            window = CacheWindow(self.cache, b, b + 1, s - L)
+            window = self.cache.window(b, b + 1, s - L)
             chunk = self.options.prefill_chunk
             for c in range(0, L, chunk):
                 e = min(L, c + chunk)
@@ -334,6 +349,8 @@ class Engine:
         penalty = row.req.params.repetition_penalty != 1.0
         seen = torch.tensor(row.seen, device=self.device) if penalty else _EMPTY
         tok = row.sampler(row.logits, seen)
+        if row.req.logprobs is not None and not row.text.ends_on(tok):
+            row.logprobs.append(TokenLogprob(tok, *token_logprobs(row.logits, tok, row.req.logprobs)))
         row.seen.append(tok)
         row.last_token = tok
         now = time.perf_counter()
@@ -348,7 +365,8 @@ class Engine:
         if finish is not None:
             self._finish(b, finish, piece)
         elif piece:
-            self._emit(row.req, Event(piece, None, len(row.req.prompt_ids), row.text.n))
+            self._emit(row.req, Event(piece, None, len(row.req.prompt_ids), row.text.n, None, row.logprobs))
+            row.logprobs = []
 
     def _decode(self) -> None:
         s = self.slot
@@ -365,7 +383,7 @@ class Engine:
         if self._eager:
             live = [b for b, r in enumerate(self.rows) if r is not None]
             hi, lo = live[-1] + 1, int(vf[live].min())
-            window = CacheWindow(self.cache, 0, hi, lo)  # rows [0, hi), slots [lo, max_len)
+            window = self.cache.window(0, hi, lo)  # rows [0, hi), slots [lo, max_len)
             wvf = vf[:hi] - lo
             mask = attention_mask(wvf, s - lo, 1)  # (hi, 1, 1, s-lo+1)
             logits = self.model(tokens[:hi], positions[:hi], window, s - lo, mask)[:, -1]  # (hi, V)
@@ -384,7 +402,19 @@ class Engine:
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
         if self.metrics:
             self.metrics.finished.labels(reason).inc()
-        self._emit(row.req, Event(text, reason, len(row.req.prompt_ids), row.text.n))
+        self._emit(row.req, Event(text, reason, len(row.req.prompt_ids), row.text.n, None, row.logprobs))
+
+    def _end_all(self, reason: str) -> None:
+        """End every running and waiting request with ``reason`` (what they said so far stays said)."""
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                self._finish(b, reason)
+        with self.cond:
+            while self.pending:
+                req = self.pending.popleft()
+                req.finish_reason = reason
+                self._emit(req, Event("", reason))
+        self._gauges()
 
     def _fail_row(self, b: int, req: Request, e: Exception) -> None:
         log.exception("request %s failed", req.id)
@@ -408,6 +438,9 @@ class Engine:
         self._gauges()
 
     def _emit(self, req: Request, ev: Event) -> None:
+        if ev.finish_reason is not None:
+            with self.cond:
+                self.live.discard(req)
         try:
             req.sink(ev)
         except Exception:  # a broken sink (closed event loop) must not stop the batch
@@ -421,22 +454,3 @@ class Engine:
 
 
 _EMPTY = torch.empty(0, dtype=torch.long)
-
-
-class CacheWindow:
-    """Rows [r0, r1) and slots [lo, max_len) of a KV cache, sharing its storage; window slot i is slot lo+i.
-
-    The model only calls ``update``; writes land in the shared cache, and attention covers the window's
-    valid prefix, so a request in a window computes exactly what it computes alone.
-    """
-
-    def __init__(self, cache, r0: int, r1: int, lo: int):
-        self.k = cache.k[:, r0:r1, :, lo:]  # (L, rows, K, S_max - lo, hd)
-        self.v = cache.v[:, r0:r1, :, lo:]
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [B, K, T, hd] at window slots [start, start+T); return the prefix [B, K, start+T, hd]."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
