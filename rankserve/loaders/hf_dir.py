@@ -8,6 +8,7 @@ import os
 import torch
 
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.loaders.safe_pickle import load_state_dict
 from rankserve.loaders.st_mmap import load_mmap
 
 
@@ -50,7 +51,7 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             out.update(load_mmap(path))
         else:
-            out.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            out.update(load_state_dict(path))
     return out
 
 

@@ -18,7 +18,6 @@ complete model or raises :class:`CheckpointImportError` naming the tensor, the e
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from rankserve.loaders.safe_pickle import (
     Record,
     UnsafePickleError,
     load_restricted,
+    load_state_dict,
     module_tensors,
 )
 
@@ -455,18 +455,8 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointImportError(f"{path}: unreadable safetensors file: {e}") from None
-    try:
-        # weights_only: a plain state dict needs nothing else, and anything else is refused.
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UnsafePickleError(f"refusing to load {path}: it holds more than tensors ({e})") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointImportError(f"{path}: unreadable torch file: {e}") from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise CheckpointImportError(f"{path}: expected a state dict of name -> tensor")
-    return dict(state)
+    # weights_only, after a bounded scan: a plain state dict needs nothing else, and anything else is refused.
+    return load_state_dict(path)
 
 
 def _load_weights(files: list[Path]) -> dict[str, Tensor]:
