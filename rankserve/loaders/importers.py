@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rankserve.config import ConfigError, ModelConfig
 from rankserve.hashing import file_sha256
 from rankserve.loaders.safe_pickle import (
     CheckpointImportError,
@@ -206,31 +207,22 @@ class _Geometry:
 
     @classmethod
     def from_config(cls, config: Mapping, source: str) -> _Geometry:
-        def need(key: str) -> int:
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointImportError(f"{source}: config {key} must be a positive int, found {value!r}")
-            return value
-
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        if heads % kv_heads:
-            raise CheckpointImportError(
-                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            )
+        try:  # the one place config values are validated
+            cfg = ModelConfig.from_hf(dict(config))
+        except ConfigError as e:
+            raise CheckpointImportError(f"{source}: {e}") from None
         return cls(
-            model_type=config["model_type"],
-            hidden=hidden,
-            intermediate=need("intermediate_size"),
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            layers=need("num_hidden_layers"),
-            vocab=need("vocab_size"),
-            tied=bool(config.get("tie_word_embeddings", False)),
+            model_type=cfg.model_type,
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            layers=cfg.num_hidden_layers,
+            vocab=cfg.vocab_size,
+            tied=cfg.tie_word_embeddings,
             attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            mlp_bias=cfg.mlp_bias,
         )
 
     def has_bias(self, module: str) -> bool:
