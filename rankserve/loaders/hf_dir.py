@@ -17,10 +17,13 @@ def read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{directory} has no config.json: not a Hugging Face model directory")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
 
 
 def weight_files(directory: str) -> list[str]:
@@ -61,5 +64,11 @@ def sanitize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    cfg = ModelConfig.from_hf(read_config(directory))
+    try:
+        cfg = ModelConfig.from_hf(read_config(directory))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(
+            message if directory in message else f"{directory}/config.json: {message}"
+        ) from None
     return cfg, sanitize(read_tensors(directory))

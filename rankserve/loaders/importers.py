@@ -374,7 +374,7 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointImportError(f"{directory}: no config.json")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointImportError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointImportError(f"{path}: expected a JSON object")
