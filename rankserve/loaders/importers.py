@@ -1005,11 +1005,20 @@ def _special_tokens(tok_rec: Record) -> dict[str, str]:
     return specials
 
 
+# The SentencePiece ModelProto is read by hand: sentencepiece is only an optional (test) dependency and its
+# generated protobuf module needs protobuf, which rankserve does not install. Three fields are read.
+_MAX_PROTO_BYTES = 16 << 20  # Llama's tokenizer.model is 0.5 MB, Gemma's 4 MB
+_MAX_PIECE_CHARS = 256  # SentencePiece learns pieces of at most 16 characters by default
+_MAX_VARINT_BYTES = 10  # a 64-bit varint; more is corrupt, and an endless one would grow a huge int
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(data):
             raise ValueError("truncated varint")
+        if shift >= 7 * _MAX_VARINT_BYTES:
+            raise ValueError("malformed protobuf varint (longer than 10 bytes)")
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -1041,12 +1050,19 @@ def _proto_fields(data: bytes) -> list[tuple[int, int, Any]]:
 
 def _sentencepiece_vocab(proto: bytes) -> tuple[dict[str, int], bool]:
     """(piece -> id, add_dummy_prefix) from a serialized SentencePiece ModelProto; BPE models only."""
+    if len(proto) > _MAX_PROTO_BYTES:
+        raise ValueError(f"sp_model_proto is {len(proto):,} bytes, more than {_MAX_PROTO_BYTES:,}")
     pieces: list[str] = []
     model_type, add_dummy_prefix = 1, True  # proto defaults: UNIGRAM, prefix on
     for number, wire, value in _proto_fields(proto):
         if number == 1 and wire == 2:  # repeated SentencePiece pieces
-            piece = next((v for n, w, v in _proto_fields(value) if n == 1 and w == 2), b"")
-            pieces.append(piece.decode("utf-8"))
+            piece = next((v for n, w, v in _proto_fields(value) if n == 1 and w == 2), b"").decode("utf-8")
+            if len(piece) > _MAX_PIECE_CHARS:
+                # Finding a piece's merges tries every split, so its cost grows with the square of its length.
+                raise ValueError(
+                    f"piece {len(pieces)} has {len(piece):,} characters, more than {_MAX_PIECE_CHARS}"
+                )
+            pieces.append(piece)
         elif number == 2 and wire == 2:  # TrainerSpec
             model_type = next((v for n, w, v in _proto_fields(value) if n == 3 and w == 0), model_type)
         elif number == 3 and wire == 2:  # NormalizerSpec

@@ -220,6 +220,12 @@ def _hostile(source: str, what: str) -> UnsafePickleError:
     )
 
 
+def _py3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol 2 writes Python 2 names (``__builtin__ set``); the Python 3 name they stand for."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 # ---- the stream scan ------------------------------------------------------------------------------------------
 
 
@@ -298,7 +304,7 @@ def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = N
                 module, _, attr = (
                     arg.partition(" ") if name != "STACK_GLOBAL" else (fixed[0].text, "", fixed[1].text)
                 )
-                allowed(module or "", attr or "")
+                allowed(*_py3_name(module or "", attr or ""))
             if name in ("PUT", "BINPUT", "LONG_BINPUT"):
                 if not stack:
                     raise ValueError("PUT on an empty stack")
@@ -601,9 +607,8 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return UnsafePickleError(f"refusing to call {what} from {self._source}: {why}")
 
     def find_class(self, module: str, name: str) -> Any:
-        if self.proto < 3:  # protocol 2 writes Python 2 names (``__builtin__ set``)
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if self.proto < 3:
+            module, name = _py3_name(module, name)
         if (module, name) in _ALLOWED_CALLABLES:
             return _ALLOWED_CALLABLES[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
