@@ -120,6 +120,18 @@ def test_deep_tuple_key_bin(tmp_path, command):
     cli_fails(tmp_path, argv, "pytorch_model.bin", "nested more than 256 levels", subprocess_run=True)
 
 
+def test_legacy_bin_files_are_scanned_too(tmp_path):
+    # torch.save(..., _use_new_zipfile_serialization=False): five pickles in a row, then raw storage bytes
+    honest = tmp_path / "legacy.bin"
+    torch.save({"w": torch.arange(6.0).view(2, 3)}, honest, _use_new_zipfile_serialization=False)
+    assert safe_pickle.load_state_dict(honest)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    head = b"".join(
+        pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
+    )
+    d = _state_dict_dir(tmp_path, head + deep_tuple_key() + pickle.dumps([], protocol=2))
+    cli_fails(tmp_path, ["generate", d], "nested more than 256 levels", subprocess_run=True)
+
+
 def test_deep_nesting_is_refused_before_anything_is_built(tmp_path):
     # Lists too (no hash here, but every recursive walker would overflow); 300 levels is past the bound.
     nested = b"\x80\x02" + b"]" * 300 + b"a" * 299 + b"."
@@ -475,3 +487,16 @@ def test_valid_safetensors_still_load(tmp_path):
 
     t = load_mmap(str(d / "model.safetensors"))
     assert t["a"].shape == (2, 3) and t["b"].numel() == 0 and t["c"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": 3}', "[]", '{"weight_map": {"a": "../../etc/passwd"}}', "{"])
+def test_malformed_shard_index(tmp_path, index):
+    d = _hf_dir(tmp_path, tiny_config())
+    (d / "model.safetensors.index.json").write_text(index)
+    cli_fails(tmp_path, ["generate", d], "model.safetensors.index.json: not a valid shard index")
+
+
+def test_malformed_shard_index_import(tmp_path):
+    d = _hf_dir(tmp_path, dict(tiny_config(), truncation_ranks={}))
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../etc/passwd"}}')
+    cli_fails(tmp_path, ["import", "asvd", d], "not a valid shard index")

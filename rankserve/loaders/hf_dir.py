@@ -34,8 +34,13 @@ def weight_files(directory: str) -> list[str]:
     ):
         ipath = os.path.join(directory, index)
         if os.path.isfile(ipath):
-            with open(ipath) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(ipath, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                if not all(isinstance(s, str) and os.path.basename(s) == s for s in shards):
+                    raise ValueError("shard names must be file names in the directory")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise ConfigError(f"{ipath}: not a valid shard index ({type(e).__name__}: {e})") from None
             missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
             if missing:
                 raise FileNotFoundError(

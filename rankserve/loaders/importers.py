@@ -32,6 +32,7 @@ from torch import Tensor
 
 from rankserve.config import ConfigError, ModelConfig
 from rankserve.hashing import file_sha256
+from rankserve.loaders.hf_dir import weight_files
 from rankserve.loaders.safe_pickle import (
     CheckpointImportError,
     Record,
@@ -416,26 +417,11 @@ def _declared_ranks(table: Any, key: str, source: str, geometry: _Geometry) -> d
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The weight files of an HF directory: safetensors first, then ``pytorch_model*.bin``; shards by index."""
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        if (directory / index).is_file():
-            try:
-                weight_map = json.loads((directory / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointImportError(f"{directory / index}: not a valid shard index ({e})") from None
-            files = [directory / name for name in sorted(set(weight_map.values()))]
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointImportError(f"{directory / index} lists shard {f.name}, which is missing")
-            return files
-        if (directory / single).is_file():
-            return [directory / single]
-    raise CheckpointImportError(
-        f"{directory}: no weights (looked for model.safetensors[.index.json] and pytorch_model.bin[.index.json])"
-    )
+    """The weight files of an HF directory (:func:`~rankserve.loaders.hf_dir.weight_files`), as paths."""
+    try:
+        return [Path(p) for p in weight_files(str(directory))]
+    except (OSError, ConfigError) as e:
+        raise CheckpointImportError(str(e)) from None
 
 
 def _load_weight_file(path: Path) -> dict[str, Tensor]:
