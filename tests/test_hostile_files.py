@@ -489,7 +489,9 @@ def test_valid_safetensors_still_load(tmp_path):
     assert t["a"].shape == (2, 3) and t["b"].numel() == 0 and t["c"].tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("index", ['{"weight_map": 3}', "[]", '{"weight_map": {"a": "../../etc/passwd"}}', "{"])
+@pytest.mark.parametrize(
+    "index", ['{"weight_map": 3}', "[]", '{"weight_map": {"a": "../../etc/passwd"}}', "{"]
+)
 def test_malformed_shard_index(tmp_path, index):
     d = _hf_dir(tmp_path, tiny_config())
     (d / "model.safetensors.index.json").write_text(index)

@@ -199,7 +199,7 @@ _SAFE_BUILTINS = {
     "slice": slice,
     "list": list,
     "dict": dict,
-    "tuple": tuple,
+    # no "tuple": pickles build tuples with opcodes, and scan_pickle's depth bound relies on that
     "int": int,
     "float": float,
     "str": str,
@@ -229,32 +229,53 @@ def _py3_name(module: str, name: str) -> tuple[str, str]:
 # ---- the stream scan ------------------------------------------------------------------------------------------
 
 
-class _Cell:
-    """What the scan knows of one stack value: nesting depth, hashing weight, and the text of a string."""
-
-    __slots__ = ("depth", "weight", "text")
-
-    def __init__(self, depth: int = 0, weight: int = 1, text: str | None = None):
-        self.depth, self.weight, self.text = depth, weight, text
-
-
+# Each stack value is summarised as (depth, weight, text): its container nesting, the elements a hash of it
+# visits (a tuple hashes all its elements, recursively) and, for strings, the text (STACK_GLOBAL names).
+# Summaries are immutable, so a list memoized before it was filled keeps its empty summary; that cannot hide
+# a deep tuple, because only tuples hash recursively and a tuple is only ever built from summarised stack
+# values (``builtins.tuple`` is not an allowed call).
+_LEAF = (0, 1, None)
 _MARK = pickletools.markobject
+(_K_MARK, _K_POP, _K_PUT, _K_MEMOIZE, _K_GET, _K_DUP, _K_SAME, _K_LEAF, _K_NONE, _K_BUILD) = range(10)
 # Opcodes that update the container below their arguments in place instead of pushing a new value.
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
-_SAME_VALUE = {"MEMOIZE", "READONLY_BUFFER"}
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE"}
 _STRING_OPS |= {"BINUNICODE8"}
 
 
-def _hashed(name: str, fixed: list[_Cell], sliced: list[_Cell]) -> list[_Cell]:
-    """The values an opcode hashes: dict keys and set members (a tuple is re-hashed element by element)."""
+def _opcode_kind(op: pickletools.OpcodeInfo) -> int:
+    name, before, after = op.name, op.stack_before, op.stack_after
+    if name == "MARK":
+        return _K_MARK
+    if name == "POP":
+        return _K_POP
+    if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+        return _K_PUT
+    if name == "MEMOIZE":
+        return _K_MEMOIZE
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        return _K_GET
+    if name == "DUP":
+        return _K_DUP
+    if name == "READONLY_BUFFER":
+        return _K_SAME
+    if not before:
+        return _K_LEAF if after else _K_NONE
+    return _K_BUILD
+
+
+_OPCODES = {op.code: (op.name, _opcode_kind(op), op) for op in pickletools.opcodes}
+
+
+def _hashed(name: str, fixed: list, sliced: list) -> list:
+    """The values an opcode hashes: dict keys and set members; an allowed call may hash its arguments too."""
     if name == "SETITEM":
         return fixed[1:2]
     if name in ("SETITEMS", "DICT"):
         return sliced[0::2]
     if name in ("ADDITEMS", "FROZENSET"):
         return sliced
-    if name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"):  # an allowed call may hash its arguments
+    if name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"):
         return fixed[1:] + sliced
     return []
 
@@ -262,91 +283,109 @@ def _hashed(name: str, fixed: list[_Cell], sliced: list[_Cell]) -> list[_Cell]:
 def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = None) -> None:
     """Walk one pickle's opcodes without building anything; raise :class:`UnsafePickleError` if it is a bomb.
 
-    The stack is simulated with a depth and a weight (elements reached when hashing) per value, so nesting beyond
-    :data:`MAX_DEPTH` and hashing or opcode work beyond :data:`MAX_WORK` are refused before any object exists.
-    ``allowed(module, name)`` (optional) vets every global the pickle names.
+    The stack is simulated with a summary per value, so nesting beyond :data:`MAX_DEPTH` and hashing or opcode
+    work beyond :data:`MAX_WORK` are refused before any object exists. ``allowed(module, name)`` (optional)
+    vets every global the pickle names.
     """
-    stack: list[_Cell] = []
+    stack: list[tuple] = []
     marks: list[int] = []
-    memo: dict[Any, _Cell] = {}
+    memo: dict[Any, tuple] = {}
     work = 0
     try:
         for op, arg, _pos in pickletools.genops(stream):
             work += 1
-            name = op.name
-            if name == "MARK":
-                marks.append(len(stack))
+            name, kind, _ = _OPCODES[op.code]
+            if kind == _K_LEAF:
+                if name in _STRING_OPS:
+                    stack.append((0, 1, arg))
+                elif isinstance(arg, int) and name.startswith("LONG"):  # re-hashed digit by digit
+                    stack.append((0, 1 + arg.bit_length() // 64, None))
+                else:
+                    stack.append(_LEAF)
+                    if allowed is not None and name == "GLOBAL":
+                        module, _, attr = arg.partition(" ")
+                        allowed(*_py3_name(module, attr))
                 continue
-            if name == "POP" and len(stack) <= (marks[-1] if marks else 0):
-                if not marks:
-                    raise ValueError("POP on an empty stack")
-                marks.pop()  # the pure-Python unpickler pops a mark when the stack above it is empty
-                continue
-            before = op.stack_before
-            sliced: list[_Cell] = []
-            if _MARK in before:
-                if not marks:
-                    raise ValueError(f"{name} without a MARK")
-                start = marks.pop()
-                sliced, stack[start:] = stack[start:], []
-                n_fixed = len(before) - 2
-            else:
-                n_fixed = len(before)
-            if n_fixed > len(stack) - (marks[-1] if marks else 0):
-                raise ValueError(f"{name} on a stack too short")
-            fixed = stack[len(stack) - n_fixed :] if n_fixed else []
-            del stack[len(stack) - n_fixed :]
-            for cell in _hashed(name, fixed, sliced):
-                work += cell.weight
-            if work > MAX_WORK:
-                raise _hostile(source, f"the pickle asks for more than {MAX_WORK:,} steps of work")
-            if name in ("GLOBAL", "STACK_GLOBAL", "INST") and allowed is not None:
-                module, _, attr = (
-                    arg.partition(" ") if name != "STACK_GLOBAL" else (fixed[0].text, "", fixed[1].text)
-                )
-                allowed(*_py3_name(module or "", attr or ""))
-            if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if not stack:
+            if kind == _K_PUT:
+                if len(stack) <= (marks[-1] if marks else 0):
                     raise ValueError("PUT on an empty stack")
                 memo[arg] = stack[-1]
                 continue
-            if name == "MEMOIZE":
-                memo[len(memo)] = fixed[0]
-            if name in ("GET", "BINGET", "LONG_BINGET"):
+            if kind == _K_GET:
                 if arg not in memo:
                     raise ValueError(f"memo key {arg} is missing")
                 stack.append(memo[arg])
                 continue
-            after = op.stack_after
-            if name == "DUP":
-                stack.extend((fixed[0], fixed[0]))
+            if kind == _K_MARK:
+                marks.append(len(stack))
                 continue
-            if name in _SAME_VALUE:
-                stack.append(fixed[0])
+            if kind == _K_NONE:
                 continue
-            if not after:
+            floor = marks[-1] if marks else 0
+            if kind == _K_POP:
+                if len(stack) > floor:
+                    stack.pop()
+                elif marks:
+                    marks.pop()  # the pure-Python unpickler pops a mark when the stack above it is empty
+                else:
+                    raise ValueError("POP on an empty stack")
                 continue
-            if name in _IN_PLACE:
-                target = fixed[0]
-            elif name in _STRING_OPS:
-                target = _Cell(text=arg)
-            elif isinstance(arg, int):  # a long int is re-hashed digit by digit
-                target = _Cell(weight=1 + arg.bit_length() // 64)
-            else:
-                target = _Cell()
-            children = (fixed[1:] if name in _IN_PLACE else fixed) + sliced
-            if children:
-                target.depth = max(target.depth, 1 + max(c.depth for c in children))
-                # saturated, so shared sub-tuples that double at every level cannot grow a huge int
-                target.weight = min(MAX_WORK + 1, target.weight + sum(c.weight for c in children))
-                if target.depth > MAX_DEPTH:
-                    raise _hostile(source, f"objects are nested more than {MAX_DEPTH} levels deep")
-            stack.append(target)
-            stack.extend(_Cell() for _ in after[1:])
+            if kind in (_K_MEMOIZE, _K_DUP, _K_SAME):
+                if len(stack) <= floor:
+                    raise ValueError(f"{name} on an empty stack")
+                if kind == _K_MEMOIZE:
+                    memo[len(memo)] = stack[-1]
+                elif kind == _K_DUP:
+                    stack.append(stack[-1])
+                continue
+            work = _build(name, _OPCODES[op.code][2], stack, marks, work, source, allowed)
     except CheckpointImportError:
         raise
     except (ValueError, EOFError, UnicodeDecodeError, struct.error) as e:
         raise CheckpointImportError(f"{source}: malformed pickle: {e}") from None
+
+
+def _build(name: str, op: Any, stack: list, marks: list, work: int, source: str, allowed: Any) -> int:
+    """One opcode that consumes stack values: check and push the summary of what it builds; the new work total."""
+    before = op.stack_before
+    sliced: list = []
+    if _MARK in before:
+        if not marks:
+            raise ValueError(f"{name} without a MARK")
+        start = marks.pop()
+        sliced = stack[start:]
+        del stack[start:]
+        n_fixed = len(before) - 2
+    else:
+        n_fixed = len(before)
+    if n_fixed > len(stack) - (marks[-1] if marks else 0):
+        raise ValueError(f"{name} on a stack too short")
+    fixed = stack[len(stack) - n_fixed :]
+    del stack[len(stack) - n_fixed :]
+    for summary in _hashed(name, fixed, sliced):
+        work += summary[1]
+    if work > MAX_WORK:
+        raise _hostile(source, f"the pickle asks for more than {MAX_WORK:,} steps of work")
+    if allowed is not None and name in ("STACK_GLOBAL", "INST"):
+        module, attr = (fixed[0][2], fixed[1][2]) if name == "STACK_GLOBAL" else (None, None)
+        if name == "INST":
+            raise UnsafePickleError(f"refusing to load {source}: it calls a class (INST)")
+        allowed(*_py3_name(str(module), str(attr)))
+    if not op.stack_after:
+        return work
+    in_place = name in _IN_PLACE
+    target = fixed[0] if in_place else _LEAF
+    children = (fixed[1:] if in_place else fixed) + sliced
+    depth, weight = target[0], target[1]
+    if children:
+        depth = max(depth, 1 + max(c[0] for c in children))
+        # saturated, so shared sub-tuples that double at every level cannot grow a huge int
+        weight = min(MAX_WORK + 1, weight + sum(c[1] for c in children))
+        if depth > MAX_DEPTH:
+            raise _hostile(source, f"objects are nested more than {MAX_DEPTH} levels deep")
+    stack.append((depth, weight, None))
+    stack.extend(_LEAF for _ in op.stack_after[1:])
+    return work
 
 
 # ---- archive entries --------------------------------------------------------------------------------------------
