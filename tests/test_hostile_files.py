@@ -161,6 +161,13 @@ def test_frozenset_of_huge_bytes_is_refused(tmp_path):
     cli_fails(tmp_path, ["import", "svd-llm", evil], "allowed calls create more than", subprocess_run=True)
 
 
+def test_tuple_builtin_is_not_callable(tmp_path):
+    # tuple(list) would build a tuple the scan cannot see into (a list memoized empty, filled later)
+    evil = write_torch_zip(tmp_path / "t.pt", global_call_pickle("builtins", "tuple", [1, 2]))
+    with pytest.raises(UnsafePickleError, match="refusing to call builtins.tuple"):
+        load_restricted(evil)
+
+
 def test_hashing_work_is_bounded(tmp_path):
     # A tuple key of 2**40 leaves (each level holds the one below twice), inserted once: the hash would never end.
     key = b"K\x00" + b"q\x000h\x00h\x00\x86" * 40
