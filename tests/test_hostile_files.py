@@ -478,11 +478,13 @@ def test_malformed_safetensors_header(tmp_path, command, case):
     cli_fails(tmp_path, [command, d], "model.safetensors", needle)
 
 
+@pytest.mark.parametrize("fmt", ["asvd", "auto"])
 @pytest.mark.parametrize("case", ["negative-shape", "string-offsets", "overlap"])
-def test_malformed_safetensors_header_import(tmp_path, case):
-    d = _hf_dir(tmp_path, dict(tiny_config(), truncation_ranks={}))
+def test_malformed_safetensors_header_import(tmp_path, case, fmt):
+    config = dict(tiny_config(), **({"truncation_ranks": {}} if fmt == "asvd" else {}))
+    d = _hf_dir(tmp_path, config)
     (d / "model.safetensors").write_bytes(_safetensors(BAD_HEADERS[case][0]))
-    cli_fails(tmp_path, ["import", "asvd", d], "model.safetensors")
+    cli_fails(tmp_path, ["import", fmt, d], "model.safetensors")
 
 
 def test_valid_safetensors_still_load(tmp_path):

@@ -452,10 +452,13 @@ def _weight_keys(files: list[Path]) -> list[str]:
     keys: list[str] = []
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                keys.extend(f.keys())
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys.extend(f.keys())
+            except SafetensorError as e:
+                raise CheckpointImportError(f"{path}: unreadable safetensors file: {e}") from None
         else:
             keys.extend(_load_weight_file(path))
     return keys

@@ -239,8 +239,15 @@ _MARK = pickletools.markobject
 (_K_MARK, _K_POP, _K_PUT, _K_MEMOIZE, _K_GET, _K_DUP, _K_SAME, _K_LEAF, _K_NONE, _K_BUILD) = range(10)
 # Opcodes that update the container below their arguments in place instead of pushing a new value.
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE"}
-_STRING_OPS |= {"BINUNICODE8"}
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
 
 
 def _opcode_kind(op: pickletools.OpcodeInfo) -> int:
@@ -294,7 +301,10 @@ def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = N
     try:
         for op, arg, _pos in pickletools.genops(stream):
             work += 1
-            name, kind, _ = _OPCODES[op.code]
+            name, kind, info = _OPCODES[op.code]
+            if allowed is not None and name in ("GLOBAL", "INST"):
+                module, _, attr = arg.partition(" ")
+                allowed(*_py3_name(module, attr))
             if kind == _K_LEAF:
                 if name in _STRING_OPS:
                     stack.append((0, 1, arg))
@@ -302,9 +312,6 @@ def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = N
                     stack.append((0, 1 + arg.bit_length() // 64, None))
                 else:
                     stack.append(_LEAF)
-                    if allowed is not None and name == "GLOBAL":
-                        module, _, attr = arg.partition(" ")
-                        allowed(*_py3_name(module, attr))
                 continue
             if kind == _K_PUT:
                 if len(stack) <= (marks[-1] if marks else 0):
@@ -338,7 +345,7 @@ def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = N
                 elif kind == _K_DUP:
                     stack.append(stack[-1])
                 continue
-            work = _build(name, _OPCODES[op.code][2], stack, marks, work, source, allowed)
+            work = _build(name, info, stack, marks, work, source, allowed)
     except CheckpointImportError:
         raise
     except (ValueError, EOFError, UnicodeDecodeError, struct.error) as e:
@@ -366,11 +373,8 @@ def _build(name: str, op: Any, stack: list, marks: list, work: int, source: str,
         work += summary[1]
     if work > MAX_WORK:
         raise _hostile(source, f"the pickle asks for more than {MAX_WORK:,} steps of work")
-    if allowed is not None and name in ("STACK_GLOBAL", "INST"):
-        module, attr = (fixed[0][2], fixed[1][2]) if name == "STACK_GLOBAL" else (None, None)
-        if name == "INST":
-            raise UnsafePickleError(f"refusing to load {source}: it calls a class (INST)")
-        allowed(*_py3_name(str(module), str(attr)))
+    if allowed is not None and name == "STACK_GLOBAL":
+        allowed(*_py3_name(str(fixed[0][2]), str(fixed[1][2])))
     if not op.stack_after:
         return work
     in_place = name in _IN_PLACE
