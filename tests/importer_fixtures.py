@@ -18,8 +18,10 @@ import io
 import json
 import math
 import pickle
+import struct
 import types
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +316,7 @@ _PickledTokenizer.__module__, _PickledTokenizer.__qualname__ = "tokenizers", "To
 _STANDINS["tokenizers.Tokenizer"] = _PickledTokenizer
 
 
-def _pickled_tokenizer(kind: str | None) -> Any:
+def _pickled_tokenizer(kind: str | None, sp_proto: bytes | None = None) -> Any:
     specials = {
         "bos_token": _added_token("<s>"),
         "eos_token": _added_token("</s>"),
@@ -325,7 +327,7 @@ def _pickled_tokenizer(kind: str | None) -> Any:
             "transformers.models.llama.tokenization_llama.LlamaTokenizer",
             init_kwargs=dict(specials, add_bos_token=True, add_eos_token=False, legacy=True),
             sp_model=None,
-            sp_model_proto=sentencepiece_proto(),
+            sp_model_proto=sp_proto if sp_proto is not None else sentencepiece_proto(),
             add_bos_token=True,
             add_eos_token=False,
             legacy=True,
@@ -350,10 +352,15 @@ def write_svd_llm(
     tokenizer: str | None = "slow",
     config_class: str = "transformers.models.llama.configuration_llama.LlamaConfig",
     rope_base: float = 10000.0,
+    tensor_attrs: dict | None = None,
+    sp_proto: bytes | None = None,
 ) -> Fixture:
     """``torch.save({'model': model, 'tokenizer': tokenizer})`` as SVD-LLM's whitening step writes it.
 
-    Factors fp32, embeddings/norms/lm_head fp16 (FORMATS.md §1, mixed dtype after step 1).
+    Factors fp32, embeddings/norms/lm_head fp16 (FORMATS.md §1, mixed dtype after step 1). ``tensor_attrs`` are
+    set as Python attributes on every parameter and buffer (as transformers sets ``_is_hf_initialized``), which
+    makes torch pickle them through ``_rebuild_from_type_v2`` / ``_rebuild_parameter_with_state``. ``sp_proto``
+    replaces the slow tokenizer's SentencePiece model.
     """
     config = dict(config or tiny_config())
     f = _Factory(seed)
@@ -440,15 +447,29 @@ def write_svd_llm(
         generation_config=new("transformers.generation.configuration_utils.GenerationConfig", max_length=20),
         seqlen=2048,
     )
+    if tensor_attrs:
+        _set_tensor_attrs(model, tensor_attrs)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"meta_llama_Llama_tiny_whitening_only_{keep}.pt"
     torch.save(
-        {"model": model, "tokenizer": _pickled_tokenizer(tokenizer)}, path, pickle_module=STANDIN_PICKLE
+        {"model": model, "tokenizer": _pickled_tokenizer(tokenizer, sp_proto)},
+        path,
+        pickle_module=STANDIN_PICKLE,
     )
     weights["lm_head"] = lm_head.float()
     dense = dict(base, **{"lm_head.weight": lm_head})
     config["torch_dtype"] = "float16"  # what the pickled config says
     return Fixture(path, "svd-llm", config, weights, ranks, dense=dense)
+
+
+def _set_tensor_attrs(module: StandIn, attrs: dict) -> None:
+    for slot in ("_parameters", "_buffers"):
+        for tensor in getattr(module, slot, {}).values():
+            if tensor is not None:
+                for key, value in attrs.items():
+                    setattr(tensor, key, value)
+    for child in getattr(module, "_modules", {}).values():
+        _set_tensor_attrs(child, attrs)
 
 
 def load_svd_llm_standins(path: Path) -> Any:
@@ -675,6 +696,50 @@ def write_torch_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes] | No
         z.writestr("archive/version", "3\n")
         for key, raw in (storages or {}).items():
             z.writestr(f"archive/data/{key}", raw)
+    return path
+
+
+def write_raw_zip(path: Path, entries: list[tuple[str, int, bytes, int]]) -> Path:
+    """A zip written byte by byte from (name, method, compressed data, declared size) entries.
+
+    For archives zipfile will not write: a data.pkl that inflates to gigabytes from a small file. The CRC of a
+    compressed entry is left 0; nothing reads that far.
+    """
+    out, central = bytearray(), bytearray()
+    for name, method, data, size in entries:
+        raw = name.encode()
+        crc = zlib.crc32(data) if method == zipfile.ZIP_STORED else 0
+        fields = struct.pack("<HHHHHIII", 20, 0, method, 0, 0, crc, len(data), size)
+        central += b"PK\x01\x02" + struct.pack("<H", 20) + fields
+        central += struct.pack("<HHHHHII", len(raw), 0, 0, 0, 0, 0, len(out)) + raw
+        out += b"PK\x03\x04" + fields + struct.pack("<HH", len(raw), 0) + raw + data
+    eocd = struct.pack("<HHHHIIH", 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    path.write_bytes(bytes(out + central) + b"PK\x05\x06" + eocd)
+    return path
+
+
+def deflated_zeros(size: int, chunk: int = 1 << 20) -> bytes:
+    """A raw deflate stream of ``size`` zero bytes, built from one flushed chunk repeated (a zip bomb's body)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    c.compress(bytes(chunk))
+    c.flush(zlib.Z_FULL_FLUSH)  # after a full flush the compressor is reset: each chunk compresses the same
+    block = c.compress(bytes(chunk)) + c.flush(zlib.Z_FULL_FLUSH)
+    return block * (size // chunk) + c.flush()
+
+
+def write_compressed_torch_zip(path: Path, data_pkl: bytes, compression: int, corrupt: bool = False) -> Path:
+    """A torch zip whose data.pkl is compressed (deflate or LZMA), optionally with its compressed bytes damaged."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", data_pkl, compress_type=compression)
+        z.writestr("archive/version", "3\n")
+    if corrupt:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("archive/data.pkl")
+        raw = bytearray(path.read_bytes())
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        for i in range(start + info.compress_size // 3, start + 2 * info.compress_size // 3):
+            raw[i] ^= 0x5A
+        path.write_bytes(bytes(raw))
     return path
 
 

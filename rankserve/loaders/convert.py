@@ -272,15 +272,15 @@ def _provenance(imp: ImportedModel, tokenizer_source: str) -> dict:
 
 def _require_directory_tokenizer(fmt: str, src: Path) -> None:
     """Fail before any weight is read when an HF-directory source has no tokenizer and none was given."""
-    from rankserve.loaders.importers import BASE_ARCHITECTURES, detect_format
+    from rankserve.loaders.importers import BASE_ARCHITECTURES, _read_config, detect_format
 
     family = detect_format(src) if fmt == "auto" else fmt
     if family == "svd-llm":
         return  # the tokenizer is inside the pickle, if anywhere
     directory = src if src.is_dir() else src.parent
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        model_type = _read_config(directory).get("model_type")
+    except (OSError, CheckpointImportError):
         return  # the reader names what is wrong with the config
     if model_type not in BASE_ARCHITECTURES:
         return  # "not supported" says more than "pass --tokenizer"

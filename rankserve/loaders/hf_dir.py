@@ -8,6 +8,7 @@ import os
 import torch
 
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.loaders.safe_pickle import load_state_dict
 from rankserve.loaders.st_mmap import load_mmap
 
 
@@ -16,10 +17,13 @@ def read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{directory} has no config.json: not a Hugging Face model directory")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
 
 
 def weight_files(directory: str) -> list[str]:
@@ -30,8 +34,13 @@ def weight_files(directory: str) -> list[str]:
     ):
         ipath = os.path.join(directory, index)
         if os.path.isfile(ipath):
-            with open(ipath) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(ipath, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                if not all(isinstance(s, str) and os.path.basename(s) == s for s in shards):
+                    raise ValueError("shard names must be file names in the directory")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise ConfigError(f"{ipath}: not a valid shard index ({type(e).__name__}: {e})") from None
             missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
             if missing:
                 raise FileNotFoundError(
@@ -50,7 +59,7 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             out.update(load_mmap(path))
         else:
-            out.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            out.update(load_state_dict(path))
     return out
 
 
@@ -60,5 +69,11 @@ def sanitize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_hf_dir(directory: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    cfg = ModelConfig.from_hf(read_config(directory))
+    try:
+        cfg = ModelConfig.from_hf(read_config(directory))
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(
+            message if directory in message else f"{directory}/config.json: {message}"
+        ) from None
     return cfg, sanitize(read_tensors(directory))

@@ -18,7 +18,6 @@ complete model or raises :class:`CheckpointImportError` naming the tensor, the e
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import zipfile
@@ -30,13 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rankserve.config import ConfigError, ModelConfig
 from rankserve.fsutil import owned_tempdir
 from rankserve.hashing import file_sha256
+from rankserve.loaders.hf_dir import weight_files
 from rankserve.loaders.safe_pickle import (
     CheckpointImportError,
     Record,
     UnsafePickleError,
     load_restricted,
+    load_state_dict,
     module_tensors,
 )
 
@@ -206,31 +208,22 @@ class _Geometry:
 
     @classmethod
     def from_config(cls, config: Mapping, source: str) -> _Geometry:
-        def need(key: str) -> int:
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointImportError(f"{source}: config {key} must be a positive int, found {value!r}")
-            return value
-
-        hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        if heads % kv_heads:
-            raise CheckpointImportError(
-                f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            )
+        try:  # the one place config values are validated
+            cfg = ModelConfig.from_hf(dict(config))
+        except ConfigError as e:
+            raise CheckpointImportError(f"{source}: {e}") from None
         return cls(
-            model_type=config["model_type"],
-            hidden=hidden,
-            intermediate=need("intermediate_size"),
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            layers=need("num_hidden_layers"),
-            vocab=need("vocab_size"),
-            tied=bool(config.get("tie_word_embeddings", False)),
+            model_type=cfg.model_type,
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            layers=cfg.num_hidden_layers,
+            vocab=cfg.vocab_size,
+            tied=cfg.tie_word_embeddings,
             attention_bias=bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            mlp_bias=cfg.mlp_bias,
         )
 
     def has_bias(self, module: str) -> bool:
@@ -382,7 +375,7 @@ def _read_config(directory: Path) -> dict:
         raise CheckpointImportError(f"{directory}: no config.json")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointImportError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointImportError(f"{path}: expected a JSON object")
@@ -424,26 +417,11 @@ def _declared_ranks(table: Any, key: str, source: str, geometry: _Geometry) -> d
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The weight files of an HF directory: safetensors first, then ``pytorch_model*.bin``; shards by index."""
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        if (directory / index).is_file():
-            try:
-                weight_map = json.loads((directory / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointImportError(f"{directory / index}: not a valid shard index ({e})") from None
-            files = [directory / name for name in sorted(set(weight_map.values()))]
-            for f in files:
-                if not f.is_file():
-                    raise CheckpointImportError(f"{directory / index} lists shard {f.name}, which is missing")
-            return files
-        if (directory / single).is_file():
-            return [directory / single]
-    raise CheckpointImportError(
-        f"{directory}: no weights (looked for model.safetensors[.index.json] and pytorch_model.bin[.index.json])"
-    )
+    """The weight files of an HF directory (:func:`~rankserve.loaders.hf_dir.weight_files`), as paths."""
+    try:
+        return [Path(p) for p in weight_files(str(directory))]
+    except (OSError, ConfigError) as e:
+        raise CheckpointImportError(str(e)) from None
 
 
 def _load_weight_file(path: Path) -> dict[str, Tensor]:
@@ -455,18 +433,8 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointImportError(f"{path}: unreadable safetensors file: {e}") from None
-    try:
-        # weights_only: a plain state dict needs nothing else, and anything else is refused.
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UnsafePickleError(f"refusing to load {path}: it holds more than tensors ({e})") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointImportError(f"{path}: unreadable torch file: {e}") from None
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise CheckpointImportError(f"{path}: expected a state dict of name -> tensor")
-    return dict(state)
+    # weights_only, after a bounded scan: a plain state dict needs nothing else, and anything else is refused.
+    return load_state_dict(path)
 
 
 def _load_weights(files: list[Path]) -> dict[str, Tensor]:
@@ -484,10 +452,13 @@ def _weight_keys(files: list[Path]) -> list[str]:
     keys: list[str] = []
     for path in files:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                keys.extend(f.keys())
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys.extend(f.keys())
+            except SafetensorError as e:
+                raise CheckpointImportError(f"{path}: unreadable safetensors file: {e}") from None
         else:
             keys.extend(_load_weight_file(path))
     return keys
@@ -1023,11 +994,20 @@ def _special_tokens(tok_rec: Record) -> dict[str, str]:
     return specials
 
 
+# The SentencePiece ModelProto is read by hand: sentencepiece is only an optional (test) dependency and its
+# generated protobuf module needs protobuf, which rankserve does not install. Three fields are read.
+_MAX_PROTO_BYTES = 16 << 20  # Llama's tokenizer.model is 0.5 MB, Gemma's 4 MB
+_MAX_PIECE_CHARS = 256  # SentencePiece learns pieces of at most 16 characters by default
+_MAX_VARINT_BYTES = 10  # a 64-bit varint; more is corrupt, and an endless one would grow a huge int
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(data):
             raise ValueError("truncated varint")
+        if shift >= 7 * _MAX_VARINT_BYTES:
+            raise ValueError("malformed protobuf varint (longer than 10 bytes)")
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -1059,12 +1039,19 @@ def _proto_fields(data: bytes) -> list[tuple[int, int, Any]]:
 
 def _sentencepiece_vocab(proto: bytes) -> tuple[dict[str, int], bool]:
     """(piece -> id, add_dummy_prefix) from a serialized SentencePiece ModelProto; BPE models only."""
+    if len(proto) > _MAX_PROTO_BYTES:
+        raise ValueError(f"sp_model_proto is {len(proto):,} bytes, more than {_MAX_PROTO_BYTES:,}")
     pieces: list[str] = []
     model_type, add_dummy_prefix = 1, True  # proto defaults: UNIGRAM, prefix on
     for number, wire, value in _proto_fields(proto):
         if number == 1 and wire == 2:  # repeated SentencePiece pieces
-            piece = next((v for n, w, v in _proto_fields(value) if n == 1 and w == 2), b"")
-            pieces.append(piece.decode("utf-8"))
+            piece = next((v for n, w, v in _proto_fields(value) if n == 1 and w == 2), b"").decode("utf-8")
+            if len(piece) > _MAX_PIECE_CHARS:
+                # Finding a piece's merges tries every split, so its cost grows with the square of its length.
+                raise ValueError(
+                    f"piece {len(pieces)} has {len(piece):,} characters, more than {_MAX_PIECE_CHARS}"
+                )
+            pieces.append(piece)
         elif number == 2 and wire == 2:  # TrainerSpec
             model_type = next((v for n, w, v in _proto_fields(value) if n == 3 and w == 0), model_type)
         elif number == 3 and wire == 2:  # NormalizerSpec

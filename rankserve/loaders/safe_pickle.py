@@ -8,7 +8,15 @@ module reads the same archive with a restricted unpickler:
 - plain containers (dict, list, tuple, set, OrderedDict, bytes) load as themselves;
 - every other class becomes an inert :class:`Record` holding its module, name, constructor args and state;
 - calling anything that is not on the allowlist (``REDUCE`` of ``os.system``, ``builtins.exec``, a model class,
-  ...) raises :class:`UnsafePickleError` before anything runs.
+  ...) raises :class:`UnsafePickleError` before anything runs;
+- the pickle stream is scanned before anything is built (:func:`scan_pickle`): nesting depth, opcode count and
+  hashing work are bounded, and allowed calls are charged for the elements they create, so a hostile file fails
+  with one line instead of a segfault (a tuple nested 200,000 deep crashes CPython's ``hash``), a MemoryError or
+  minutes of CPU;
+- archive entries are read with a size cap and tensor views must not overlap or expand their storage.
+
+:func:`load_state_dict` applies the same scan and view checks to ``pytorch_model*.bin`` files before handing them
+to ``torch.load(weights_only=True)``.
 
 :func:`module_tensors` then walks a tree of ``nn.Module`` records and returns their parameters and buffers by
 dotted name, the same names ``state_dict()`` would give.
@@ -19,9 +27,12 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
-import math
+import lzma
 import pickle
+import pickletools
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +43,20 @@ __all__ = [
     "CheckpointImportError",
     "Record",
     "UnsafePickleError",
+    "check_views",
     "load_restricted",
+    "load_state_dict",
     "module_tensors",
+    "scan_pickle",
 ]
+
+# Bounds on what one file may make the loader do. An honest ``data.pkl`` holds only metadata (the module tree,
+# the config, the tokenizer state): a few MB, nested a few dozen levels, with small tuples as dict keys.
+MAX_PICKLE_BYTES = 64 << 20  # data.pkl, inflated
+MAX_DEPTH = 256  # container nesting; CPython's tuple hash recurses in C, with no recursion check
+MAX_WORK = 1 << 26  # opcodes + elements hashed by the stream, and elements created by allowed calls
+MAX_NDIM = 64  # tensor dimensions
+MAX_VIEW_EXPANSION = 4  # elements of all views of one storage, per element the storage holds
 
 
 class CheckpointImportError(ValueError):
@@ -177,7 +199,7 @@ _SAFE_BUILTINS = {
     "slice": slice,
     "list": list,
     "dict": dict,
-    "tuple": tuple,
+    # no "tuple": pickles build tuples with opcodes, and scan_pickle's depth bound relies on that
     "int": int,
     "float": float,
     "str": str,
@@ -192,6 +214,307 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _hostile(source: str, what: str) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"{source}: {what}; a model checkpoint never does this (the file is hostile or corrupt)"
+    )
+
+
+def _py3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol 2 writes Python 2 names (``__builtin__ set``); the Python 3 name they stand for."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+# ---- the stream scan ------------------------------------------------------------------------------------------
+
+
+# Each stack value is summarised as (depth, weight, text): its container nesting, the elements a hash of it
+# visits (a tuple hashes all its elements, recursively) and, for strings, the text (STACK_GLOBAL names).
+# Summaries are immutable, so a list memoized before it was filled keeps its empty summary; that cannot hide
+# a deep tuple, because only tuples hash recursively and a tuple is only ever built from summarised stack
+# values (``builtins.tuple`` is not an allowed call).
+_LEAF = (0, 1, None)
+_MARK = pickletools.markobject
+(_K_MARK, _K_POP, _K_PUT, _K_MEMOIZE, _K_GET, _K_DUP, _K_SAME, _K_LEAF, _K_NONE, _K_BUILD) = range(10)
+# Opcodes that update the container below their arguments in place instead of pushing a new value.
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+
+
+def _opcode_kind(op: pickletools.OpcodeInfo) -> int:
+    name, before, after = op.name, op.stack_before, op.stack_after
+    if name == "MARK":
+        return _K_MARK
+    if name == "POP":
+        return _K_POP
+    if name in ("PUT", "BINPUT", "LONG_BINPUT"):
+        return _K_PUT
+    if name == "MEMOIZE":
+        return _K_MEMOIZE
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+        return _K_GET
+    if name == "DUP":
+        return _K_DUP
+    if name == "READONLY_BUFFER":
+        return _K_SAME
+    if not before:
+        return _K_LEAF if after else _K_NONE
+    return _K_BUILD
+
+
+_OPCODES = {op.code: (op.name, _opcode_kind(op), op) for op in pickletools.opcodes}
+
+
+def _hashed(name: str, fixed: list, sliced: list) -> list:
+    """The values an opcode hashes: dict keys and set members; an allowed call may hash its arguments too."""
+    if name == "SETITEM":
+        return fixed[1:2]
+    if name in ("SETITEMS", "DICT"):
+        return sliced[0::2]
+    if name in ("ADDITEMS", "FROZENSET"):
+        return sliced
+    if name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"):
+        return fixed[1:] + sliced
+    return []
+
+
+def scan_pickle(stream: bytes | io.BufferedIOBase, source: str, allowed: Any = None) -> None:
+    """Walk one pickle's opcodes without building anything; raise :class:`UnsafePickleError` if it is a bomb.
+
+    The stack is simulated with a summary per value, so nesting beyond :data:`MAX_DEPTH` and hashing or opcode
+    work beyond :data:`MAX_WORK` are refused before any object exists. ``allowed(module, name)`` (optional)
+    vets every global the pickle names.
+    """
+    stack: list[tuple] = []
+    marks: list[int] = []
+    memo: dict[Any, tuple] = {}
+    work = 0
+    try:
+        for op, arg, _pos in pickletools.genops(stream):
+            work += 1
+            name, kind, info = _OPCODES[op.code]
+            if allowed is not None and name in ("GLOBAL", "INST"):
+                module, _, attr = arg.partition(" ")
+                allowed(*_py3_name(module, attr))
+            if kind == _K_LEAF:
+                if name in _STRING_OPS:
+                    stack.append((0, 1, arg))
+                elif isinstance(arg, int) and name.startswith("LONG"):  # re-hashed digit by digit
+                    stack.append((0, 1 + arg.bit_length() // 64, None))
+                else:
+                    stack.append(_LEAF)
+                continue
+            if kind == _K_PUT:
+                if len(stack) <= (marks[-1] if marks else 0):
+                    raise ValueError("PUT on an empty stack")
+                memo[arg] = stack[-1]
+                continue
+            if kind == _K_GET:
+                if arg not in memo:
+                    raise ValueError(f"memo key {arg} is missing")
+                stack.append(memo[arg])
+                continue
+            if kind == _K_MARK:
+                marks.append(len(stack))
+                continue
+            if kind == _K_NONE:
+                continue
+            floor = marks[-1] if marks else 0
+            if kind == _K_POP:
+                if len(stack) > floor:
+                    stack.pop()
+                elif marks:
+                    marks.pop()  # the pure-Python unpickler pops a mark when the stack above it is empty
+                else:
+                    raise ValueError("POP on an empty stack")
+                continue
+            if kind in (_K_MEMOIZE, _K_DUP, _K_SAME):
+                if len(stack) <= floor:
+                    raise ValueError(f"{name} on an empty stack")
+                if kind == _K_MEMOIZE:
+                    memo[len(memo)] = stack[-1]
+                elif kind == _K_DUP:
+                    stack.append(stack[-1])
+                continue
+            work = _build(name, info, stack, marks, work, source, allowed)
+    except CheckpointImportError:
+        raise
+    except (ValueError, EOFError, UnicodeDecodeError, struct.error) as e:
+        raise CheckpointImportError(f"{source}: malformed pickle: {e}") from None
+
+
+def _build(name: str, op: Any, stack: list, marks: list, work: int, source: str, allowed: Any) -> int:
+    """One opcode that consumes stack values: check and push the summary of what it builds; the new work total."""
+    before = op.stack_before
+    sliced: list = []
+    if _MARK in before:
+        if not marks:
+            raise ValueError(f"{name} without a MARK")
+        start = marks.pop()
+        sliced = stack[start:]
+        del stack[start:]
+        n_fixed = len(before) - 2
+    else:
+        n_fixed = len(before)
+    if n_fixed > len(stack) - (marks[-1] if marks else 0):
+        raise ValueError(f"{name} on a stack too short")
+    fixed = stack[len(stack) - n_fixed :]
+    del stack[len(stack) - n_fixed :]
+    for summary in _hashed(name, fixed, sliced):
+        work += summary[1]
+    if work > MAX_WORK:
+        raise _hostile(source, f"the pickle asks for more than {MAX_WORK:,} steps of work")
+    if allowed is not None and name == "STACK_GLOBAL":
+        allowed(*_py3_name(str(fixed[0][2]), str(fixed[1][2])))
+    if not op.stack_after:
+        return work
+    in_place = name in _IN_PLACE
+    target = fixed[0] if in_place else _LEAF
+    children = (fixed[1:] if in_place else fixed) + sliced
+    depth, weight = target[0], target[1]
+    if children:
+        depth = max(depth, 1 + max(c[0] for c in children))
+        # saturated, so shared sub-tuples that double at every level cannot grow a huge int
+        weight = min(MAX_WORK + 1, weight + sum(c[1] for c in children))
+        if depth > MAX_DEPTH:
+            raise _hostile(source, f"objects are nested more than {MAX_DEPTH} levels deep")
+    stack.append((depth, weight, None))
+    stack.extend(_LEAF for _ in op.stack_after[1:])
+    return work
+
+
+# ---- archive entries --------------------------------------------------------------------------------------------
+
+# What a damaged compressed entry raises (zipfile checks CRCs itself and raises BadZipFile).
+_CORRUPT_ENTRY = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError)
+
+
+def read_entry(archive: zipfile.ZipFile, name: str, limit: int, source: str) -> bytes:
+    """One archive entry, never inflating more than ``limit`` bytes; damage is a :class:`CheckpointImportError`."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise CheckpointImportError(f"{source}: archive entry {name} is missing") from None
+    if info.file_size > limit:
+        raise CheckpointImportError(
+            f"{source}: archive entry {name} inflates to {info.file_size:,} bytes, more than the "
+            f"{limit:,} allowed (a zip bomb or not a model checkpoint)"
+        )
+    try:
+        with archive.open(info) as f:
+            return f.read(limit + 1)  # zipfile stops at the declared size; the cap is belt and braces
+    except _CORRUPT_ENTRY as e:
+        raise CheckpointImportError(
+            f"{source}: archive entry {name} is corrupt: {type(e).__name__}: {e}"
+        ) from None
+    except RuntimeError as e:  # encrypted entries
+        raise CheckpointImportError(f"{source}: cannot read archive entry {name}: {e}") from None
+
+
+def _storage_bytes(archive: zipfile.ZipFile, entry: str, expected: int, source: str) -> bytes:
+    """A tensor storage entry: stored uncompressed, as ``torch.save`` writes it, and exactly ``expected`` bytes."""
+    try:
+        info = archive.getinfo(entry)
+    except KeyError:
+        raise CheckpointImportError(f"{source}: archive entry {entry} is missing") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        # Uncompressed, the archive cannot hold more tensor bytes than the file has: no zip bomb.
+        raise CheckpointImportError(
+            f"{source}: storage {entry} is compressed, but torch.save stores tensor data uncompressed "
+            "(re-save the checkpoint with torch.save)"
+        )
+    if info.file_size != expected:
+        raise CheckpointImportError(
+            f"{source}: storage {entry} holds {info.file_size} bytes, expected {expected}"
+        )
+    return read_entry(archive, entry, expected, source)
+
+
+def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
+    pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pkls) != 1:
+        raise CheckpointImportError(f"{source}: not a torch.save archive (expected one <stem>/data.pkl)")
+    prefix = pkls[0][: -len("data.pkl")]
+    byteorder = f"{prefix}byteorder"
+    if byteorder in archive.namelist() and read_entry(archive, byteorder, 64, source).strip() != b"little":
+        raise CheckpointImportError(f"{source}: big-endian torch archives are not supported")
+    return prefix
+
+
+# ---- tensor views -----------------------------------------------------------------------------------------------
+
+
+def check_view(
+    size: tuple[int, ...], stride: tuple[int, ...], offset: int, storage_numel: int, what: str
+) -> int:
+    """The view's element count, after checking it stays inside its storage and never aliases an element.
+
+    Overlapping views (stride 0, or strides that revisit elements) are refused: they let a few bytes of storage
+    stand for a tensor of any size, which a checkpoint writer then materialises.
+    """
+    if len(size) != len(stride) or len(size) > MAX_NDIM:
+        raise UnsafePickleError(f"{what}: malformed tensor view, size {list(size)} stride {list(stride)}")
+    numel = 1
+    for n in size:
+        numel *= n
+    if numel == 0:
+        return 0
+    # Sorted by stride, each dimension must step past everything the smaller ones reach: no element twice.
+    reach = 0
+    for n, s in sorted(((n, s) for n, s in zip(size, stride, strict=True) if n > 1), key=lambda d: d[1]):
+        if s <= reach:
+            raise UnsafePickleError(
+                f"{what}: tensor view size {list(size)} stride {list(stride)} overlaps itself (a stride-0 or "
+                "overlapping view); a checkpoint stores each element once"
+            )
+        reach += (n - 1) * s
+    if offset + reach >= storage_numel:
+        raise UnsafePickleError(
+            f"{what}: tensor view size {list(size)} stride {list(stride)} offset {offset} reads past the end "
+            f"of its storage ({storage_numel} elements)"
+        )
+    return numel
+
+
+class _ViewBudget:
+    """Elements viewed per storage: all views of one storage together may not expand it more than 4x."""
+
+    def __init__(self) -> None:
+        self.viewed: dict[Any, int] = {}
+
+    def add(self, key: Any, numel: int, storage_numel: int, what: str) -> None:
+        total = self.viewed.get(key, 0) + numel
+        if total > MAX_VIEW_EXPANSION * storage_numel:
+            raise UnsafePickleError(
+                f"{what}: the tensors viewing one storage of {storage_numel:,} elements add up to {total:,} "
+                f"elements, more than {MAX_VIEW_EXPANSION}x the storage"
+            )
+        self.viewed[key] = total
+
+
+def check_views(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Apply :func:`check_view` and the per-storage expansion bound to tensors loaded by ``torch.load``."""
+    budget = _ViewBudget()
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        storage_numel = storage.nbytes() // t.element_size()
+        numel = check_view(tuple(t.shape), t.stride(), t.storage_offset(), storage_numel, f"{source}: {name}")
+        if numel:
+            budget.add(storage.data_ptr(), numel, storage_numel, f"{source}: {name}")
+
+
+# ---- allowed calls ----------------------------------------------------------------------------------------------
+
+
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     # Protocol 2 pickles ``bytes`` as ``_codecs.encode(str, "latin1")``; nothing else is accepted.
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -200,7 +523,11 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in value):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > MAX_NDIM
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62 for v in value)
+    ):
         raise UnsafePickleError(f"malformed tensor {what}: {value!r}")
     return tuple(value)
 
@@ -208,7 +535,7 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
 def _rebuild_tensor_v2(
     storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
 ) -> torch.Tensor:
-    """Our own ``torch._utils._rebuild_tensor_v2``: a view of an archive storage, bounds-checked.
+    """Our own ``torch._utils._rebuild_tensor_v2``: a view of an archive storage, bounds- and overlap-checked.
 
     ``requires_grad``, hooks and metadata are dropped: an imported tensor is plain data.
     """
@@ -216,18 +543,10 @@ def _rebuild_tensor_v2(
         raise UnsafePickleError(f"tensor rebuilt from {type(storage).__name__}, not an archive storage")
     size = _as_int_tuple(size, "size")
     stride = _as_int_tuple(stride, "stride")
-    if not isinstance(storage_offset, int) or storage_offset < 0 or len(size) != len(stride):
-        raise UnsafePickleError(
-            f"malformed tensor view: offset {storage_offset!r}, size {size}, stride {stride}"
-        )
-    # ``Tensor.set_`` does not check bounds, so a hostile view could read past the buffer.
-    if math.prod(size) > 0:
-        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-        if last >= storage.numel():
-            raise UnsafePickleError(
-                f"tensor view size {list(size)} stride {list(stride)} offset {storage_offset} reads past the end "
-                f"of storage data/{storage.key} ({storage.numel()} elements)"
-            )
+    if not isinstance(storage_offset, int) or isinstance(storage_offset, bool) or storage_offset < 0:
+        raise UnsafePickleError(f"malformed tensor view: offset {storage_offset!r}")
+    # ``Tensor.set_`` does not check overlap, so a stride-0 view could stand for a tensor of any size.
+    check_view(size, stride, storage_offset, storage.numel(), f"storage data/{storage.key}")
     return torch.empty(0, dtype=storage.dtype).set_(storage.untyped, storage_offset, size, stride)
 
 
@@ -235,10 +554,43 @@ def _rebuild_tensor(storage, storage_offset, size, stride) -> torch.Tensor:
     return _rebuild_tensor_v2(storage, storage_offset, size, stride)
 
 
+def _plain_state(state: Any, what: str) -> None:
+    """A tensor's pickled Python attributes (e.g. transformers' ``_is_hf_initialized``) must be plain scalars."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in state.items()
+    ):
+        raise UnsafePickleError(
+            f"refusing {what}: the tensor's pickled attributes must be a dict of names to plain scalars, "
+            f"found {type(state).__name__}"
+        )
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> torch.Tensor:
     if not isinstance(data, torch.Tensor):
         raise UnsafePickleError(f"parameter rebuilt from {type(data).__name__}, not a tensor")
+    _plain_state(state, "torch._utils._rebuild_parameter_with_state")
     return data
+
+
+# ``torch._tensor._rebuild_from_type_v2(func, new_type, args, state)`` rebuilds a tensor that carries Python
+# attributes: ``func(*args)``, cast to ``new_type``, then ``state`` set as attributes. Accepted only for these.
+_INNER_REBUILDS = (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter)
+_PLAIN_TENSOR_TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
+
+
+def _rebuild_from_type_v2(func, new_type, args, state) -> torch.Tensor:
+    """The tensor ``func(*args)``; its attributes are dropped (they are flags, never weights)."""
+    what = "torch._tensor._rebuild_from_type_v2"
+    if not any(func is f for f in _INNER_REBUILDS):
+        raise UnsafePickleError(f"refusing {what} around {func!r}: only tensor-rebuild functions are allowed")
+    if not isinstance(new_type, _Global) or (new_type.module, new_type.name) not in _PLAIN_TENSOR_TYPES:
+        raise UnsafePickleError(f"refusing {what} to type {new_type!r}: only torch.Tensor and Parameter")
+    if not isinstance(args, tuple):
+        raise UnsafePickleError(f"refusing {what}: malformed arguments")
+    _plain_state(state, what)
+    return func(*args)
 
 
 def _torch_size(dims) -> torch.Size:
@@ -257,6 +609,7 @@ _ALLOWED_CALLABLES = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -264,6 +617,15 @@ _ALLOWED_CALLABLES = {
     **{("builtins", name): obj for name, obj in _SAFE_BUILTINS.items()},
 }
 _CALLABLE_IDS = {id(fn) for fn in _ALLOWED_CALLABLES.values()}
+
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+def _views_storage(func: Any, args: tuple) -> bool:
+    """Whether this allowed call makes a new view of an archive storage (counted against the view budget)."""
+    if func is _rebuild_from_type_v2 and args:
+        func = args[0]
+    return func is _rebuild_tensor_v2 or func is _rebuild_tensor
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -281,14 +643,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._prefix = prefix
         self._source = source
         self._storages: dict[str, _Storage] = {}
+        self._work = 0  # elements created or consumed by allowed calls
+        self._views = _ViewBudget()
 
     def _refuse(self, what: str, why: str) -> UnsafePickleError:
         return UnsafePickleError(f"refusing to call {what} from {self._source}: {why}")
 
     def find_class(self, module: str, name: str) -> Any:
-        if self.proto < 3:  # protocol 2 writes Python 2 names (``__builtin__ set``)
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if self.proto < 3:
+            module, name = _py3_name(module, name)
         if (module, name) in _ALLOWED_CALLABLES:
             return _ALLOWED_CALLABLES[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -311,20 +674,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
             not isinstance(storage_type, _StorageType)
             or not isinstance(key, str)
             or not isinstance(numel, int)
+            or numel < 0
         ):
             raise UnsafePickleError(f"malformed storage id {pid!r} in {self._source}")
         if key not in self._storages:
             entry = f"{self._prefix}data/{key}"
-            try:
-                raw = self._archive.read(entry)
-            except KeyError:
-                raise CheckpointImportError(f"{self._source}: archive entry {entry} is missing") from None
-            expected = numel * _itemsize(storage_type.dtype)
-            if len(raw) != expected:
-                raise CheckpointImportError(
-                    f"{self._source}: storage {entry} holds {len(raw)} bytes, expected {expected} "
-                    f"({numel} x {storage_type.dtype})"
-                )
+            raw = _storage_bytes(self._archive, entry, numel * _itemsize(storage_type.dtype), self._source)
             untyped = (
                 torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
             )
@@ -336,15 +691,33 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     # ---- opcodes that call something ----
 
+    def _charge(self, n: int) -> None:
+        self._work += n
+        if self._work > MAX_WORK:
+            raise _hostile(self._source, f"allowed calls create more than {MAX_WORK:,} elements")
+
     def _call(self, func: Any, args: tuple) -> Any:
-        if id(func) in _CALLABLE_IDS:
-            return func(*args)
-        if isinstance(func, _Global):
-            raise self._refuse(
-                f"{func.module}.{func.name}",
-                "only tensor-rebuild functions and plain containers may be called",
-            )
-        raise self._refuse(repr(func), "only tensor-rebuild functions and plain containers may be called")
+        if id(func) not in _CALLABLE_IDS:
+            what = f"{func.module}.{func.name}" if isinstance(func, _Global) else repr(func)
+            raise self._refuse(what, "only tensor-rebuild functions and plain containers may be called")
+        # Charged before the call, so ``bytes(10**12)`` or ``frozenset(bytes(3 * 10**8))`` never starts.
+        cost = 1
+        for arg in args:
+            if isinstance(arg, int) and func in (bytes, bytearray):
+                cost += max(arg, 0)
+            elif isinstance(arg, _SIZED):
+                cost += len(arg)
+            elif func is str and not isinstance(arg, (int, float)):  # str(x) of a container is its repr
+                raise self._refuse(f"builtins.str on {type(arg).__name__}", "only text and numbers")
+        self._charge(cost)
+        result = func(*args)
+        if isinstance(result, _SIZED):
+            self._charge(len(result))
+        if _views_storage(func, args):
+            storage = result.untyped_storage()
+            n = storage.nbytes() // result.element_size()
+            self._views.add(storage.data_ptr(), result.numel(), n, f"{self._source}: a tensor view")
+        return result
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
@@ -391,24 +764,20 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
-    pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pkls) != 1:
-        raise CheckpointImportError(f"{source}: not a torch.save archive (expected one <stem>/data.pkl)")
-    prefix = pkls[0][: -len("data.pkl")]
-    byteorder = f"{prefix}byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-        raise CheckpointImportError(f"{source}: big-endian torch archives are not supported")
-    return prefix
+def _open_zip(source: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointImportError(f"{source}: damaged zip archive: {e}") from None
 
 
 def load_restricted(path: str | Path) -> Any:
     """Unpickle a ``torch.save`` zip archive without importing or calling anything outside the allowlist.
 
     Returns the pickled object with tensors rebuilt on the CPU, containers as themselves and every other object
-    as a :class:`Record`. Raises :class:`UnsafePickleError` if the pickle tries to call anything else, and
-    :class:`CheckpointImportError` if the file is not a torch zip archive (legacy or raw pickles are not read
-    at all).
+    as a :class:`Record`. Raises :class:`UnsafePickleError` if the pickle tries to call anything else or exceeds
+    the bounds (depth, work, sizes, overlapping views), and :class:`CheckpointImportError` if the file is not a
+    torch zip archive (legacy or raw pickles are not read at all) or is damaged.
     """
     source = str(path)
     if not zipfile.is_zipfile(source):
@@ -416,9 +785,10 @@ def load_restricted(path: str | Path) -> Any:
             f"{source}: not a torch zip archive (legacy torch.save or raw pickle files are not read); "
             "re-save it with a current torch from a trusted environment"
         )
-    with zipfile.ZipFile(source) as archive:
+    with _open_zip(source) as archive:
         prefix = _archive_prefix(archive, source)
-        data = archive.read(f"{prefix}data.pkl")
+        data = read_entry(archive, f"{prefix}data.pkl", MAX_PICKLE_BYTES, source)
+        scan_pickle(data, source)
         unpickler = _RestrictedUnpickler(data, archive, prefix, source)
         try:
             return unpickler.load()
@@ -435,8 +805,76 @@ def load_restricted(path: str | Path) -> Any:
             RuntimeError,
             OverflowError,
             RecursionError,
+            MemoryError,
         ) as e:
             raise CheckpointImportError(f"{source}: malformed pickle: {type(e).__name__}: {e}") from None
+
+
+# ---- pytorch_model.bin through torch.load(weights_only=True) ------------------------------------------------------
+
+# Every global a state dict written by ``torch.save(model.state_dict())`` names.
+_STATE_DICT_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("_codecs", "encode"),
+}
+
+# A legacy (pre-zip) torch.save file is five pickles in a row: magic number, protocol, system info, the object,
+# the storage keys; the raw storage bytes follow.
+_LEGACY_PICKLES = 5
+
+
+def load_state_dict(path: str | Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model*.bin`` state dict: scanned and bounded first, then ``torch.load(weights_only=True)``.
+
+    ``torch.load``'s own unpickler refuses code but not bombs (a deeply nested tuple key crashes it), so the
+    stream goes through :func:`scan_pickle` with only state-dict globals allowed, storages must be stored
+    uncompressed, and the loaded tensors must pass :func:`check_views`.
+    """
+    source = str(path)
+
+    def allowed(module: str, name: str) -> None:
+        if (module, name) in _STATE_DICT_GLOBALS or (
+            module == "torch" and (name in _STORAGE_DTYPES or name in _DTYPE_NAMES)
+        ):
+            return
+        raise UnsafePickleError(
+            f"refusing to load {source}: it holds more than tensors (it references {module}.{name})"
+        )
+
+    is_zip = zipfile.is_zipfile(source)
+    if is_zip:
+        with _open_zip(source) as archive:
+            prefix = _archive_prefix(archive, source)
+            scan_pickle(read_entry(archive, f"{prefix}data.pkl", MAX_PICKLE_BYTES, source), source, allowed)
+            for info in archive.infolist():
+                if info.filename.startswith(f"{prefix}data/"):
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        _storage_bytes(archive, info.filename, info.file_size, source)  # raises: compressed
+    else:
+        with open(source, "rb") as f:
+            for _ in range(_LEGACY_PICKLES):
+                scan_pickle(f, source, allowed)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as e:
+        raise UnsafePickleError(f"refusing to load {source}: it holds more than tensors ({e})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, TypeError, *_CORRUPT_ENTRY) as e:
+        raise CheckpointImportError(f"{source}: unreadable torch file: {type(e).__name__}: {e}") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointImportError(f"{source}: expected a state dict of name -> tensor")
+    check_views(state, source)
+    return dict(state)
 
 
 def _iter_module(record: Record, prefix: str, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
+import warnings
 
 import torch
 
@@ -41,43 +43,72 @@ def read_header(path: str) -> tuple[dict, int]:
             )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
     return header, 8 + n
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entries(path: str, header: dict, data_size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """(name, dtype, shape, start, end) of every tensor, after checking every header value's type and range.
+
+    The rules are the safetensors format's own: known dtype, a list of non-negative int dims, two int offsets
+    inside the data section whose span is exactly the tensor's bytes, and no two tensors sharing bytes.
+    """
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{where}: header entry must be an object, found {info!r}")
+        dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        if dtype is None:
+            raise SafetensorsError(f"{where} has unsupported dtype {info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or len(shape) > 64 or not all(_is_count(s) for s in shape):
+            raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise SafetensorsError(
+                f"{where}: data_offsets must be two non-negative integers, found {offsets!r}"
+            )
+        start, end = offsets
+        if start > end or end > data_size:
+            raise SafetensorsError(
+                f"{where}: data_offsets {offsets} fall outside the data section ({data_size} bytes): "
+                "truncated or corrupt"
+            )
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes:
+            raise SafetensorsError(f"{where} has {end - start} bytes for shape {shape} ({nbytes} needed)")
+        entries.append((name, dtype, shape, start, end))
+    previous_end, previous = 0, None
+    for name, _, _, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if start < previous_end:
+            raise SafetensorsError(f"{path}: tensors {previous} and {name} overlap in the data section")
+        if end > start:
+            previous_end, previous = end, name
+    return entries
 
 
 def load_mmap(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file as read-only views of one memory map (nothing is copied)."""
     header, base = read_header(path)
     size = os.path.getsize(path)
+    entries = _entries(path, header, size - base)
     out = {}
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = info["shape"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if end - start != nbytes:
-            raise SafetensorsError(
-                f"{path}: tensor {name} has {end - start} bytes for shape {shape} ({nbytes} needed)"
-            )
-        if base + end > size:
-            raise SafetensorsError(
-                f"{path}: tensor {name} ends at byte {base + end} past the file end {size}: truncated"
-            )
+    for name, dtype, shape, start, _end in entries:
+        numel = math.prod(shape)
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        import warnings
-
         with warnings.catch_warnings():  # the map is read-only; we never write through these views
             warnings.simplefilter("ignore", UserWarning)
             t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + start)
