@@ -8,14 +8,18 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from test_cli import rankserve
 from test_generation import CharHF
+from test_loaders import write_hf_dir
 from tiny import tiny_model
+from tiny_tok import tiny_tokenizer
 
 from rankserve.bench import BenchSpec
 from rankserve.layers import LowRankLinear, replace_module
 from rankserve.linalg import truncated_svd
 from rankserve.runtime.fast import FastRunner
 from rankserve.runtime.generate import EagerRunner, complete, runner_cache, stream_generate
+from rankserve.runtime.native import best_isa, compiler
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import SamplingParams
 from rankserve.tokenizer import Tokenizer
@@ -111,3 +115,24 @@ def test_fast_serving_peak_rss_is_one_copy_of_the_weights():
     grown = m["rss_peak_mb"] - m["rss_base_mb"]
     assert grown <= 1.15 * m["weight_mb"] + m["kv_mb"], m
     assert grown >= 0.9 * m["weight_mb"], m  # the weights were really resident (the measurement works)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_hf_dir(path, max_position_embeddings=64)
+    tiny_tokenizer().save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["eager", "fast"])
+def test_generate_json_says_which_kernels_ran(model_dir, backend):
+    r = rankserve(
+        "generate", model_dir, "--prompt", "hello", "--max-tokens", "4", "--backend", backend, "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    if backend == "eager":
+        assert out["native_kernels"] is False and out["native_isa"] is None
+    elif compiler() is not None:  # with a compiler the native kernels must have built and run
+        assert out["native_kernels"] is True and out["native_isa"].split("+")[0] == best_isa()

@@ -38,7 +38,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) ->
 
 def run(args) -> int:
     from rankserve.loaders.source import load_model
-    from rankserve.runtime.generate import stream_generate
+    from rankserve.runtime.generate import runner_cache, stream_generate
     from rankserve.runtime.options import RuntimeOptions
     from rankserve.runtime.sampling import SamplingParams
 
@@ -81,6 +81,8 @@ def run(args) -> int:
                     "model": args.model,
                     "dtype": args.dtype,
                     "backend": args.backend,
+                    # which kernels ran: {"native_kernels": bool, "native_isa": "avx2" | ... | None}
+                    **runner_cache(lm.model).last.report(),
                 }
             )
         )
