@@ -7,9 +7,9 @@ better estimate of the uncontended speed.
 
 Columns (GB/s of weights read; higher is better):
 - ``F.linear``: ``torch.nn.functional.linear(x, W)``;
-- ``gemv``: ``torch.ops.rankserve.gemv(x, W)``;
+- ``gemv``: ``torch.ops.rankserve_<isa>.gemv(x, W)``;
 - ``lr torch``: ``F.linear(F.linear(x, V), U)``, the factorized layer in eager PyTorch;
-- ``lr native``: ``torch.ops.rankserve.lowrank_gemv(x, V, U)``.
+- ``lr native``: ``torch.ops.rankserve_<isa>.lowrank_gemv(x, V, U)``.
 For the low-rank columns V [r, in] and U [out, r] keep 60% of the dense parameters (r rounded down to 16).
 
     python benchmarks/kernels.py --threads 2 [--batch 1] [--json]

@@ -197,7 +197,7 @@ def write_md(args, results: dict, rows: list[dict], make_cmd: list[str]) -> None
                 continue
             lines.append(
                 f"| {r['backend']} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {1000 * r['ttft_s']:.0f} "
-                f"| {r['weight_bytes_per_token'] / 1e6:.0f} | {r['achieved_gbs']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r['weight_bytes_per_token'] / 1e6:.0f} | {r['achieved_gbs']:.1f} | {r['added_rss_mb']:.0f} "
                 f"| {r['compile_s']:.1f} | {r['recompiles']} |"
             )
         lines.append("")

@@ -5,6 +5,11 @@ warmed up once (compile time and the RSS it adds are recorded), then the timed r
 (A, B, C, A, B, C, ...) so that bandwidth drift on a shared machine does not bias the ratios. The median of
 ``runs`` rounds is reported.
 
+Memory is measured apart, one fresh worker per rankserve backend (``python -m rankserve.bench memory ...``):
+its resident set before loading, its true peak (the kernel's high-water mark, VmHWM) after loading, setting
+up and generating once, the model's weight bytes and its KV cache bytes. A fast runner packs the weights in
+place, so its peak over the baseline should stay near weights + KV cache.
+
 Backends:
 - ``fast``: the fast runtime (packed, compiled, native kernels) on MODEL;
 - ``fast-dense``: the same runtime on MODEL's dense source (for compressed ÷ dense ratios);
@@ -105,6 +110,7 @@ class BenchSpec:
         None  # random-weight model: low-rank factors keeping (1 - ratio) of the params
     )
     seed: int = 0
+    compile: bool = True  # fast backends: capture the decode step with torch.compile
 
 
 @dataclass
@@ -118,7 +124,14 @@ class BackendResult:
     ttft_s: float = 0.0
     weight_bytes_per_token: int = 0
     achieved_gbs: float = 0.0
-    peak_rss_mb: float = 0.0  # RSS this backend added to the worker (its models, caches, compiled code)
+    added_rss_mb: float = 0.0  # RSS this backend's set-up added to the shared timing worker (not a peak)
+    native_kernels: bool = False  # the decode step ran rankserve's C++ kernels
+    native_isa: str | None = None  # their vector path (avx512+bf16, avx512, avx2, scalar)
+    # from a fresh memory worker (see measure_memory); 0 when not measured
+    rss_base_mb: float = 0.0  # resident set before loading anything
+    rss_peak_mb: float = 0.0  # peak resident set (VmHWM) through load, set-up and one generation
+    weight_mb: float = 0.0  # the model's weights (each shared tensor once)
+    kv_mb: float = 0.0  # the runner's KV cache
     load_s: float = 0.0
     compile_s: float = 0.0
     recompiles: int = 0
@@ -156,7 +169,8 @@ def random_model(name: str, dtype: torch.dtype, ratio: float | None, seed: int =
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.float32) / shape[-1] ** 0.5).to(dtype)
+        # Drawn in place: a freed temporary stays in the C heap and would show as the model's resident memory.
+        return torch.empty(*shape, dtype=dtype).normal_(0.0, shape[-1] ** -0.5, generator=g)
 
     if ratio is not None:
         for pname, p in projections(model).items():
@@ -168,7 +182,9 @@ def random_model(name: str, dtype: torch.dtype, ratio: float | None, seed: int =
             )
     state = {}
     for k, v in model.state_dict(keep_vars=True).items():
-        if v.is_meta:
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            state[k] = state["model.embed_tokens.weight"]  # one tensor, tied below
+        elif v.is_meta:
             state[k] = torch.ones(v.shape, dtype=dtype) if k.endswith("norm.weight") else rnd(*v.shape)
         else:
             state[k] = v.detach()
@@ -218,11 +234,12 @@ def _run_rankserve(model, spec: BenchSpec, backend: str, res: BackendResult):
     if backend.startswith("fast"):
         from rankserve.runtime.fast import FastRunner
 
-        runner = FastRunner(model, 1, max_len, RuntimeOptions(backend="fast"))
+        runner = FastRunner(model, 1, max_len, RuntimeOptions(backend="fast", compile=spec.compile))
         res.compile_s = runner.warmup()
-        res.note = f"native={runner.kernels.native is not None}"
     else:
         runner = EagerRunner(model, 1, max_len)
+    res.native_kernels, res.native_isa = runner.report()["native_kernels"], runner.report()["native_isa"]
+    res.kv_mb = (runner.cache.k.nbytes + runner.cache.v.nbytes) / 2**20
     tokens = torch.tensor([prompt])
     positions = torch.arange(len(prompt))[None]
     vf = torch.zeros(1, dtype=torch.long)
@@ -368,15 +385,16 @@ def _run_llama_cpp(source: str, spec: BenchSpec, res: BackendResult):
     return once
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak so far (``VmHWM``), in MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the peak: all that non-Linux offers
 
 
 def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendResult, object]:
@@ -426,11 +444,42 @@ def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendRe
             once = _run_hf(hf_from_rankserve(model), spec, model.config.vocab_size)
         else:
             once = _run_rankserve(model, spec, backend, res)
-    res.weight_bytes_per_token = model_stats(model).bytes_per_token
+    stats = model_stats(model)
+    res.weight_bytes_per_token = stats.bytes_per_token
+    res.weight_mb = stats.params_total * next(model.parameters()).element_size() / 2**20
     once()  # warm-up: the fast path compiles on its first decode
     res.load_s = time.perf_counter() - t0
-    res.peak_rss_mb = _rss_mb() - rss0  # memory this backend added to the worker
+    res.added_rss_mb = _rss_mb() - rss0  # memory this backend added to the worker
     return res, once
+
+
+# Backends whose memory a fresh worker measures (the others are other programs' memory).
+MEMORY_BACKENDS = ("fast", "fast-dense", "eager")
+
+
+def measure_memory(spec: BenchSpec, backend: str) -> dict:
+    """In a fresh process: baseline RSS, then load, set up and generate once; the peak RSS over all of it.
+
+    The baseline is taken after importing the libraries a backend uses (the loaders, the runtime, Dynamo and
+    Inductor) and loading the native kernels: it holds the interpreter and library code but no model. What a
+    compile generates (graphs, kernels) is counted.
+    """
+    # Imported for their memory, before the baseline: library code is not the model's memory.
+    import torch._inductor.compile_fx  # noqa: F401
+
+    import rankserve.analysis  # noqa: F401
+    import rankserve.loaders.source  # noqa: F401
+    import rankserve.runtime.fast  # noqa: F401
+    from rankserve.runtime.native import NativeKernels
+
+    torch.set_num_threads(spec.threads)
+    NativeKernels.load()
+    base = _rss_mb()
+    res, _ = setup_backend(spec, backend, {})
+    if not res.ok:
+        raise RuntimeError(res.note)
+    fields = ("rss_base_mb", "rss_peak_mb", "weight_mb", "kv_mb")
+    return dict(zip(fields, (base, _rss_mb("VmHWM"), res.weight_mb, res.kv_mb), strict=True))
 
 
 def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
@@ -475,8 +524,13 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
     return out
 
 
-def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True) -> dict:
-    """Run all backends in one worker subprocess (interleaved rounds) and collect the results."""
+def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True, memory: bool = True) -> dict:
+    """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
+    measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well.
+
+    ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the
+    weights and nothing else.
+    """
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
@@ -492,18 +546,33 @@ def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True) -> dict:
         runs = json.loads(lines[-1])
     for r in runs:
         r["bandwidth_fraction"] = round(r["achieved_gbs"] / bw, 3) if bw and r.get("ok") else None
+        r["rss_over_weights"] = None
+        if memory and r.get("ok") and r["backend"] in MEMORY_BACKENDS:
+            cmd = [sys.executable, "-m", "rankserve.bench", "memory", r["backend"], json.dumps(asdict(spec))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                r["note"] = f"{r['note']}; memory worker failed: {tail}".lstrip("; ")
+                continue
+            r.update(json.loads(lines[-1]))
+            r["rss_over_weights"] = round(
+                (r["rss_peak_mb"] - r["rss_base_mb"] - r["kv_mb"]) / r["weight_mb"], 3
+            )
     return {"bandwidth_gbs": round(bw, 2), "spec": asdict(spec), "runs": runs}
 
 
-def _worker_main(argv: list[str]) -> int:
-    backends, spec_json = argv[0].split(","), argv[1]
-    spec = BenchSpec(**json.loads(spec_json))
-    print(json.dumps([asdict(r) for r in run_worker(spec, backends)]))
+def _worker_main(command: str, argv: list[str]) -> int:
+    spec = BenchSpec(**json.loads(argv[1]))
+    if command == "memory":
+        print(json.dumps(measure_memory(spec, argv[0])))
+    else:
+        print(json.dumps([asdict(r) for r in run_worker(spec, argv[0].split(","))]))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "worker":
+    if len(sys.argv) != 4 or sys.argv[1] not in ("worker", "memory"):
         sys.exit("this module runs bench workers; use `rankserve bench`")
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit(_worker_main(sys.argv[1], sys.argv[2:]))

@@ -8,6 +8,7 @@ import pytest
 from test_cli import assert_one_line_error, rankserve
 
 from rankserve.bench import BenchSpec, run_bench
+from rankserve.runtime.native import best_isa, compiler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +28,15 @@ def test_bench_tiny_random_model_end_to_end():
     assert runs["fast"]["weight_bytes_per_token"] < runs["fast-dense"]["weight_bytes_per_token"]
     assert runs["fast"]["weight_bytes_per_token"] == runs["eager"]["weight_bytes_per_token"]
     assert runs["fast"]["recompiles"] == 0 and runs["fast-dense"]["recompiles"] == 0
+    # which kernels ran; with a compiler the native ones must have (a failed build fails here)
+    assert runs["eager"]["native_kernels"] is False and runs["eager"]["native_isa"] is None
+    if compiler() is not None:
+        assert runs["fast"]["native_kernels"] and runs["fast"]["native_isa"].split("+")[0] == best_isa()
+    # memory, each backend in a fresh worker: a true peak above the baseline, the weights and the KV cache
+    for r in runs.values():
+        assert r["rss_peak_mb"] > r["rss_base_mb"] > 0 and r["kv_mb"] > 0
+        assert 0 < r["weight_mb"] < 1 and r["rss_over_weights"] is not None
+    assert runs["fast"]["weight_mb"] == runs["eager"]["weight_mb"] < runs["fast-dense"]["weight_mb"]
 
 
 def test_bench_json_cli_and_bad_input():
@@ -35,6 +45,7 @@ def test_bench_json_cli_and_bad_input():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["runs"][0]["backend"] == "eager" and out["runs"][0]["decode_tok_s"] > 0
+    assert out["runs"][0]["native_kernels"] is False and out["runs"][0]["rss_peak_mb"] > 0
     assert_one_line_error(rankserve("bench"), "give a MODEL or --random-config")
     assert_one_line_error(rankserve("bench", "--random-config", "tiny", "--new-tokens", "1"), "--new-tokens")
     assert_one_line_error(

@@ -8,8 +8,9 @@ from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, repl
 from rankserve.linalg import truncated_svd
 from rankserve.runtime.fast import FastRunner
 from rankserve.runtime.generate import EagerRunner, padded_batch
+from rankserve.runtime.native import ISAS, NativeKernels, compiler, cpu_runs, namespace
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import apply_packed, pack
+from rankserve.runtime.packing import apply_packed, pack_
 
 
 def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0):
@@ -45,8 +46,19 @@ def test_packing_is_exact(kind):
     at = model.model.layers[0].self_attn
     x = torch.randn(3, 64)
     ref = torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
-    got = apply_packed(pack([at.q_proj, at.k_proj, at.v_proj]), x)
+    group = pack_([at.q_proj, at.k_proj, at.v_proj])
+    got = apply_packed(group, x)
     assert (got - ref).abs().max().item() <= 1e-5
+    # in place: the modules now read the packed buffer, and give the same outputs as before
+    after = torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
+    assert torch.equal(after, ref)
+    if kind != "shared":  # a shared basis cannot be a view of one layer's buffer (it is copied)
+        q_first = at.q_proj.weight if kind in ("dense", "mixed") else at.q_proj.V
+        assert q_first.untyped_storage().data_ptr() == group.first.untyped_storage().data_ptr()
+    assert (
+        pack_([at.q_proj, at.k_proj, at.v_proj]).first.data_ptr() == group.first.data_ptr()
+        or kind == "shared"
+    )
 
 
 def run(runner_cls, model, prompts, steps, options, forced=None):
@@ -72,15 +84,36 @@ CASES = [
 ]
 
 
+RUNNABLE = [isa for isa in ISAS if cpu_runs(isa)]
+
+
 @pytest.mark.parametrize("variant,lowrank", CASES)
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("native", [None, *RUNNABLE])
 def test_fast_decode_equals_eager(variant, lowrank, native):
+    """Every native vector path this CPU runs (and the PyTorch fallback) against the eager reference."""
+    if native is not None:
+        if compiler() is None:
+            pytest.skip("no C++ compiler on PATH: only the PyTorch fallback can be tested here")
+        NativeKernels.load(native, strict=True)  # with a compiler, a failed build fails this test
     model = lowrank_model(variant) if lowrank else tiny_model(variant)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     ref = run(EagerRunner, model, prompts, 10, RuntimeOptions())
-    got = run(FastRunner, model, prompts, 10, RuntimeOptions(backend="fast", compile=False, native=native))
+    options = RuntimeOptions(
+        backend="fast", compile=False, native=native is not None, native_isa=native or "auto"
+    )
+    with torch.profiler.profile() as prof:
+        got = run(FastRunner, model, prompts, 10, options)
     assert (got - ref).abs().max().item() <= 1e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # the runner says which kernels it uses, and those (and only those) ran
+    report = FastRunner(model, 1, 8, options).report()
+    ran = {e.name for e in prof.events() if e.name.startswith("rankserve")}
+    if native is None:
+        assert report == {"native_kernels": False, "native_isa": None} and not ran
+    else:
+        assert report["native_kernels"] and report["native_isa"].split("+")[0] == native
+        assert f"{namespace(native)}::decode_layer" in ran
+        assert all(name.startswith(namespace(native) + "::") for name in ran)
 
 
 def test_shared_basis_model_decodes_like_eager():
@@ -135,12 +168,3 @@ def test_fast_bf16_close_to_eager_bf16(lowrank):
     ).float()
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
-
-
-def test_native_decode_layer_is_used_when_available():
-    from rankserve.runtime.native import NativeKernels
-
-    if NativeKernels.load() is None:
-        pytest.skip("no C++ compiler: the PyTorch path is tested above")
-    r = FastRunner(tiny_model("llama-gqa"), 1, 16, RuntimeOptions(backend="fast", compile=False))
-    assert r.kernels.has_layer

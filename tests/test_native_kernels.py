@@ -1,23 +1,80 @@
-"""The native decode kernels against an fp64 reference, their input checks, and torch.compile tracing."""
+"""The native decode kernels against an fp64 reference, their input checks, and torch.compile tracing.
+
+Every vector path this CPU runs (AVX-512, AVX2, scalar) is built and tested; a path it cannot run is compiled
+only. With a C++ compiler present a failed build fails these tests; only a machine without one skips them.
+"""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from rankserve.runtime.native import NativeKernels
+from rankserve.runtime.native import (
+    ISAS,
+    NativeBuildError,
+    NativeKernels,
+    compile_variant,
+    compiler,
+    cpu_runs,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 BATCHES = [1, 2, 3, 5]
+RUNNABLE = [isa for isa in ISAS if cpu_runs(isa)]
+COMPILE_ONLY = [isa for isa in ISAS if not cpu_runs(isa)]
 
 
-@pytest.fixture(scope="module")
-def kernels() -> NativeKernels:
-    k = NativeKernels.load()
-    if k is None:
-        pytest.skip("native kernels cannot be built here (no compiler or build failure)")
-    return k
+def require_compiler() -> None:
+    if compiler() is None:
+        pytest.skip(
+            "no C++ compiler on PATH ($CXX, default c++): the native kernels cannot be built or tested"
+        )
+
+
+@pytest.fixture(scope="module", params=RUNNABLE)
+def kernels(request) -> NativeKernels:
+    require_compiler()
+    return NativeKernels.load(request.param, strict=True)  # a failed build raises: the tests fail, not skip
+
+
+def test_each_variant_compiles_its_own_path(kernels):
+    # avx512 may add "+bf16"; "avx2" must not silently be the scalar path or the reverse
+    assert kernels.isa.split("+")[0] == kernels.variant
+
+
+@pytest.mark.parametrize(
+    "isa", COMPILE_ONLY or [pytest.param("none", marks=pytest.mark.skip("CPU runs all"))]
+)
+def test_paths_this_cpu_cannot_run_still_compile(isa):
+    require_compiler()
+    obj = compile_variant(isa)
+    assert obj.stat().st_size > 0
+    if isa == "avx512" and shutil.which("objdump"):  # it was built for this path: it uses 512-bit registers
+        disasm = subprocess.run(
+            ["objdump", "-d", str(obj)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "%zmm" in disasm
+
+
+def test_failed_build_raises_with_strict(tmp_path, monkeypatch):
+    # `false` as the compiler and an empty build cache: every build fails. Strict loads raise; lenient ones fall
+    # back (None). In a subprocess, because a process keeps the outcome of its first load of a variant.
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("RANKSERVE_CACHE", str(tmp_path))
+    code = (
+        "from rankserve.runtime.native import NativeKernels, NativeBuildError\n"
+        "assert NativeKernels.load('scalar') is None\n"
+        "try:\n    NativeKernels.load('scalar', strict=True)\nexcept NativeBuildError:\n    print('raised')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "raised", r.stderr
+    with pytest.raises(NativeBuildError, match="compiling the scalar variant failed"):
+        compile_variant("scalar")
 
 
 def rand(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -113,8 +170,9 @@ def test_bad_inputs_raise_clear_errors(kernels, call, match):
 
 
 class _TinyDecoder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ops) -> None:
         super().__init__()
+        self.ops = ops
         gen = torch.Generator().manual_seed(0)
         self.W = nn.Parameter(torch.randn(48, 40, generator=gen), requires_grad=False)
         self.V = nn.Parameter(torch.randn(7, 48, generator=gen), requires_grad=False)
@@ -122,13 +180,13 @@ class _TinyDecoder(nn.Module):
         self.b = nn.Parameter(torch.randn(40, generator=gen), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(torch.ops.rankserve.gemv(x, self.W))  # [B, 48]
-        return torch.ops.rankserve.lowrank_gemv(h, self.V, self.U, self.b) + x  # [B, 40]
+        h = torch.relu(self.ops.gemv(x, self.W))  # [B, 48]
+        return self.ops.lowrank_gemv(h, self.V, self.U, self.b) + x  # [B, 40]
 
 
 def test_torch_compile_fullgraph(kernels):
     torch._dynamo.reset()
-    model = _TinyDecoder()
+    model = _TinyDecoder(kernels.ops)
     x = torch.randn(2, 40)
     eager = model(x)
     # fullgraph=True raises on any graph break; aot_eager runs the fake kernels through AOTAutograd tracing.

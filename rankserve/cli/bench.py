@@ -29,6 +29,11 @@ def add_arguments(p):
         help="with --random-config: make every decoder projection low-rank at this ratio (fraction removed)",
     )
     p.add_argument("--no-probe", action="store_true", help="skip the memory bandwidth probe")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-RSS measurement (one fresh worker per fast/fast-dense/eager backend)",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -59,7 +64,7 @@ def run(args) -> int:
         random_ratio=args.random_ratio,
     )
     backends = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    out = run_bench(spec, backends, probe=not args.no_probe)
+    out = run_bench(spec, backends, probe=not args.no_probe, memory=not args.no_memory)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -70,7 +75,7 @@ def run(args) -> int:
     )
     hdr = (
         f"{'backend':11s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'MB/token':>9s} "
-        f"{'GB/s':>6s} {'% bw':>5s} {'+RSS MB':>7s} {'compile s':>9s} {'recomp':>6s}  note"
+        f"{'GB/s':>6s} {'% bw':>5s} {'+RSS MB':>7s} {'compile s':>9s} {'recomp':>6s} {'kernels':>8s}  note"
     )
     print(hdr)
     for r in out["runs"]:
@@ -80,7 +85,20 @@ def run(args) -> int:
         frac = f"{100 * r['bandwidth_fraction']:.0f}" if r["bandwidth_fraction"] else "-"
         print(
             f"{r['backend']:11s} {r['decode_tok_s']:12.1f} {r['prefill_tok_s']:13.1f} {1000 * r['ttft_s']:8.1f} "
-            f"{r['weight_bytes_per_token'] / 1e6:9.1f} {r['achieved_gbs']:6.1f} {frac:>5s} {r['peak_rss_mb']:7.0f} "
-            f"{r['compile_s']:9.1f} {r['recompiles']:6d}  {r['note']}"
+            f"{r['weight_bytes_per_token'] / 1e6:9.1f} {r['achieved_gbs']:6.1f} {frac:>5s} {r['added_rss_mb']:7.0f} "
+            f"{r['compile_s']:9.1f} {r['recompiles']:6d} {r['native_isa'] or 'torch':>8s}  {r['note']}"
         )
+    measured = [r for r in out["runs"] if r.get("rss_over_weights") is not None]
+    if measured:
+        print(
+            "\nmemory, one fresh worker per backend (MiB; peak = VmHWM through load, set-up and one generation):"
+        )
+        print(
+            f"{'backend':11s} {'baseline':>9s} {'peak':>9s} {'weights':>9s} {'KV cache':>9s}  (peak-base-KV)/weights"
+        )
+        for r in measured:
+            print(
+                f"{r['backend']:11s} {r['rss_base_mb']:9.0f} {r['rss_peak_mb']:9.0f} {r['weight_mb']:9.0f} "
+                f"{r['kv_mb']:9.1f}  {r['rss_over_weights']:.3f}"
+            )
     return 0

@@ -50,7 +50,7 @@ def check_utf8(flag: str, text: str | None) -> None:
 
 def run(args) -> int:
     from rankserve.loaders.source import load_model
-    from rankserve.runtime.generate import stream_generate
+    from rankserve.runtime.generate import runner_cache, stream_generate
     from rankserve.runtime.options import RuntimeOptions
     from rankserve.runtime.sampling import SamplingParams
 
@@ -99,6 +99,8 @@ def run(args) -> int:
                     "model": args.model,
                     "dtype": args.dtype,
                     "backend": args.backend,
+                    # which kernels ran: {"native_kernels": bool, "native_isa": "avx2" | ... | None}
+                    **runner_cache(lm.model).last.report(),
                 }
             )
         )

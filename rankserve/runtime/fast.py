@@ -23,7 +23,7 @@ from torch import nn
 
 from rankserve.models.llama import KVCache
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import PackedGroup, pack, stage_of
+from rankserve.runtime.packing import PackedGroup, pack_
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,13 @@ class Kernels:
 
     def __init__(self, native=None):
         self.native = native  # a rankserve.runtime.native.NativeKernels or None
-        self.ops = torch.ops.rankserve if native is not None else None
+        self.ops = native.ops if native is not None else None
         # the whole decoder layer as one native call (one OpenMP region instead of ~15 ops)
         self.has_layer = native is not None and hasattr(self.ops, "decode_layer")
+
+    def report(self) -> dict:
+        """Which kernels the decode step runs: ``native_kernels`` and the vector path (None without them)."""
+        return {"native_kernels": self.native is not None, "native_isa": getattr(self.native, "isa", None)}
 
     def linear(self, x, W, bias=None):
         """[B, in] x [out, in] -> [B, out]."""
@@ -93,13 +97,14 @@ def _rope(x, cos, sin):
 
 
 class FastLayer(nn.Module):
-    def __init__(self, layer, dtype):
+    def __init__(self, layer):
         super().__init__()
         at, mlp = layer.self_attn, layer.mlp
-        self.qkv = pack([at.q_proj, at.k_proj, at.v_proj], dtype)
-        self.o = pack([at.o_proj], dtype)
-        self.gate_up = pack([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = pack([mlp.down_proj], dtype)
+        # In place: the layer's projections become views of these buffers (one copy of the weights).
+        self.qkv = pack_([at.q_proj, at.k_proj, at.v_proj])
+        self.o = pack_([at.o_proj])
+        self.gate_up = pack_([mlp.gate_proj, mlp.up_proj])
+        self.down = pack_([mlp.down_proj])
         self.w_in = layer.input_layernorm.weight.detach()
         self.w_post = layer.post_attention_layernorm.weight.detach()
         self.eps = layer.input_layernorm.eps
@@ -124,11 +129,11 @@ class FastDecoder(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = 1.0 / self.hd**0.5
         self.embed = model.model.embed_tokens.weight.detach()
-        self.layers = [FastLayer(layer, dtype) for layer in model.model.layers]
+        self.layers = [FastLayer(layer) for layer in model.model.layers]
         self._native = [L.native_args() for L in self.layers]
         self.w_norm = model.model.norm.weight.detach()
         self.eps = model.model.norm.eps
-        self.head = pack([model.lm_head], dtype)
+        self.head = pack_([model.lm_head])
         # RoPE tables for every position the cache can hold: [S, hd]
         pos = torch.arange(cache.max_len, device=self.embed.device, dtype=torch.float32)
         freqs = pos[:, None] * model.inv_freq[None, :]
@@ -210,7 +215,8 @@ class FastRunner:
         self.device = p.device
         max_len = bucketed_len(max_len, model.config.max_position_embeddings)
         self.cache = KVCache(model.config, batch, max_len, device=p.device, dtype=p.dtype)
-        native = NativeKernels.load() if (self.options.native and p.device.type == "cpu") else None
+        use_native = self.options.native and p.device.type == "cpu"
+        native = NativeKernels.load(self.options.native_isa) if use_native else None
         self.kernels = Kernels(native)
         t0 = time.perf_counter()
         self.decoder = FastDecoder(model, self.cache, self.kernels)
@@ -233,7 +239,7 @@ class FastRunner:
             str(d.embed.dtype),
             f"B{batch}",
             f"S{self.cache.max_len}",
-            f"native={self.kernels.native is not None}:{self.kernels.has_layer}",
+            f"native={self.kernels.native!r}:{self.kernels.has_layer}",
             repr(self.model.config),
         ]
         for L in d.layers:
@@ -268,6 +274,10 @@ class FastRunner:
             if self.artifacts is not None:
                 self.artifacts.save()
         return out
+
+    def report(self) -> dict:
+        """Which kernels the decode step runs (``native_kernels``, ``native_isa``), for --json outputs."""
+        return self.kernels.report()
 
     def warmup(self) -> float:
         """Compile (or load from the on-disk cache) by running one throwaway step; returns seconds spent.
@@ -319,9 +329,3 @@ class CompileCache:
             os.replace(tmp, self.path)
         except Exception as e:
             log.warning("could not save the compiled-step cache %s: %s", self.path, e)
-
-
-def stage_bytes(p) -> int:
-    s = stage_of(p)
-    n = s.first.numel() + (0 if s.lift is None else s.lift.numel())
-    return n * s.first.element_size()

@@ -5,7 +5,9 @@ The CLI, the server and the benchmark all consume :func:`generate_tokens` or :fu
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +78,10 @@ class EagerRunner:
         """Logits [B, V] for one new token per row [B, 1] written at ``slot``."""
         return self.model(tokens, positions, self.cache, slot, attention_mask(pads, slot, 1))[:, -1]
 
+    def report(self) -> dict:
+        """Which kernels ran: the eager path is PyTorch's own."""
+        return {"native_kernels": False, "native_isa": None}
+
 
 def make_runner(model, batch: int, max_len: int, options: RuntimeOptions):
     if options.backend == "fast":
@@ -83,6 +89,66 @@ def make_runner(model, batch: int, max_len: int, options: RuntimeOptions):
 
         return FastRunner(model, batch, max_len, options)
     return EagerRunner(model, batch, max_len, options)
+
+
+class RunnerCache:
+    """The runner a model last generated with, kept for the next call: the fast path packs and compiles once.
+
+    Owned by the model (:func:`runner_cache`); it holds one runner, so at most one KV cache stays allocated. A
+    runner is reused when batch, options and cache length match and the model's weights are the same tensors,
+    unchanged. It serves one generation at a time: the generation holds a :class:`Lease`, and while that lease
+    is alive (its generator not yet finished or collected) another generation gets a new, uncached runner.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._runner = None
+        self._lease = None  # weakref to the live Lease of the cached runner
+        self.last = None  # the runner of the latest generation (for reports: which kernels ran)
+
+    def __reduce__(self):  # a copied or pickled model starts with an empty cache
+        return (RunnerCache, ())
+
+    def lease(self, model, batch: int, max_len: int, options: RuntimeOptions) -> Lease:
+        key = (batch, _cache_len(model, max_len, options), dataclasses.replace(options, max_len=None))
+        busy = self._lease is not None and self._lease() is not None
+        if busy:
+            runner = make_runner(model, batch, max_len, options)
+        else:
+            if self._key != (key, _weights_key(model)):
+                self._runner = None  # free the old KV cache before allocating the new one
+                self._runner = make_runner(model, batch, max_len, options)
+                self._key = (key, _weights_key(model))  # after the runner: packing moves the weights
+            runner = self._runner
+        self.last = runner
+        lease = Lease(runner)
+        if not busy:
+            self._lease = weakref.ref(lease)
+        return lease
+
+
+@dataclass
+class Lease:
+    runner: object
+
+
+def runner_cache(model) -> RunnerCache:
+    """The model's own :class:`RunnerCache` (created on first use)."""
+    return vars(model).setdefault("_rankserve_runners", RunnerCache())
+
+
+def _cache_len(model, max_len: int, options: RuntimeOptions) -> int:
+    """KV cache slots the runner for ``max_len`` allocates (the fast path rounds up to share compiled steps)."""
+    if options.backend != "fast":
+        return max_len
+    from rankserve.runtime.fast import bucketed_len
+
+    return bucketed_len(max_len, context_limit(model))
+
+
+def _weights_key(model) -> tuple:
+    """Identity and version of every weight: a replaced or modified weight makes a cached runner stale."""
+    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
 
 
 @dataclass
@@ -129,7 +195,8 @@ def generate_tokens(
     if max_new < 1:
         raise PromptTooLongError(f"prompt has {P} tokens and the cache holds {max_len}; no room to generate")
     device = next(model.parameters()).device
-    runner = runner or make_runner(model, B, max_len, options)
+    lease = None if runner else runner_cache(model).lease(model, B, max_len, options)  # held while we run
+    runner = runner or lease.runner
     samplers = [Sampler(p, device) for p in plist]
     stop_ids = [set() if p.ignore_eos else set(eos_ids) | set(p.stop_token_ids) for p in plist]
     seen = [torch.tensor(p, device=device) for p in prompts]

@@ -1,16 +1,24 @@
-"""Native decode kernels (a C++ extension) as real torch ops: ``torch.ops.rankserve.*``.
+"""Native decode kernels (a C++ extension) as real torch ops: ``torch.ops.rankserve_<isa>.*``.
 
 The extension is compiled on first use, never at import, with ``-O3 -march=native -fopenmp`` and cached under
 ``$RANKSERVE_CACHE/ext/<hash>`` (default ``~/.cache/rankserve/ext/<hash>``). The hash covers the source, the
-torch version and the CPU flags, so a second process only loads the cached ``.so``.
+torch version, the CPU flags and the build flags, so a second process only loads the cached ``.so``.
+
+One build per vector path (``ISAS``): ``avx512``, ``avx2`` (AVX-512 disabled) and ``scalar`` (AVX2/FMA and
+AVX-512 disabled, so the kernels take their plain C++ path). Each registers its ops in its own namespace
+(``rankserve_avx2``, ...), so that several can be loaded into one process and tested against each other;
+``isa="auto"`` picks the best path this CPU runs. A path the CPU cannot run can still be compiled (not loaded)
+with :func:`compile_variant`, so that its code is at least checked by the compiler.
 
 Ops (x is ``[B, in]``; all tensors contiguous, on CPU, one dtype, float32 or bfloat16; fp32 accumulation):
 
 - ``gemv(x, W[out, in], bias=None) -> [B, out]``: ``x @ W.T + bias``;
 - ``lowrank_gemv(x, V[r, in], U[out, r], bias=None) -> [B, out]``: ``(x @ V.T) @ U.T + bias`` in one call, with
-  ``x @ V.T`` kept in fp32.
+  ``x @ V.T`` kept in fp32;
+- ``decode_layer(...)``: one decoder layer of one-token decode in one OpenMP region (``csrc/decode_layer.h``);
+- ``native_isa() -> str``: the vector path compiled in (``avx512+bf16``, ``avx512``, ``avx2`` or ``scalar``).
 
-Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces models that call them.
+Each tensor op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces models that call them.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +42,20 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
-_FLAGS = ("-O3", "-march=native", "-fopenmp")
+_BASE_FLAGS = ("-O3", "-march=native", "-fopenmp")
+
+ISAS = ("avx512", "avx2", "scalar")  # the vector paths of csrc/kernels.cpp, best first
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+# Target flags on top of -march=native that select each path on x86. GCC's -mno-avx512f also turns off every
+# AVX-512 extension, and -mno-avx2/-mno-fma leave the kernels without their AVX2+FMA path (plain C++).
+_ISA_FLAGS = {"avx512": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+# For a compile-only check of the AVX-512 path on a CPU without it: every extension the kernels use.
+_AVX512_TARGET = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+_ISA_NEEDS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma"), "scalar": ()}  # /proc/cpuinfo flags to run it
+
+
+class NativeBuildError(RuntimeError):
+    """The extension did not compile or load (the message ends with the compiler's last lines)."""
 
 
 def _cpu_flags() -> str:
@@ -46,13 +69,56 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def compiler() -> str | None:
+    """The C++ compiler's path (``$CXX``, default ``c++``, as torch's extension builder uses), or None."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def cpu_runs(isa: str) -> bool:
+    """True when this CPU can run the ``isa`` build (it has every instruction set that path uses)."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown native ISA {isa!r}; choose from {', '.join(ISAS)} or 'auto'")
+    if not _X86:
+        return isa == "scalar"
+    flags = set(_cpu_flags().split())
+    return all(f in flags for f in _ISA_NEEDS[isa])
+
+
+def best_isa() -> str:
+    """The fastest path this CPU runs: what ``isa="auto"`` builds."""
+    return next(isa for isa in ISAS if cpu_runs(isa))
+
+
+def _resolve(isa: str) -> str:
+    if isa == "auto":
+        return best_isa()
+    cpu_runs(isa)  # validates the name
+    return isa
+
+
+def _flags(isa: str) -> list[str]:
+    """Compiler flags of one variant: target flags selecting its path, and its op namespace."""
+    if _X86:
+        target = _ISA_FLAGS[isa] if cpu_runs(isa) or isa != "avx512" else _AVX512_TARGET
+    elif isa == "scalar":
+        target = ()
+    else:
+        raise ValueError(f"the {isa} path exists only on x86 CPUs; this is {platform.machine()}")
+    return [*_BASE_FLAGS, *target, f"-DRANKSERVE_OPS={namespace(isa)}"]
+
+
+def namespace(isa: str) -> str:
+    """The torch op namespace of one variant: ``torch.ops.rankserve_<isa>``."""
+    return f"rankserve_{isa}"
+
+
 def _build_dir(key: str) -> Path:
     root = os.environ.get("RANKSERVE_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "rankserve"
     return base / "ext" / key
 
 
-def _build_key() -> str:
+def _build_key(flags: list[str]) -> str:
     h = hashlib.sha256()
     # Every source and header in csrc/: kernels.cpp includes the headers, so a header edit must rebuild too.
     for path in sorted(_SOURCE.parent.glob("*.[ch]*")):
@@ -60,7 +126,7 @@ def _build_key() -> str:
     for part in (
         torch.__version__.encode(),
         _cpu_flags().encode(),
-        " ".join(_FLAGS).encode(),
+        " ".join(flags).encode(),
     ):
         h.update(part)
         h.update(b"\0")
@@ -91,26 +157,66 @@ def _fake_decode_layer(x: Tensor, *args, **kwargs) -> Tensor:
     return torch.empty_like(x)
 
 
-def _build_library(verbose: bool) -> None:
-    """Compile the extension (or reuse the cached build) and load it; its TORCH_LIBRARY block registers the ops."""
+def _need_compiler() -> str:
+    cxx = compiler()
+    if cxx is None:
+        raise NativeBuildError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH)")
+    return cxx
+
+
+def _build_library(isa: str) -> None:
+    """Compile the ``isa`` variant (or reuse its cached build) and load it; its TORCH_LIBRARY block registers
+    the ops in ``namespace(isa)``."""
     from torch.utils import cpp_extension
 
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH)")
-    key = _build_key()
+    _need_compiler()
+    flags = _flags(isa)
+    key = _build_key(flags)
     build_dir = _build_dir(key)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_build(build_dir):
         cpp_extension.load(
             name=f"rankserve_kernels_{key}",
             sources=[str(_SOURCE)],
-            extra_cflags=list(_FLAGS),
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,  # a plain shared library, loaded into torch.ops
-            verbose=verbose,
         )
+
+
+def compile_variant(isa: str) -> Path:
+    """Compile the ``isa`` variant to an object file without linking or loading it; returns the object's path.
+
+    For paths this CPU cannot run (e.g. AVX-512 on AVX2-only machines): the compiler still checks their code.
+    Cached like a full build, under the variant's own hash. Raises :class:`NativeBuildError` on a compile error.
+    """
+    from torch.utils import cpp_extension
+
+    cxx = _need_compiler()
+    flags = _flags(_resolve(isa))
+    build_dir = _build_dir(_build_key(flags) + "-object")
+    obj = build_dir / "kernels.o"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive_build(build_dir):
+        if obj.exists():
+            return obj
+        includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+        # The flags torch.utils.cpp_extension compiles every extension with (see the build.ninja it writes).
+        cmd = [
+            cxx,
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *[f"-isystem{p}" for p in includes],
+            "-fPIC",
+            "-std=c++20",
+        ]
+        cmd += [*flags, "-c", str(_SOURCE), "-o", str(obj.with_suffix(".tmp.o"))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            raise NativeBuildError(f"compiling the {isa} variant failed:\n{tail}")
+        obj.with_suffix(".tmp.o").replace(obj)
+    return obj
 
 
 @contextlib.contextmanager
@@ -134,41 +240,52 @@ def _exclusive_build(build_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-@functools.lru_cache(maxsize=1)
-def _shared() -> NativeKernels | None:
-    """The one process-wide instance: build, load and fake registration happen once per process."""
+@functools.cache
+def _load(isa: str) -> NativeKernels | NativeBuildError:
+    """Build (or reuse) and load one variant, once per process; a failure is kept and reported once."""
+    ns = namespace(isa)
     try:
-        _build_library(verbose=False)
-        torch.library.register_fake("rankserve::gemv")(_fake_gemv)
-        torch.library.register_fake("rankserve::lowrank_gemv")(_fake_lowrank_gemv)
-        torch.library.register_fake("rankserve::decode_layer")(_fake_decode_layer)
-        isa = torch.ops.rankserve.native_isa()
+        _build_library(isa)
+        torch.library.register_fake(f"{ns}::gemv")(_fake_gemv)
+        torch.library.register_fake(f"{ns}::lowrank_gemv")(_fake_lowrank_gemv)
+        torch.library.register_fake(f"{ns}::decode_layer")(_fake_decode_layer)
+        compiled = getattr(torch.ops, ns).native_isa()
     except Exception as exc:  # any build or load failure means "no native kernels", reported once
-        logger.warning("rankserve native kernels unavailable, falling back to PyTorch: %s", exc)
-        return None
-    return NativeKernels(isa)
+        logger.warning("rankserve native kernels (%s) unavailable, falling back to PyTorch: %s", isa, exc)
+        return exc if isinstance(exc, NativeBuildError) else NativeBuildError(f"{type(exc).__name__}: {exc}")
+    return NativeKernels(isa, compiled)
 
 
 class NativeKernels:
-    """Handle on the loaded ops. Get it with :meth:`load`; it returns None when the extension cannot be built."""
+    """Handle on one loaded variant's ops. Get it with :meth:`load`."""
 
-    available: bool = True
-
-    def __init__(self, isa: str) -> None:
-        self.isa = isa  # "avx512+bf16", "avx512", "avx2" or "scalar": the vector path compiled in
+    def __init__(self, variant: str, isa: str) -> None:
+        self.variant = variant  # the build asked for: "avx512", "avx2" or "scalar"
+        self.isa = isa  # the vector path compiled in: "avx512+bf16", "avx512", "avx2" or "scalar"
+        self.ops = getattr(torch.ops, namespace(variant))  # the op namespace, for traced callers
         # The resolved overloads: calling them skips the packet's overload lookup (~1.5 us of a ~5 us call).
-        self._gemv = torch.ops.rankserve.gemv.default
-        self._lowrank_gemv = torch.ops.rankserve.lowrank_gemv.default
+        self._gemv = self.ops.gemv.default
+        self._lowrank_gemv = self.ops.lowrank_gemv.default
 
     @classmethod
-    def load(cls, verbose: bool = False) -> NativeKernels | None:
-        """Build or load the cached extension (only the first call does work; ``verbose`` shows the compiler)."""
-        if verbose and _shared.cache_info().currsize == 0:
-            try:
-                _build_library(verbose=True)  # the same build, with the compiler output shown
-            except Exception:
-                pass  # _shared() retries quietly and logs the one warning
-        return _shared()
+    def load(cls, isa: str = "auto", strict: bool = False) -> NativeKernels | None:
+        """Build or load the cached ``isa`` variant (``auto``: the best path this CPU runs); only the first call
+        per variant does work. On failure returns None (one warning is logged), or with ``strict`` raises
+        :class:`NativeBuildError`, whose message ends with the compiler's output."""
+        isa = _resolve(isa)
+        if cpu_runs(isa):
+            result = _load(isa)
+        else:
+            needs = ", ".join(_ISA_NEEDS[isa])
+            result = NativeBuildError(
+                f"this CPU cannot run the {isa} path (it lacks {needs}); compile_variant() "
+                "still checks that it compiles"
+            )
+        if isinstance(result, NativeBuildError):
+            if strict:
+                raise result
+            return None
+        return result
 
     def gemv(self, x: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x[B, in] @ W[out, in].T + bias`` -> ``[B, out]``."""
@@ -179,9 +296,4 @@ class NativeKernels:
         return self._lowrank_gemv(x, V, U, bias)
 
     def __repr__(self) -> str:
-        return f"NativeKernels(isa={self.isa!r})"
-
-
-def native_available() -> bool:
-    """True when the native kernels build (or are cached) and load on this machine."""
-    return NativeKernels.load() is not None
+        return f"NativeKernels(variant={self.variant!r}, isa={self.isa!r})"

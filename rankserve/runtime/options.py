@@ -14,11 +14,18 @@ class RuntimeOptions:
     prefill_chunk: int = 512  # long prompts are prefilled in chunks of this many tokens
     compile: bool = True  # fast backend: capture the decode step with torch.compile
     native: bool = True  # fast backend: use the C++ kernels where they exist
+    native_isa: str = "auto"  # vector path: "auto" (best this CPU runs), "avx512", "avx2", "scalar"
     cache_dir: str | None = None  # compiled artifacts (default: rankserve's cache directory)
 
     def validate(self) -> RuntimeOptions:
         if self.backend not in ("eager", "fast"):
             raise ValueError(f"unknown backend {self.backend!r}; use 'eager' or 'fast'")
+        from rankserve.runtime.native import ISAS
+
+        if self.native_isa != "auto" and self.native_isa not in ISAS:
+            raise ValueError(
+                f"unknown native_isa {self.native_isa!r}; use 'auto' or one of {', '.join(ISAS)}"
+            )
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         return self

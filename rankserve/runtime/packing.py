@@ -3,7 +3,8 @@
 A projection is, for packing purposes, a first stage ``A`` [r, in] and an optional lift ``L`` [out, r]:
 dense ``W`` is (A = W, no lift), low-rank ``U V`` is (A = V, L = U), shared-basis ``C B`` is (A = B, L = C).
 Projections reading the same input stack their first stages into one matrix, so the input vector is read
-once and the weights stream in one call. Packing happens once at load time and is exact (a concatenation).
+once and the weights stream in one call. Packing is exact (a concatenation) and in place: the projections'
+parameters become views of the packed buffers, so a packed model holds one copy of its weights.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from rankserve.layers import DenseLinear, LowRankLinear, Projection, SharedBasisLinear
 
@@ -60,26 +62,57 @@ class PackedGroup:
         return all(lift is None for lift in self.lifts)
 
 
-def pack(projs: list[Projection], dtype: torch.dtype | None = None) -> PackedGroup:
-    """Pack projections that read the same input (e.g. q, k, v). Copies the weights once."""
+def pack_(projs: list[Projection]) -> PackedGroup:
+    """Pack projections that read the same input (e.g. q, k, v), in place: one copy of the weights, not two.
+
+    The first stages are stacked into one new buffer and each projection's own first-stage parameter becomes a
+    view of its rows, so the module tree (the eager path) keeps working on the same memory and the old tensors
+    are freed. Stages that already lie back to back in one buffer (a second pack, or a single member) are used
+    as they are. A shared basis is the exception: one tensor for several layers cannot be a view of each
+    layer's buffer, so its rows are copied into every group that uses it.
+    """
     stages = [stage_of(p) for p in projs]
-    dtype = dtype or stages[0].first.dtype
-    first = torch.cat([s.first for s in stages], 0).to(dtype).contiguous()
-    lifts = [None if s.lift is None else s.lift.to(dtype).contiguous() for s in stages]
+    first = _stacked([s.first for s in stages])
+    if first is None:
+        first = torch.cat([s.first for s in stages], 0)
+        row = 0
+        for p, s in zip(projs, stages, strict=True):
+            view = first[row : row + s.first.shape[0]]
+            row += s.first.shape[0]
+            if isinstance(p, DenseLinear):
+                p.weight = nn.Parameter(view, requires_grad=p.weight.requires_grad)
+            elif isinstance(p, LowRankLinear):
+                p.V = nn.Parameter(view, requires_grad=p.V.requires_grad)
+    lifts = [None if s.lift is None else s.lift.contiguous() for s in stages]
     if any(s.bias is not None for s in stages):
         bias = torch.cat(
             [
                 s.bias
                 if s.bias is not None
-                else torch.zeros(s.out_features, dtype=dtype, device=first.device)
+                else torch.zeros(s.out_features, dtype=first.dtype, device=first.device)
                 for s in stages
             ]
-        ).to(dtype)
+        )
     else:
         bias = None
     return PackedGroup(
         first, [s.first.shape[0] for s in stages], lifts, bias, [s.out_features for s in stages]
     )
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """``parts`` [r_i, in] as one [sum r_i, in] matrix without a copy if they lie back to back in one buffer."""
+    head = parts[0]
+    ptr = head.data_ptr()
+    for t in parts:
+        same_buffer = t.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+        if not (t.is_contiguous() and same_buffer and t.dtype == head.dtype and t.data_ptr() == ptr):
+            return None
+        if t.dim() != 2 or t.shape[1] != head.shape[1]:
+            return None
+        ptr += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in parts)
+    return head.as_strided((rows, head.shape[1]), (head.shape[1], 1))
 
 
 def apply_packed(g: PackedGroup, x: torch.Tensor) -> torch.Tensor:

@@ -4,15 +4,19 @@
 // of the memory bandwidth on our CPUs and uses one core; these kernels read each weight row once, on all threads,
 // with wide loads, and keep every partial sum in fp32.
 //
-// Ops (registered as torch.ops.rankserve.*; x row-major [B, in]; all tensors contiguous, on CPU, one dtype,
+// Ops (registered as torch.ops.<RANKSERVE_OPS>.*; x row-major [B, in]; all tensors contiguous, on CPU, one dtype,
 // float32 or bfloat16; the output has the input dtype):
 //   gemv(x, W[out, in], bias?)                  y = x W^T + b
 //   lowrank_gemv(x, V[r, in], U[out, r], bias?)  y = (x V^T) U^T + b, with x V^T kept in fp32
+//   decode_layer(...)                            one whole decoder layer of one-token decode (decode_layer.h)
+//   native_isa()                                 the vector path compiled in: avx512+bf16, avx512, avx2, scalar
 // There is no transposed-weight variant: the LM head (the tied embedding, [vocab, hidden]) is already [out, in],
 // and a column-blocked x @ Wt kernel reads the same bytes plus accumulator traffic; it measured no faster.
 //
-// ISA paths, chosen at compile time (the extension is built with -march=native):
+// ISA paths, chosen at compile time by the target flags (rankserve/runtime/native.py builds one variant per path):
 //   AVX-512F (+ AVX512-BF16 vdpbf16ps for bf16 x bf16 dot products), AVX2+FMA, and plain scalar C++.
+// The ops are registered in the namespace RANKSERVE_OPS (e.g. rankserve_avx2), one per variant, so that several
+// variants can be loaded into one process and tested side by side.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -490,7 +494,14 @@ std::string isa() {
 }  // namespace
 }  // namespace rankserve
 
-TORCH_LIBRARY(rankserve, m) {
+#ifndef RANKSERVE_OPS
+#error "build with -DRANKSERVE_OPS=<op namespace> (rankserve/runtime/native.py does)"
+#endif
+// TORCH_LIBRARY pastes its namespace argument unexpanded; one more macro level expands RANKSERVE_OPS first.
+#define RANKSERVE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define RANKSERVE_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+RANKSERVE_LIBRARY(RANKSERVE_OPS, m) {
   m.def("gemv(Tensor x, Tensor W, Tensor? bias=None) -> Tensor");
   m.def("lowrank_gemv(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
   m.def("native_isa() -> str", &rankserve::isa);
@@ -502,7 +513,7 @@ TORCH_LIBRARY(rankserve, m) {
       "Tensor slot, Tensor valid_from, int n_heads, int n_kv, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(rankserve, CPU, m) {
+RANKSERVE_LIBRARY_IMPL(RANKSERVE_OPS, CPU, m) {
   m.impl("gemv", &rankserve::gemv);
   m.impl("lowrank_gemv", &rankserve::lowrank_gemv);
   m.impl("decode_layer", &rankserve::decode_layer);
