@@ -175,7 +175,8 @@ def test_accuracy_equals_lm_eval_hf_model(tiny, tmp_path):
         lls = [float(r[0]) for s in out["samples"]["tiny_mc"] for r in s["filtered_resps"]]
         return out["results"]["tiny_mc"], lls
 
-    hf_res, hf_lls = run("hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"}, batch_size=4)
+    hf_args = {"pretrained": str(hf_dir), "dtype": "float32"}
+    hf_res, hf_lls = run("hf", model_args=hf_args, batch_size=4, device="cpu")
     ours_res, ours_lls = run(RankserveLM(pretrained=str(hf_dir), batch_size=4))
     assert len(ours_lls) == len(hf_lls) > 60
     assert max(abs(a - b) for a, b in zip(ours_lls, hf_lls, strict=True)) < 1e-4
