@@ -85,12 +85,13 @@ def load_tasks(names: list[str], include_path: str | None = None) -> list:
     tm = task_manager(names, include_path)
     built = {}
     for name in names:
+        spec = task_spec(tm, name)
         try:
-            built.update(tm.load([task_spec(tm, name)])["tasks"])
-        except FileNotFoundError as e:
-            raise TaskError(f"task {name}: {str(e).splitlines()[0]}") from None
+            built.update(tm.load([spec])["tasks"])
         except Exception as e:  # hub errors come as many types (ConnectionError, OSError, hub exceptions)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(spec, dict) or isinstance(e, FileNotFoundError):  # local data: no hub involved
+                raise TaskError(f"task {name}: cannot load its data ({reason})") from None
             raise TaskError(
                 f"task {name}: its data must be downloaded from the Hugging Face hub and that failed "
                 f"({reason}); run where the hub is reachable, or pass a local task with --include-path DIR"

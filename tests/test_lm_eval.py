@@ -216,6 +216,15 @@ def test_hub_task_fails_with_one_line(ckpt_dir, tmp_path, capsys, monkeypatch):
     assert "hub_mc" in err and "must be downloaded" in err and "--include-path" in err
 
 
+def test_local_task_without_its_data_file_fails_with_one_line(ckpt_dir, tmp_path, capsys):
+    folder = tmp_path / "t"
+    write_task(folder)
+    (folder / "tiny_mc.jsonl").unlink()
+    assert main(["eval", ckpt_dir, "--tasks", "tiny_mc", "--include-path", str(folder)]) == 2
+    err = one_error_line(capsys)
+    assert "task tiny_mc: cannot load its data" in err and "tiny_mc.jsonl" in err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
