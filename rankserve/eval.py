@@ -70,6 +70,43 @@ def _exp(x: float) -> float:
         return math.inf
 
 
+def target_logprobs(
+    model: nn.Module, h: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) (fp32 [N]) and whether the target is the argmax ([N] bool) for hidden states h [N, D].
+
+    The LM head runs only on these N positions, ``_HEAD_CHUNK`` at a time, with fp32 logits.
+    """
+    logps, greedy = [], []
+    for s in range(0, h.shape[0], _HEAD_CHUNK):
+        logits = model.lm_head(h[s : s + _HEAD_CHUNK]).float()  # (n, V)
+        t = targets[s : s + _HEAD_CHUNK]
+        logps.append(torch.log_softmax(logits, dim=-1).gather(-1, t[:, None])[:, 0])
+        greedy.append(logits.argmax(-1) == t)
+    return torch.cat(logps), torch.cat(greedy)
+
+
+def document_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1) -> tuple[float, int]:
+    """(summed NLL, scored tokens) of one document's ids [N] under the same windows as :func:`perplexity`.
+
+    The remainder is kept as a last, shorter window instead of dropped: lm-eval's rolling loglikelihood must
+    score every document, however short. A text of whole windows gives exactly ``perplexity``'s sum.
+    """
+    ids = ids.to(next(model.parameters()).device)
+    full = ids.numel() // seq_len
+    total, scored = 0.0, 0
+    if full:
+        batches = windows(ids, seq_len)  # (W, seq_len)
+        for start in range(0, full, batch_size):
+            total += window_nll(model, batches[start : start + batch_size]).item()
+        scored += full * (seq_len - 1)
+    tail = ids[full * seq_len :]
+    if tail.numel() >= 2:  # a one-token tail has nothing to predict within its window
+        total += window_nll(model, tail[None]).item()
+        scored += tail.numel() - 1
+    return total, scored
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
