@@ -36,7 +36,7 @@ def llamacpp_converter():
     try:
         return converter_dir()
     except ConverterUnavailable as e:
-        msg = f"llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} sdist) is unavailable: {e}"
+        msg = f"llama.cpp's converter (llama-cpp-python=={LLAMA_CPP_PYTHON} sdist, from PyPI) is unavailable: {e}"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
