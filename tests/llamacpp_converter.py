@@ -53,7 +53,12 @@ def converter_dir() -> str:
 def _download_and_extract(download: str, out: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
     cmd += [f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", download, "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise ConverterUnavailable(
+            f"pip download llama-cpp-python=={LLAMA_CPP_PYTHON} took over 30 minutes"
+        ) from None
     sdists = glob.glob(os.path.join(download, "*.tar.gz"))
     if r.returncode != 0 or not sdists:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
