@@ -348,8 +348,9 @@ def _run_llama_cpp(source: str, spec: BenchSpec, res: BackendResult):
     kind, path = resolve(source)
     gdtype = "f32" if spec.dtype == "fp32" else "f16"
     st = os.stat(path)
+    # "v2": exports since the per-architecture Q/K order (Qwen2 is no longer permuted, Mistral is a "llama")
     out = cache_dir(
-        "gguf", f"{os.path.basename(path.rstrip('/'))}-{st.st_size}-{int(st.st_mtime)}-{gdtype}.gguf"
+        "gguf", f"{os.path.basename(path.rstrip('/'))}-{st.st_size}-{int(st.st_mtime)}-{gdtype}-v2.gguf"
     )
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)

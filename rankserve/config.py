@@ -7,8 +7,30 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# HF model_type -> model family file. Near-identical architectures share one implementation.
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+@dataclass(frozen=True)
+class Architecture:
+    """The rules of one HF ``model_type``: which model file runs it and how its files are laid out."""
+
+    family: str  # model family file; near-identical architectures share one implementation
+    hf_class: str  # HF ``architectures[0]``
+    gguf_arch: str  # ``general.architecture`` that llama.cpp's converter (convert_hf_to_gguf.py) writes
+    # The converter reorders Q/K rows (and biases) into adjacent rotary pairs where llama.cpp's rope is the
+    # "normal" (GPT-J) kind: its LlamaModel class does (undo_permute), its Qwen2Model (NeoX rope) does not.
+    gguf_qk_permuted: bool
+
+
+# HF model_type -> its rules. The converter writes HF Mistral as a "llama" GGUF, so "llama" reads back as llama.
+SUPPORTED_MODEL_TYPES = {
+    "llama": Architecture("llama", "LlamaForCausalLM", gguf_arch="llama", gguf_qk_permuted=True),
+    "mistral": Architecture("llama", "MistralForCausalLM", gguf_arch="llama", gguf_qk_permuted=True),
+    "qwen2": Architecture("llama", "Qwen2ForCausalLM", gguf_arch="qwen2", gguf_qk_permuted=False),
+}
+
+
+def model_type_for_gguf(gguf_arch: str) -> str | None:
+    """The HF ``model_type`` rankserve reads a GGUF ``general.architecture`` as (the first that writes it)."""
+    return next((t for t, a in SUPPORTED_MODEL_TYPES.items() if a.gguf_arch == gguf_arch), None)
 
 
 class ConfigError(ValueError):
@@ -40,8 +62,12 @@ class ModelConfig:
     )  # every other key of the source config, kept for round trips
 
     @property
-    def family(self) -> str:
+    def architecture(self) -> Architecture:
         return SUPPORTED_MODEL_TYPES[self.model_type]
+
+    @property
+    def family(self) -> str:
+        return self.architecture.family
 
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
@@ -145,16 +171,13 @@ class ModelConfig:
             d["rope_scaling"] = dict(self.rope_scaling)
         if self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
-        d.setdefault("architectures", [_ARCH_NAMES[self.model_type]])
+        d.setdefault("architectures", [self.architecture.hf_class])
         return d
 
     @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([int(e)] if isinstance(e, int) else [int(x) for x in e])
-
-
-_ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 # ---- validation of HF config values: one line naming the key, the value found and what is expected ----------

@@ -1,4 +1,4 @@
-"""Write a dense model as an F32 or F16 GGUF (for llama.cpp baselines), Q/K re-permuted to llama.cpp's layout."""
+"""Write a dense model as an F32 or F16 GGUF (for llama.cpp baselines), laid out as llama.cpp's converter does."""
 
 from __future__ import annotations
 
@@ -55,13 +55,13 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
             f"GGUF export needs a dense model; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
         )
     cfg = model.config
+    arch = cfg.architecture  # the GGUF arch name and Q/K order llama.cpp's converter would write
     np_dtype = np.float32 if dtype == "f32" else np.float16
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, cfg.model_type)
-        a = cfg.model_type
+        w = gguf.GGUFWriter(tmp, arch.gguf_arch)
         w.add_name("rankserve export")
         w.add_block_count(cfg.num_hidden_layers)
         w.add_context_length(cfg.max_position_embeddings)
@@ -72,7 +72,7 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_rope_dimension_count(cfg.head_dim)
-        w.add_key_value(f"{a}.vocab_size", cfg.vocab_size, gguf.GGUFValueType.UINT32)
+        w.add_key_value(f"{arch.gguf_arch}.vocab_size", cfg.vocab_size, gguf.GGUFValueType.UINT32)
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         if tokenizer_from:
             reader = gguf.GGUFReader(tokenizer_from)
@@ -85,9 +85,9 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             arr = t.detach().to(torch.float32).cpu().numpy()
-            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            if arch.gguf_qk_permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
                 arr = permute_qk(arr, cfg.num_attention_heads)
-            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            elif arch.gguf_qk_permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = permute_qk(arr, cfg.num_key_value_heads)
             # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type
             w.add_tensor(

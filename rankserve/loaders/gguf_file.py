@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp): config from metadata, tensors dequantized, Q/K rows un-permuted to the HF layout."""
+"""GGUF files (llama.cpp): config from metadata, tensors dequantized, Q/K rows in the HF layout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from rankserve.config import ModelConfig
+from rankserve.config import SUPPORTED_MODEL_TYPES, ModelConfig, model_type_for_gguf
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
 class GGUFError(ValueError):
@@ -40,17 +39,17 @@ def _field(reader, key, default=None):
 def gguf_config(reader) -> ModelConfig:
     """A :class:`ModelConfig` from the GGUF metadata (``<arch>.*`` keys)."""
     arch = _field(reader, "general.architecture")
-    if arch not in _ARCH_TO_MODEL_TYPE:
-        raise GGUFError(
-            f"not supported: GGUF architecture {arch!r} (supported: {', '.join(_ARCH_TO_MODEL_TYPE)})"
-        )
+    model_type = model_type_for_gguf(arch)
+    if model_type is None:
+        archs = sorted({a.gguf_arch for a in SUPPORTED_MODEL_TYPES.values()})
+        raise GGUFError(f"not supported: GGUF architecture {arch!r} (supported: {', '.join(archs)})")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
     d = dict(
-        model_type=_ARCH_TO_MODEL_TYPE[arch],
+        model_type=model_type,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")),
@@ -65,16 +64,16 @@ def gguf_config(reader) -> ModelConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     )
-    if arch == "qwen2":
-        d["attention_bias"] = True
+    d["attention_bias"] = "blk.0.attn_q.bias" in names
     if _field(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
         raise GGUFError(f"not supported: GGUF rope scaling {_field(reader, f'{arch}.rope.scaling.type')!r}")
     return ModelConfig.from_hf(d)
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row order: GGUF interleaves each head's rotary pairs (2i, 2i+1), HF keeps the
-    two halves apart (i, i + hd/2). Rows [n_heads * hd, ...] (a bias is a one-column case)."""
+    """Undo llama.cpp's Q/K row order for the archs whose converter permutes (``gguf_qk_permuted``): GGUF
+    interleaves each head's rotary pairs (2i, 2i+1), HF keeps the two halves apart (i, i + hd/2).
+    Rows [n_heads * hd, ...] (a bias is a one-column case)."""
     shape = w.shape
     hd = shape[0] // n_heads
     return w.reshape(n_heads, hd // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
@@ -84,6 +83,7 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF-named fp32 tensors from a GGUF reader, dequantized once each."""
     from gguf.quants import dequantize
 
+    permuted = cfg.architecture.gguf_qk_permuted
     out = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")  # e.g. "blk.3.attn_q", "weight"
@@ -100,13 +100,19 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             )
         else:
             raise GGUFError(f"not supported: GGUF tensor {t.name!r}")
-        a = dequantize(t.data, t.tensor_type)
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise GGUFError(
+                f"not supported: GGUF tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
+                "cannot dequantize; requantize the file to a supported type (e.g. Q8_0, Q4_K, F16)"
+            ) from None
         a = np.asarray(a, dtype=np.float32).reshape(
             [int(x) for x in reversed(t.shape)]
         )  # ggml order is reversed
-        if stem.endswith("attn_q"):
+        if permuted and stem.endswith("attn_q"):
             a = unpermute_qk(a, cfg.num_attention_heads)
-        elif stem.endswith("attn_k"):
+        elif permuted and stem.endswith("attn_k"):
             a = unpermute_qk(a, cfg.num_key_value_heads)
         # Copy into torch-owned memory: GEMV over numpy's (4 KB-page) allocations measured ~4x slower here than
         # over the same values in torch's allocations (prefetchers and TLB reach stop at page boundaries).
