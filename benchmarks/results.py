@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--progress", action="store_true", help="show progress bars (stderr)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the docs from the cache")
     p.add_argument(
+        "--no-dense", action="store_true", help="skip the dense row (e.g. another run measures it)"
+    )
+    p.add_argument(
         "--merge",
         action="append",
         default=[],
@@ -124,7 +127,8 @@ def plan(args) -> list[tuple[str, float, str]]:
     bad = [f for f in fams if f not in FAMILIES] + [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"results.py: unknown family or rank mode: {', '.join(bad)}")
-    return [("dense", 0.0, "-")] + [(f, r, m) for r in ratios for f in fams for m in modes]
+    dense = [] if getattr(args, "no_dense", False) else [("dense", 0.0, "-")]
+    return dense + [(f, r, m) for r in ratios for f in fams for m in modes]
 
 
 def ood_path(args) -> str | None:
@@ -413,6 +417,19 @@ def _table(have: list[tuple[str, dict]], proto: tuple[int, int | None], dense: d
         )
     lines.append("")
     lines += _orderings(have)
+    spread = [
+        f"- {r['family']} {r['ratio']:g} {r['ranks']}: "
+        + ", ".join(f"{kind} {'/'.join(map(str, v))}" for kind, v in r["ranks_by_kind"].items())
+        for _, r in have
+        if r["ranks"] in MODES[1:] and not r.get("reused") and r.get("ranks_by_kind")
+    ]
+    if spread:
+        lines += [
+            "Ranks chosen per projection kind (min/median/max) where they are not uniform:",
+            "",
+            *spread,
+            "",
+        ]
     whit = {}
     for _, r in have:
         for k, v in (r.get("whitening") or {}).items():

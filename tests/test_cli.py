@@ -86,6 +86,11 @@ def test_inspect_json(tiny_dir):
         (["generate", "{empty}", "--prompt", "x"], "has no config.json"),
         (["generate", "{gpt2}", "--prompt", "x"], "not supported: model_type 'gpt2'"),
         (["inspect", "{tiny}", "--threads", "0"], "--threads must be >= 1"),
+        (
+            ["compress", "{tiny}", "--family", "svd-llm", "--ratio", "0.4", "--ranks", "sensitivity"]
+            + ["--sensitivity-samples", "0", "--out", "{empty}/out"],
+            "sensitivity_samples must be an int >= 1",
+        ),
     ],
 )
 def test_bad_input_gives_one_line(tiny_dir, tmp_path, args, pattern):
