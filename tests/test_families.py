@@ -134,7 +134,8 @@ def test_sensitivity_gives_rank_to_a_matrix_the_loss_depends_on(family):
         model = tiny_model()
         with torch.no_grad():
             projection_names(model)[name].weight.mul_(scale)
-        return compress_(model, config_class(family)(ratio=0.4, ranks="sensitivity"), toks, progress=False)
+        cfg = config_class(family)(ratio=0.4, ranks="sensitivity", sensitivity_samples=8)
+        return compress_(model, cfg, toks, progress=False)
 
     plain, sensitive = run(1.0), run(8.0)
     slot = next(s for s in sensitive.slots if name in s.members)
@@ -145,7 +146,7 @@ def test_sensitivity_gives_rank_to_a_matrix_the_loss_depends_on(family):
     assert run(8.0).ranks() == sensitive.ranks()  # deterministic
     # the manifest records the allocator, its settings and each slot's estimate
     d = json.loads(json.dumps(sensitive.to_dict()))
-    assert d["rank_mode"] == "sensitivity" and d["allocation"]["samples"] == 4
+    assert d["rank_mode"] == "sensitivity" and d["allocation"]["samples"] == 8
     assert d["allocation"]["est_loss_chosen"] < d["allocation"]["est_loss_uniform"]
     assert all(e["est_loss_increase"] >= 0 for e in d["layers"].values())
     cfg = config_from_dict({"family": family, "ranks": "sensitivity", "sensitivity_samples": 3})
