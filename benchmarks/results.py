@@ -340,7 +340,7 @@ def write_report(args, cache: dict) -> None:
         "samples and the family's own factorization, then one global threshold on loss per parameter; see "
         "`rankserve/compress.py`).",
         "- Compress time: wall time of `compress_` (statistics passes + decompositions) on 2 CPU cores shared with "
-        "other jobs (load average 10-16 during the 512-token runs), calibration tokenization excluded, so wall "
+        "other jobs (load average 15-19 during the 512-token runs: each run got about a tenth of a core), calibration tokenization excluded, so wall "
         "times are rough; the CPU time of the process is the steadier measure of the work.",
         "",
     ]
