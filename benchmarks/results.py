@@ -1,12 +1,17 @@
-"""The RESULTS table: WikiText-2 perplexity of SmolLM2-135M, dense and compressed by every family.
+"""The RESULTS tables: perplexity of SmolLM2-135M, dense and compressed by every family and rank allocator.
 
 Each row compresses a fresh copy of the dense model in memory (``compress_``) and measures perplexity with
-``rankserve.eval.perplexity`` (non-overlapping windows of ``--seq-len`` tokens of the raw test split, the first
-``--max-windows`` of them). Calibration windows come from the tokenized VALIDATION split, read by path; the test
-split is only ever used for perplexity. Rows are cached in ``--cache`` as they finish, so a run can be stopped
-and resumed, and ``--report-only`` rewrites ``docs/RESULTS.md`` and ``docs/ppl_vs_ratio.png`` from the cache.
+``rankserve.eval.perplexity`` (non-overlapping windows of ``--seq-len`` tokens, the first ``--max-windows`` of
+them) on the raw WikiText-2 test split and on an out-of-domain corpus (``--ood-data``; by default the Lee
+background corpus, fetched by ``benchmarks/corpora.py``; ``none`` skips it). Calibration windows come from the
+tokenized WikiText-2 VALIDATION split, read by path; neither evaluation text is ever used for calibration.
+Rows are cached in ``--cache`` as they finish, keyed by row and protocol (seq-len x windows), so a run can be
+stopped and resumed and two protocols live side by side; ``--report-only`` rewrites ``docs/RESULTS.md`` and
+``docs/ppl_vs_ratio.png`` from the cache.
 
     nice -n 10 python benchmarks/results.py --threads 1 --max-windows 8
+    nice -n 5 python benchmarks/results.py --threads 2 --seq-len 512 --max-windows 8 \
+        --families svd-llm,basis-sharing --ratios 0.2,0.4 --ranks uniform,adaptive,sensitivity
     python benchmarks/results.py --report-only
 
 ``ratio`` is the fraction of decoder linear-layer parameters REMOVED (SVD-LLM convention: 0.4 keeps 60%).
@@ -30,7 +35,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
 FAMILIES = ["svd", "fwsvd", "asvd", "svd-llm", "basis-sharing"]
 RATIOS = [0.2, 0.4, 0.6]
-MODES = ["uniform", "adaptive"]
+MODES = ["uniform", "adaptive", "sensitivity"]
+# The protocol of the first table (its rows are keyed without a protocol suffix in the cache).
+FIRST_PROTOCOL = (2048, 8)
+# Rows the second protocol exists for (issue 11): in-domain vs out-of-domain for the two usable families.
+OOD_ROWS = [(f, r, m) for f in ("svd-llm", "basis-sharing") for r in (0.2, 0.4) for m in MODES]
 
 
 def parse_args(argv=None):
@@ -41,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--ranks", default=",".join(MODES), help="uniform,adaptive or one of them")
     p.add_argument("--calib-data", default=os.path.join(DATA, "valid.tokens.txt"))
     p.add_argument("--test-data", default=os.path.join(DATA, "test.txt"))
+    p.add_argument(
+        "--ood-data",
+        default=None,
+        help="out-of-domain text (default: the Lee background corpus via benchmarks/corpora.py; 'none' skips)",
+    )
+    p.add_argument("--sensitivity-samples", type=int, default=4, help="ranks=sensitivity: gradient samples")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -54,6 +69,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true", help="show progress bars (stderr)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the docs from the cache")
+    p.add_argument(
+        "--no-dense", action="store_true", help="skip the dense row (e.g. another run measures it)"
+    )
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="another cache file (e.g. of a run in parallel): its rows that --cache lacks are added first",
+    )
     return p.parse_args(argv)
 
 
@@ -87,8 +111,14 @@ def save_cache(path: str, cache: dict) -> None:
     os.replace(tmp, path)  # a crash mid-write never loses the finished rows
 
 
-def row_key(family: str, ratio: float, mode: str) -> str:
-    return "dense" if family == "dense" else f"{family}|{ratio:g}|{mode}"
+def protocol(seq_len: int, max_windows: int | None) -> str:
+    return f"{seq_len}x{max_windows or 'all'}"
+
+
+def row_key(family: str, ratio: float, mode: str, seq_len: int = 2048, max_windows: int | None = 8) -> str:
+    base = "dense" if family == "dense" else f"{family}|{ratio:g}|{mode}"
+    first = (seq_len, max_windows) == FIRST_PROTOCOL
+    return base if first else f"{base}@{protocol(seq_len, max_windows)}"
 
 
 def plan(args) -> list[tuple[str, float, str]]:
@@ -99,7 +129,26 @@ def plan(args) -> list[tuple[str, float, str]]:
     bad = [f for f in fams if f not in FAMILIES] + [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"results.py: unknown family or rank mode: {', '.join(bad)}")
-    return [("dense", 0.0, "-")] + [(f, r, m) for r in ratios for f in fams for m in modes]
+    dense = [] if getattr(args, "no_dense", False) else [("dense", 0.0, "-")]
+    return dense + [(f, r, m) for r in ratios for f in fams for m in modes]
+
+
+def ood_path(args) -> str | None:
+    """The out-of-domain text: ``--ood-data`` as given, none, or the Lee corpus fetched into the cache."""
+    if args.ood_data == "none":
+        return None
+    if args.ood_data:
+        return args.ood_data
+    from corpora import fetch  # benchmarks/corpora.py, next to this file
+
+    return fetch()
+
+
+def _done(row: dict | None, st: dict, ood: dict | None) -> bool:
+    """A cached row counts when its settings match and, if an OOD corpus is asked for, it measured that one."""
+    if not row or row.get("settings") != st:
+        return False
+    return ood is None or (row.get("ood") or {}).get("sha256") == ood["sha256"]
 
 
 def run_rows(args, cache: dict) -> None:
@@ -113,39 +162,53 @@ def run_rows(args, cache: dict) -> None:
         torch.set_num_threads(args.threads)
     calib_sha, test_sha = file_sha256(args.calib_data), file_sha256(args.test_data)
     st = settings(args, calib_sha, test_sha)
+    path = ood_path(args)
+    ood = None if path is None else {"file": os.path.basename(path), "sha256": file_sha256(path)}
     rows = cache.setdefault("rows", {})
-    todo = [r for r in plan(args) if rows.get(row_key(*r), {}).get("settings") != st]
+
+    def key(r: tuple[str, float, str]) -> str:
+        return row_key(*r, args.seq_len, args.max_windows)
+
+    todo = [r for r in plan(args) if not _done(rows.get(key(r)), st, ood)]
     if not todo:
         print("every requested row is cached", flush=True)
         return
     lm = load_model(args.model)
     dense = lm.model
+    texts = {}
     with open(args.test_data, encoding="utf-8") as f:
-        test_text = f.read()
+        texts["wikitext"] = f.read()
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            texts["ood"] = f.read()
     t0 = time.perf_counter()
     calib = text_calibration(args.calib_data, lm.tokenizer, args.calib_samples, args.calib_seq_len, args.seed)
     calib_s = time.perf_counter() - t0
     for family, ratio, mode in todo:
-        key = row_key(family, ratio, mode)
-        if rows.get(key, {}).get("settings") == st:
+        k = key((family, ratio, mode))
+        if _done(rows.get(k), st, ood):
             continue  # filled meanwhile (an adaptive row reused its uniform twin)
-        print(f"[{datetime.datetime.now():%H:%M:%S}] {key} ...", flush=True)
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {k} ...", flush=True)
         row = {
             "family": family,
             "ratio": ratio,
             "ranks": mode,
             "settings": st,
             "threads": torch.get_num_threads(),
+            "cpu": cpu_model(),
         }
         if family == "dense":
             model = dense
         else:
-            cfg = config_class(family)(ratio=ratio, ranks=mode)
+            fields = {"ratio": ratio, "ranks": mode}
+            if mode == "sensitivity":
+                fields["sensitivity_samples"] = args.sensitivity_samples
+            cfg = config_class(family)(**fields)
             if mode == "adaptive" and not type(cfg).supports_adaptive:
-                twin = row_key(family, ratio, "uniform")
-                if rows.get(twin, {}).get("settings") == st:
-                    rows[key] = {**rows[twin], "ranks": mode, "reused": twin}
-                    rows[key]["notes"] = rows[twin].get("notes", []) + [
+                twin = key((family, ratio, "uniform"))
+                if _done(rows.get(twin), st, ood):
+                    rows[k] = {**rows[twin], "ranks": mode, "reused": twin}
+                    rows[k]["notes"] = rows[twin].get("notes", []) + [
                         f"{family} has no adaptive mode: same model as the uniform row"
                     ]
                     save_cache(args.cache, cache)
@@ -165,28 +228,35 @@ def run_rows(args, cache: dict) -> None:
                 notes=rep.notes,
                 calibration={**calib.to_dict(), "build_s": round(calib_s, 2)},
                 ranks_by_kind=_ranks_by_kind(rep),
+                allocation=rep.allocation,
             )
-        t1 = time.perf_counter()
-        ppl = perplexity(
-            model,
-            lm.tokenizer,
-            test_text,
-            seq_len=args.seq_len,
-            max_windows=args.max_windows,
-            progress=args.progress,
-        )
-        row.update(
-            perplexity=ppl["perplexity"],
-            nll=ppl["nll"],
-            windows=ppl["windows"],
-            tokens=ppl["tokens"],
-            eval_s=time.perf_counter() - t1,
-            finished=f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
-        )
-        rows[key] = row
+        for corpus, text in texts.items():
+            t1 = time.perf_counter()
+            ppl = perplexity(
+                model,
+                lm.tokenizer,
+                text,
+                seq_len=args.seq_len,
+                max_windows=args.max_windows,
+                progress=args.progress,
+            )
+            measured = {
+                "perplexity": ppl["perplexity"],
+                "nll": ppl["nll"],
+                "windows": ppl["windows"],
+                "tokens": ppl["tokens"],
+                "eval_s": time.perf_counter() - t1,
+            }
+            if corpus == "wikitext":
+                row.update(measured)
+            else:
+                row["ood"] = {**ood, **measured}
+        row["finished"] = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+        rows[k] = row
         save_cache(args.cache, cache)
         print(
             f"    ppl {row['perplexity']:.3f}"
+            + (f", ood ppl {row['ood']['perplexity']:.3f}" if "ood" in row else "")
             + (
                 f", achieved {row['achieved_ratio']:.4f}, compress {row['compress_s']:.0f} s"
                 if family != "dense"
@@ -197,6 +267,18 @@ def run_rows(args, cache: dict) -> None:
         )
         if model is not dense:
             del model
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _ranks_by_kind(rep) -> dict[str, list[int]]:
@@ -213,66 +295,118 @@ def _ranks_by_kind(rep) -> dict[str, list[int]]:
 # report
 
 
+def _protocol_of(r: dict) -> tuple[int, int | None]:
+    return r["settings"]["seq_len"], r["settings"]["max_windows"]
+
+
 def write_report(args, cache: dict) -> None:
     rows = cache.get("rows", {})
-    wanted = plan(args)
-    have = [(k, rows[k]) for k in (row_key(*r) for r in wanted) if k in rows]
-    missing = [row_key(*r) for r in wanted if row_key(*r) not in rows]
-    if not have:
+    if not rows:
         print("no finished rows in the cache; nothing to report", file=sys.stderr)
         return
-    st = have[0][1]["settings"]
-    dense_ppl = rows.get("dense", {}).get("perplexity")
     from rankserve.families import RANK_RULE, RATIO_CONVENTION
 
-    win = have[0][1]["windows"]
+    # one table per protocol, the cheaper (newer) one with both corpora first
+    tables: dict[tuple[int, int | None], list[tuple[str, dict]]] = {}
+    for k, r in rows.items():
+        tables.setdefault(_protocol_of(r), []).append((k, r))
+    order = sorted(tables, key=lambda p: (p == FIRST_PROTOCOL, p[0]))
+    st = tables[order[0]][0][1]["settings"]
     lines = [
-        "# Results: WikiText-2 perplexity of compressed SmolLM2-135M",
+        "# Results: perplexity of compressed SmolLM2-135M, in domain (WikiText-2) and out of domain (Lee corpus)",
         "",
         f'**Ratio convention:** `ratio` = {RATIO_CONVENTION}; {RANK_RULE}. "achieved" is the measured fraction '
         "removed (shared bases counted once).",
         "",
         f"- Model: `{st['model']}` (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32), compressed in memory.",
-        f"- Perplexity: raw WikiText-2 **test** split (`{st['test_file']}`, sha256 `{st['test_sha256'][:16]}...`), "
-        f"non-overlapping windows of {st['seq_len']} tokens, **the first {win} windows only** "
-        f"({have[0][1]['tokens']:,} scored tokens) out of the whole test set, to fit the shared 2-core CPU. "
-        "Numbers are comparable with each other, not with full-test-set numbers in papers.",
+        "- Two perplexity protocols, each its own table, never mixed: non-overlapping windows of the raw text, the "
+        "first N windows only, to fit the shared 2-core CPU (numbers compare within a table, not with papers' "
+        "full-test-set numbers). The first table is the newer, cheaper one (512-token windows) and has both "
+        "corpora; the second is the original 2048-token table, WikiText only.",
+        f"- WikiText-2: the raw **test** split (`{st['test_file']}`, sha256 `{st['test_sha256'][:16]}...`).",
+        "- Out of domain: the **Lee background corpus** (300 ABC news articles, 360 kB of prose; "
+        "`gensim/test/test_data/lee_background.cor` inside the PyPI wheel `gensim==4.4.0`), fetched at benchmark "
+        "time by `benchmarks/corpora.py` into `~/.cache/rankserve/corpora/` and checked by sha256; never committed "
+        "and **never used for calibration**. *not measured* marks rows measured before this column existed.",
         f"- Calibration (every compressed row, identical tokens): {st['calib_samples']} samples x "
         f"{st['calib_seq_len']} tokens at seeded random offsets (seed {st['seed']}) of the tokenized WikiText-2 "
         f"**validation** split (`{st['calib_file']}`, sha256 `{st['calib_sha256'][:16]}...`), read by path. "
         "`svd` uses no data; `fwsvd` uses the same samples for its gradients.",
-        "- Adaptive ranks: one greedy allocation of the uniform parameter budget over whitened spectra (svd-llm), "
-        "activation-scaled spectra (asvd) or plain spectra (svd, fwsvd), from a statistics pass over the dense "
-        "model. Basis Sharing has no adaptive mode: its adaptive rows are its uniform rows.",
-        "- Compress time: wall time of `compress_` (statistics passes + decompositions) with 1 torch thread "
-        "(`--threads 1`) unless marked, on 2 CPU cores shared with other jobs; calibration tokenization excluded. "
-        "Two threads were much slower while other processes held a core (the FWSVD backward pass: 21 s vs 4.7 s "
-        "per sample), and other jobs sometimes paused this one, so wall times are rough; the CPU time of the "
-        "process (one thread) is the steadier measure of the work.",
+        "- Rank allocators, all with the uniform ranks' parameter budget: `uniform`; `adaptive` (one greedy "
+        "allocation over whitened spectra (svd-llm), activation-scaled spectra (asvd) or plain spectra (svd, "
+        "fwsvd), from a statistics pass over the dense model; Basis Sharing has none, its adaptive rows are its "
+        "uniform rows); `sensitivity` (by the calibration loss: the K-FAC second-order estimate of the NLL increase "
+        "of truncating each slot alone at every rank, from one backward pass per sample over the first calibration "
+        "samples and the family's own factorization, then one global threshold on loss per parameter; see "
+        "`rankserve/compress.py`).",
+        "- Compress time: wall time of `compress_` (statistics passes + decompositions) on 2 CPU cores shared with "
+        "other jobs (load average 15-19 during the 512-token runs: each run got about a tenth of a core), calibration tokenization excluded, so wall "
+        "times are rough; the CPU time of the process is the steadier measure of the work.",
+        "",
+    ]
+    for proto in order:
+        lines += _table(tables[proto], proto, rows.get(row_key("dense", 0, "-", *proto)))
+    lines.append(
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, {platform.machine()}, "
+        f"torch {torch.__version__}."
+    )
+    lines.append("")
+    lines.append("![perplexity vs ratio](ppl_vs_ratio.png)")
+    os.makedirs(os.path.dirname(args.md), exist_ok=True)
+    with open(args.md, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(args.png, [(p, tables[p], rows.get(row_key("dense", 0, "-", *p))) for p in order])
+    print(f"wrote {args.md} and {args.png} ({len(rows)} rows)", flush=True)
+
+
+def _table(have: list[tuple[str, dict]], proto: tuple[int, int | None], dense: dict | None) -> list[str]:
+    seq_len, windows = proto
+    r0 = have[0][1]
+    st = r0["settings"]
+    dense_ppl = dense["perplexity"] if dense else None
+    dense_ood = (dense or {}).get("ood", {}).get("perplexity")
+    threads = sorted({r.get("threads", 1) for _, r in have})
+    lines = [
+        f"## Protocol: windows of {seq_len} tokens, the first {windows or 'all'} "
+        f"({r0['tokens']:,} scored WikiText tokens per row)",
         "",
         "Command:",
         "",
         "```",
-        "nice -n 10 python benchmarks/results.py --threads 1 --max-windows "
-        f"{st['max_windows']} --calib-samples {st['calib_samples']} --calib-seq-len {st['calib_seq_len']} "
-        f"--seed {st['seed']} --seq-len {st['seq_len']}",
+        f"nice -n {5 if proto != FIRST_PROTOCOL else 10} python benchmarks/results.py --threads "
+        f"{','.join(map(str, threads))} --max-windows {st['max_windows']} --seq-len {st['seq_len']} "
+        f"--calib-samples {st['calib_samples']} --calib-seq-len {st['calib_seq_len']} --seed {st['seed']}"
+        + (
+            " --families svd-llm,basis-sharing --ratios 0.2,0.4 --ranks uniform,adaptive,sensitivity"
+            if proto != FIRST_PROTOCOL
+            else " --ood-data none --ranks uniform,adaptive"
+        ),
         "```",
         "",
-        "| family | ranks | ratio (removed) | achieved | linear params kept | perplexity | x dense "
-        "| compress wall s | compress CPU s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| family | ranks | ratio (removed) | achieved | linear params kept | WikiText ppl | x dense "
+        "| Lee ppl | x dense | compress wall s | compress CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fam_order = {f: i for i, f in enumerate(["dense", *FAMILIES])}
-    have.sort(
+    have = sorted(
+        have,
         key=lambda kr: (
             kr[1]["ratio"],
             fam_order[kr[1]["family"]],
             MODES.index(kr[1]["ranks"]) if kr[1]["ranks"] in MODES else -1,
-        )
+        ),
     )
-    for key, r in have:
-        if key == "dense":
-            lines.append(f"| dense | - | 0 | 0 | 100% | {r['perplexity']:.2f} | 1.00 | - | - |")
+    for _, r in have:
+        ood = r.get("ood", {}).get("perplexity")
+        ood_cells = (
+            f"{_fmt(ood)} | {_fmt(ood / dense_ood) if dense_ood else '-'}"
+            if ood is not None
+            else "*not measured* | -"
+        )
+        if r["family"] == "dense":
+            lines.append(
+                f"| dense | - | 0 | 0 | 100% | {_fmt(r['perplexity'])} | 1.00 | {ood_cells} | - | - |"
+            )
             continue
         kept = r["params_linear_after"] / r["params_linear_before"]
         rel = r["perplexity"] / dense_ppl if dense_ppl else float("nan")
@@ -280,13 +414,36 @@ def write_report(args, cache: dict) -> None:
         cpu = f"{r['compress_cpu_s']:.0f}" if "compress_cpu_s" in r else "-"
         lines.append(
             f"| {r['family']} | {mode} | {r['ratio']:g} | {r['achieved_ratio']:.4f} | {kept:.1%} | "
-            f"{_fmt(r['perplexity'])} | {_fmt(rel)} | {r['compress_s']:.0f}{_threads_mark(r)} | {cpu} |"
+            f"{_fmt(r['perplexity'])} | {_fmt(rel)} | {ood_cells} | {r['compress_s']:.0f}{_threads_mark(r)} "
+            f"| {cpu} |"
         )
     lines.append("")
-    if missing:
-        lines.append(f"**Not finished** (not in the table): {', '.join(missing)}.")
-        lines.append("")
+    if proto != FIRST_PROTOCOL:
+        keys = {k for k, _ in have}
+        missing = [
+            row_key(*r, *proto).split("@")[0]
+            for r in OOD_ROWS
+            if row_key(*r, *proto) not in keys and not (r[0] == "basis-sharing" and r[2] == "adaptive")
+        ]
+        if missing:
+            lines += [
+                f"**Not measured in this protocol** (no time left on the shared CPU): {', '.join(missing)}.",
+                "",
+            ]
     lines += _orderings(have)
+    spread = [
+        f"- {r['family']} {r['ratio']:g} {r['ranks']}: "
+        + ", ".join(f"{kind} {'/'.join(map(str, v))}" for kind, v in r["ranks_by_kind"].items())
+        for _, r in have
+        if r["ranks"] in MODES[1:] and not r.get("reused") and r.get("ranks_by_kind")
+    ]
+    if spread:
+        lines += [
+            "Ranks chosen per projection kind (min/median/max) where they are not uniform:",
+            "",
+            *spread,
+            "",
+        ]
     whit = {}
     for _, r in have:
         for k, v in (r.get("whitening") or {}).items():
@@ -298,20 +455,11 @@ def write_report(args, cache: dict) -> None:
             + "."
         )
         lines.append("")
-    lines.append(
-        f"Machine: {platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores (shared)."
-    )
-    lines.append("")
-    lines.append("![perplexity vs ratio](ppl_vs_ratio.png)")
-    os.makedirs(os.path.dirname(args.md), exist_ok=True)
-    with open(args.md, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    _plot(args.png, have, dense_ppl, win, st["seq_len"])
-    print(f"wrote {args.md} and {args.png} ({len(have)} rows, {len(missing)} missing)", flush=True)
+    return lines
 
 
 def _orderings(have) -> list[str]:
-    """Families from best to worst perplexity at each ratio (uniform ranks), and where adaptive ranks helped."""
+    """Families from best to worst at each ratio (uniform ranks), and how each allocator did against uniform."""
     out = []
     ratios = sorted({r["ratio"] for _, r in have if r["family"] != "dense"})
     for ratio in ratios:
@@ -319,26 +467,30 @@ def _orderings(have) -> list[str]:
             (r for _, r in have if r["ratio"] == ratio and r["ranks"] == "uniform"),
             key=lambda r: r["perplexity"],
         )
-        if uni:
+        if len(uni) > 1:
             out.append(
                 f"- ratio {ratio:g}, uniform ranks, best to worst: "
                 + " < ".join(f"{r['family']} ({_fmt(r['perplexity'])})" for r in uni)
             )
-    pairs = {}
+    pairs: dict[tuple[str, float], dict[str, dict]] = {}
     for _, r in have:
         if r["family"] != "dense" and not r.get("reused"):
-            pairs.setdefault((r["family"], r["ratio"]), {})[r["ranks"]] = r["perplexity"]
-    better = [
-        f"{f} {q:g}" for (f, q), d in sorted(pairs.items()) if len(d) == 2 and d["adaptive"] < d["uniform"]
-    ]
-    worse = [
-        f"{f} {q:g}" for (f, q), d in sorted(pairs.items()) if len(d) == 2 and d["adaptive"] >= d["uniform"]
-    ]
-    if better or worse:
-        out.append(
-            f"- adaptive ranks lowered perplexity for: {', '.join(better) or 'none'}; "
-            f"raised it for: {', '.join(worse) or 'none'}"
-        )
+            pairs.setdefault((r["family"], r["ratio"]), {})[r["ranks"]] = r
+    for mode in MODES[1:]:
+        cmp = []
+        for (f, q), d in sorted(pairs.items()):
+            if mode in d and "uniform" in d:
+                change = d[mode]["perplexity"] / d["uniform"]["perplexity"] - 1
+                text = f"{f} {q:g}: WikiText {change:+.1%}"
+                if "ood" in d[mode] and "ood" in d["uniform"]:
+                    text += (
+                        f", Lee {d[mode]['ood']['perplexity'] / d['uniform']['ood']['perplexity'] - 1:+.1%}"
+                    )
+                cmp.append(text)
+        if cmp:
+            out.append(
+                f"- `{mode}` ranks vs uniform (perplexity change, negative = better): " + "; ".join(cmp)
+            )
     return ["Read from the table:", "", *out, ""] if out else []
 
 
@@ -352,41 +504,53 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
-def _plot(path: str, have, dense_ppl, windows: int, seq_len: int) -> None:
+def _plot(path: str, tables) -> None:
+    """One panel per (protocol, corpus) with data: perplexity against ratio, a line per family and allocator."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for key, r in have:
-        if key != "dense" and not r.get("reused") and math.isfinite(r["perplexity"]):
-            lines.setdefault((r["family"], r["ranks"]), []).append((r["ratio"], r["perplexity"]))
-    colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for (fam, mode), pts in sorted(lines.items(), key=lambda kv: (FAMILIES.index(kv[0][0]), kv[0][1])):
-        pts.sort()
-        if dense_ppl:
-            pts = [(0.0, dense_ppl), *pts]
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(
-            xs,
-            ys,
-            marker="o",
-            color=colors[fam],
-            ls="-" if mode == "uniform" else "--",
-            label=f"{fam} ({mode})",
+    panels = []
+    for proto, have, dense in tables:
+        panels.append(
+            (proto, "WikiText-2 test", have, dense and dense["perplexity"], lambda r: r["perplexity"])
         )
-    if dense_ppl:
-        ax.axhline(dense_ppl, color="gray", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("ratio = fraction of linear-layer parameters removed")
-    ax.set_ylabel("WikiText-2 perplexity (log scale)")
-    ax.set_title(f"SmolLM2-135M, WikiText-2 test, first {windows} windows of {seq_len} tokens")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        if any("ood" in r for _, r in have):
+            panels.append(
+                (
+                    proto,
+                    "Lee corpus (out of domain)",
+                    [(k, r) for k, r in have if "ood" in r],
+                    dense and dense.get("ood", {}).get("perplexity"),
+                    lambda r: r["ood"]["perplexity"],
+                )
+            )
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
+    colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    styles = {"uniform": "-", "adaptive": "--", "sensitivity": ":"}
+    for ax, (proto, corpus, have, dense_ppl, value) in zip(axes[0], panels, strict=True):
+        lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for _, r in have:
+            if r["family"] != "dense" and not r.get("reused") and math.isfinite(value(r)):
+                lines.setdefault((r["family"], r["ranks"]), []).append((r["ratio"], value(r)))
+        for (fam, mode), pts in sorted(lines.items(), key=lambda kv: (FAMILIES.index(kv[0][0]), kv[0][1])):
+            pts.sort()
+            if dense_ppl:
+                pts = [(0.0, dense_ppl), *pts]
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", color=colors[fam], ls=styles[mode], label=f"{fam} ({mode})")
+        if dense_ppl:
+            ax.axhline(dense_ppl, color="gray", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("ratio = fraction of linear-layer parameters removed")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{corpus}, first {proto[1] or 'all'} windows of {proto[0]}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M compressed")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -395,6 +559,12 @@ def main(argv=None) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         args.max_windows = None
     cache = load_cache(args.cache)
+    for other in args.merge:
+        rows = cache.setdefault("rows", {})
+        added = {k: r for k, r in load_cache(other).get("rows", {}).items() if k not in rows}
+        rows.update(added)
+        save_cache(args.cache, cache)
+        print(f"merged {len(added)} rows from {other}", flush=True)
     if not args.report_only:
         run_rows(args, cache)
     write_report(args, cache)

@@ -9,7 +9,15 @@ The flow, for any registered family:
    ``adaptive``: the same parameter budget is spent greedily where each family's spectrum says truncation hurts
    least (linalg.allocate_ranks). The layer-by-layer pipeline truncates each layer before it sees the next, so
    adaptive ranks first run a statistics pass over the DENSE model to get every slot's spectrum, then the
-   compressing pass. ``rank_overrides`` (exact name or regex) win over both.
+   compressing pass. ``sensitivity``: the same budget spent where the calibration LOSS says truncation hurts
+   least. One backward pass per sample over the first ``sensitivity_samples`` calibration samples gives each
+   projection's output-gradient moment ``E[g g^T]``; a statistics pass over the dense model on the same samples
+   gives its input moment ``E[x x^T]`` (and the family's statistics); the family's own expansion (e.g. SVD-LLM's whitened SVD) then yields the K-FAC
+   second-order estimate of the loss increase at EVERY rank from one factorization
+   (linalg.kfac_truncation_loss), and a global threshold on loss per parameter meets the budget
+   (linalg.allocate_ranks_by_loss). A Basis Sharing group is one item: its shared basis is truncated for the
+   whole group at once, at the stacked matrix's cost per rank. ``rank_overrides`` (exact name or regex) win
+   over every mode.
 3. Families that read gradients (FWSVD) get them from one backward pass per sample over the dense model.
 4. Families that read activations are compressed unit by unit (a unit is one decoder block, or a Basis Sharing
    group of blocks): the statistics of a unit come from running its dense blocks on the hidden states produced
@@ -34,10 +42,22 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rankserve.calibration import Calibration, LayerPipeline, fisher_row_importance, projection_names
+from rankserve.calibration import (
+    Calibration,
+    LayerPipeline,
+    fisher_row_importance,
+    output_grad_moments,
+    projection_names,
+)
 from rankserve.families import RANK_RULE, RATIO_CONVENTION, FamilyConfig, Slot, SlotData, transform_for
 from rankserve.layers import DenseLinear, replace_module
-from rankserve.linalg import allocate_ranks, max_useful_rank, rank_for_ratio
+from rankserve.linalg import (
+    allocate_ranks,
+    allocate_ranks_by_loss,
+    kfac_truncation_loss,
+    max_useful_rank,
+    rank_for_ratio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +91,7 @@ class CompressionReport:
     wall_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     ratio_convention: str = RATIO_CONVENTION
+    allocation: dict[str, Any] | None = None  # how ranks="sensitivity" chose (settings, estimates, time)
 
     @property
     def params_before(self) -> int:
@@ -128,6 +149,7 @@ class CompressionReport:
                 for s in self.slots
             ],
             "calibration": self.calibration,
+            "allocation": self.allocation,
             "wall_time_s": round(self.wall_time_s, 3),
             "notes": self.notes,
         }
@@ -190,11 +212,18 @@ def uniform_rank(slot: Slot, ratio: float) -> int | None:
 
 
 def plan_ranks(
-    cfg: FamilyConfig, slots: list[Slot], spectra: dict[str, Tensor] | None = None
+    cfg: FamilyConfig,
+    slots: list[Slot],
+    spectra: dict[str, Tensor] | None = None,
+    losses: dict[str, Tensor] | None = None,
 ) -> dict[str, int | None]:
-    """Rank per slot name (None = dense): uniform, or adaptive from ``spectra``, then explicit overrides."""
+    """Rank per slot name (None = dense): uniform, adaptive from ``spectra``, or by the loss curves ``losses``
+    (``losses[name][r]`` = loss increase at rank r), then explicit overrides."""
     if cfg.ratio == 0:
         ranks: dict[str, int | None] = {s.name: None for s in slots}
+    elif losses is not None:
+        items = [{"name": s.name, "out": s.out, "inp": s.inp, "loss": losses[s.name]} for s in slots]
+        ranks = dict(allocate_ranks_by_loss(items, cfg.ratio))
     elif spectra is None:
         ranks = {s.name: uniform_rank(s, cfg.ratio) for s in slots}
     else:
@@ -275,19 +304,21 @@ def compress_(
     if "fisher" in wanted:
         fisher = fisher_row_importance(model, tokens, list(projs), progress=progress)
 
+    own = config.own_stats() if wanted else frozenset()
+
     def slot_data(s: Slot, stats: dict | None) -> SlotData:
         d = SlotData()
         if stats is not None:
             st = [stats[m] for m in s.members]
-            if "xtx" in wanted:
+            if "xtx" in own:
                 d.xtx = st[0].xtx if len(st) == 1 else torch.stack([x.xtx for x in st]).sum(0)
-            if "absmean" in wanted:
+            if "absmean" in own:
                 d.absmean = st[0].absmean
         if fisher:
             d.fisher = [fisher[m] for m in s.members]
         return d
 
-    act = wanted & ACTIVATION_STATS
+    act = own & ACTIVATION_STATS
     spectra = None
     if rank_mode == "adaptive" and config.ratio > 0:
         spectra = {}
@@ -301,7 +332,39 @@ def compress_(
                 with _threads(linalg_threads):
                     spectra[s.name] = transform.spectrum(config, s, weights, slot_data(s, stats)).cpu()
         del pipe
-    ranks = plan_ranks(config, slots, spectra)
+    losses = allocation = None
+    if rank_mode == "sensitivity" and config.ratio > 0:
+        t1 = time.perf_counter()
+        probe = tokens[: config.sensitivity_samples]
+        grads = output_grad_moments(model, probe, list(projs), progress=progress)
+        losses = {}
+        # The same samples for both K-FAC factors; a quarter of the statistics pass of the default 32 samples.
+        pipe = LayerPipeline(model, probe, act | {"xtx"}, batch_size)
+        for k, unit in enumerate(
+            tqdm(units, desc="loss sensitivity (dense model)", unit="unit", disable=not progress)
+        ):
+            stats = pipe.collect(unit, advance=True)
+            for s in by_unit.get(k, []):
+                weights = [projs[m].weight.detach() for m in s.members]
+                with _threads(linalg_threads):
+                    expansions = transform.expansion(config, s, weights, slot_data(s, stats))
+                    moments = [stats[m].xtx / stats[m].tokens for m in s.members]
+                    losses[s.name] = kfac_truncation_loss(
+                        expansions, moments, [grads.pop(m) for m in s.members]
+                    )
+        del pipe, grads
+        allocation = {
+            "allocator": "sensitivity",
+            "estimate": "K-FAC second-order loss increase, 1/2 tr(dW E[xx^T] dW^T E[gg^T]), per slot",
+            "samples": int(probe.shape[0]),
+            "tokens": int(probe.numel()),
+            "time_s": round(time.perf_counter() - t1, 3),
+        }
+    ranks = plan_ranks(config, slots, spectra, losses)
+    if losses is not None:
+        uniform = {s.name: uniform_rank(s, config.ratio) for s in slots}
+        allocation["est_loss_uniform"] = round(sum(float(_at(losses[n], r)) for n, r in uniform.items()), 6)
+        allocation["est_loss_chosen"] = round(sum(float(_at(losses[n], r)) for n, r in ranks.items()), 6)
 
     records: dict[str, SlotRecord] = {}
     pipe = LayerPipeline(model, tokens, act, batch_size) if act else None
@@ -321,6 +384,8 @@ def compress_(
                 for name, new in zip(s.members, res.modules, strict=True):
                     replace_module(model, name, new)
                 info = res.info
+                if losses is not None:
+                    info = {**info, "est_loss_increase": round(float(_at(losses[s.name], rank)), 6)}
                 # a shared basis is one tensor: count it once for the slot
                 after = _unique_params(res.modules)
                 log.info("%s: rank %d%s", s.name, rank, "".join(f", {k_} {v}" for k_, v in info.items()))
@@ -349,7 +414,13 @@ def compress_(
         calibration=calib_meta,
         wall_time_s=time.perf_counter() - t0,
         notes=notes,
+        allocation=allocation,
     )
+
+
+def _at(curve: Tensor, rank: int | None) -> Tensor:
+    """A loss curve's value at ``rank`` (None = dense: no loss; past its end: its last value)."""
+    return curve.new_zeros(()) if rank is None else curve[min(rank, curve.numel() - 1)]
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import math
 import numbers
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,6 +39,14 @@ __all__ = [
     "fisher_weighted_svd",
     "shared_basis_svd",
     "allocate_ranks",
+    "Expansion",
+    "svd_expansion",
+    "whitened_expansion",
+    "asvd_expansion",
+    "fisher_expansion",
+    "shared_basis_expansion",
+    "kfac_truncation_loss",
+    "allocate_ranks_by_loss",
 ]
 
 # A Cholesky "succeeds" in fp64 on a singular PSD matrix with rounding-level pivots (~1e-16 relative);
@@ -102,6 +111,19 @@ def _split_sqrt(A: Tensor, s: Tensor, Bh: Tensor, rank: int) -> tuple[Tensor, Te
     """Keep the top ``rank`` triplets of ``A diag(s) Bh`` and fold sqrt(s) into both sides."""
     root = s[:rank].sqrt()
     return A[:, :rank] * root, root[:, None] * Bh[:rank]
+
+
+class Expansion(NamedTuple):
+    """``W = left @ diag(s) @ right``: a sum of ``k`` rank-one terms, most important first, so that a family
+    truncated to rank r keeps exactly the first r terms (float64). Each family's factorization is one of these."""
+
+    left: Tensor  # [out, k]
+    s: Tensor  # [k], non-negative
+    right: Tensor  # [k, in]
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """``U`` [out, r], ``V`` [r, in] of the first ``rank`` terms, sqrt(s) folded into both sides."""
+        return _split_sqrt(self.left, self.s, self.right, rank)
 
 
 def _is_lower_triangular(S: Tensor) -> bool:
@@ -197,9 +219,15 @@ def truncated_svd(W: Tensor, rank: int, *, dtype: torch.dtype = torch.float32) -
     """
     _check_matrix(W)
     _check_rank(rank, min(W.shape))
-    A, s, Bh = torch.linalg.svd(_f64(W), full_matrices=False)
-    U, V = _split_sqrt(A, s, Bh, rank)
+    U, V = svd_expansion(W).factors(rank)
     return _out(U, W, dtype), _out(V, W, dtype)
+
+
+def svd_expansion(W: Tensor) -> Expansion:
+    """``W = A Sigma B^T`` (float64): the expansion plain SVD truncates."""
+    _check_matrix(W)
+    A, s, Bh = torch.linalg.svd(_f64(W), full_matrices=False)
+    return Expansion(A, s, Bh)
 
 
 def svd_spectrum(W: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -276,11 +304,14 @@ def whitening_factor(xtx: Tensor, *, eps_rel: float = 1e-6) -> tuple[Tensor, str
     return done(Q * lam.clamp_min(floor).sqrt(), "eigh")
 
 
-def _whitened_factors(W: Tensor, S: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """float64 core of :func:`whitened_svd` (W, S already float64)."""
-    A, s, Bh = torch.linalg.svd(W @ S, full_matrices=False)
-    U, VS = _split_sqrt(A, s, Bh, rank)
-    return U, _right_solve(VS, S)
+def whitened_expansion(W: Tensor, S: Tensor) -> Expansion:
+    """``W = A Sigma (B^T S^{-1})`` from the SVD of ``W S`` (float64): the expansion SVD-LLM truncates."""
+    _check_matrix(W)
+    _check_gram(S, W.shape[1])
+    W64 = _f64(W)
+    S64 = _f64(S).to(W64.device)
+    A, s, Bh = torch.linalg.svd(W64 @ S64, full_matrices=False)
+    return Expansion(A, s, _right_solve(Bh, S64))
 
 
 def whitened_svd(
@@ -297,8 +328,7 @@ def whitened_svd(
     _check_matrix(W)
     _check_gram(S, W.shape[1])
     _check_rank(rank, min(W.shape))
-    W64 = _f64(W)
-    U, V = _whitened_factors(W64, _f64(S).to(W64.device), rank)
+    U, V = whitened_expansion(W, S).factors(rank)
     return _out(U, W, dtype), _out(V, W, dtype)
 
 
@@ -362,15 +392,20 @@ def asvd_scaled_svd(
     ``s`` = :func:`asvd_channel_scale`; SVD of ``W diag(s) = A Sigma B^T``; ``U = A_r sqrt(Sigma_r)``,
     ``V = sqrt(Sigma_r) B_r^T diag(1/s)``, so ``U V ~= W`` with errors pushed onto low-activation input channels.
     """
-    _check_matrix(W)
     _check_rank(rank, min(W.shape))
+    U, V = asvd_expansion(W, act_absmean, alpha).factors(rank)
+    return _out(U, W, dtype), _out(V, W, dtype)
+
+
+def asvd_expansion(W: Tensor, act_absmean: Tensor, alpha: float = 0.5) -> Expansion:
+    """``W = A Sigma (B^T diag(1/s))`` from the SVD of ``W diag(s)`` (float64): the expansion ASVD truncates."""
+    _check_matrix(W)
     if act_absmean.shape != (W.shape[1],):
         raise ValueError(f"act_absmean must have shape ({W.shape[1]},), got {tuple(act_absmean.shape)}")
     W64 = _f64(W)
     s = asvd_channel_scale(act_absmean, alpha).to(W64.device)
     A, sig, Bh = torch.linalg.svd(W64 * s, full_matrices=False)
-    U, V = _split_sqrt(A, sig, Bh, rank)
-    return _out(U, W, dtype), _out(V / s, W, dtype)
+    return Expansion(A, sig, Bh / s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,8 +430,14 @@ def fisher_weighted_svd(
     while a column sum mostly re-measures input activation magnitude, which ASVD/SVD-LLM already use. (Some reimplementations transpose to
     ``[in, out]`` first and so weight inputs; we do not.)
     """
-    _check_matrix(W)
     _check_rank(rank, min(W.shape))
+    U, V = fisher_expansion(W, row_importance).factors(rank)
+    return _out(U, W, dtype), _out(V, W, dtype)
+
+
+def fisher_expansion(W: Tensor, row_importance: Tensor) -> Expansion:
+    """``W = (diag(1/w) A) Sigma B^T`` from the SVD of ``diag(w) W`` (float64): the expansion FWSVD truncates."""
+    _check_matrix(W)
     if row_importance.shape != (W.shape[0],):
         raise ValueError(f"row_importance must have shape ({W.shape[0]},), got {tuple(row_importance.shape)}")
     W64 = _f64(W)
@@ -406,8 +447,7 @@ def fisher_weighted_svd(
     wmax = float(w.max())
     w = w.clamp_min(_SCALE_FLOOR_REL * wmax) if wmax > 0 else torch.ones_like(w)
     A, sig, Bh = torch.linalg.svd(w[:, None] * W64, full_matrices=False)
-    U, V = _split_sqrt(A, sig, Bh, rank)
-    return _out(U / w[:, None], W, dtype), _out(V, W, dtype)
+    return Expansion(A / w[:, None], sig, Bh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +467,22 @@ def shared_basis_svd(
     ``coeff_i`` = the rows of ``A_r sqrt(Sigma_r)`` belonging to layer i, so ``W_i ~= coeff_i @ basis``
     and ``sum_i ||(W_i - coeff_i basis) S||_F^2 = sum_{j > r} sigma_j(W_cat S)^2``.
     """
+    expansion, outs = _stacked_expansion(weights, S)
+    _check_rank(rank, min(sum(outs), weights[0].shape[1]))
+    coeff, basis = expansion.factors(rank)
+    like = weights[0]
+    coeffs = [_out(c, like, dtype) for c in torch.split(coeff, outs, dim=0)]
+    return _out(basis, like, dtype), coeffs
+
+
+def shared_basis_expansion(weights: Sequence[Tensor], S: Tensor | None) -> list[Expansion]:
+    """Per member ``W_i = left_i Sigma right`` with ``right`` (the basis directions) shared: the rows of the
+    stacked (whitened when ``S`` is given) expansion that Basis Sharing truncates, split by member."""
+    expansion, outs = _stacked_expansion(weights, S)
+    return [Expansion(a, expansion.s, expansion.right) for a in torch.split(expansion.left, outs, dim=0)]
+
+
+def _stacked_expansion(weights: Sequence[Tensor], S: Tensor | None) -> tuple[Expansion, list[int]]:
     if len(weights) == 0:
         raise ValueError("weights is empty")
     for i, Wi in enumerate(weights):
@@ -434,19 +490,10 @@ def shared_basis_svd(
     n = weights[0].shape[1]
     if any(Wi.shape[1] != n for Wi in weights):
         raise ValueError(f"all weights must share in={n}, got {[tuple(Wi.shape) for Wi in weights]}")
-    outs = [Wi.shape[0] for Wi in weights]
-    _check_rank(rank, min(sum(outs), n))
-    like = weights[0]
-    dev = _f64(like).device
-    W_cat = torch.cat([_f64(Wi).to(dev) for Wi in weights], dim=0)
-    if S is None:
-        A, s, Bh = torch.linalg.svd(W_cat, full_matrices=False)
-        coeff, basis = _split_sqrt(A, s, Bh, rank)
-    else:
-        _check_gram(S, n)
-        coeff, basis = _whitened_factors(W_cat, _f64(S).to(W_cat.device), rank)
-    coeffs = [_out(c, like, dtype) for c in torch.split(coeff, outs, dim=0)]
-    return _out(basis, like, dtype), coeffs
+    dev = _f64(weights[0]).device
+    W_cat = torch.cat([_f64(Wi).to(dev) for Wi in weights], dim=0)  # (sum out_i, in)
+    expansion = svd_expansion(W_cat) if S is None else whitened_expansion(W_cat, S)
+    return expansion, [Wi.shape[0] for Wi in weights]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,4 +560,106 @@ def allocate_ranks(items: Sequence[dict], ratio: float, *, min_rank: int = 1) ->
         remaining -= costs[i]
         if ranks[i] < caps[i]:
             heapq.heappush(heap, (-gain(i, ranks[i]), i, ranks[i]))
+    return dict(zip(names, ranks, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. loss-driven rank allocation
+
+
+def kfac_truncation_loss(
+    expansions: Sequence[Expansion], xtx: Sequence[Tensor], gtg: Sequence[Tensor]
+) -> Tensor:
+    """Second-order estimate of the loss increase when a slot keeps the first r terms, for every r at once.
+
+    ``est[r]`` for ``r = 0..k`` (float64, ``est[k] = 0``), summed over the slot's members: member m's error
+    is ``dW = sum_{j >= r} left_j s_j right_j`` and its cost is the Kronecker-factored (K-FAC) Fisher form
+    ``1/2 tr(dW X dW^T G)`` with ``X = E[x x^T]`` the input second moment and ``G = E[g g^T]`` that of the
+    loss gradient at the output (pass means, not sums, to read the result as nats per token). With
+    ``P = (L^T G L) * (R X R^T)`` (``L = left diag(s)``, ``R = right``, ``*`` elementwise) the estimate is the
+    sum of the trailing block ``P[r:, r:]``: one product per member gives the whole curve, no re-factorization.
+    For SVD-LLM ``R X R^T = I`` and the curve is ``1/2 sum_{j >= r} s_j^2 (a_j^T G a_j)``: its whitened
+    truncation loss with each direction weighted by how much the loss cares about it.
+    """
+    if not (len(expansions) == len(xtx) == len(gtg)) or not expansions:
+        raise ValueError("expansions, xtx and gtg must be non-empty and of equal length")
+    k = expansions[0].s.numel()
+    P = torch.zeros(k, k, dtype=torch.float64)
+    for e, X, G in zip(expansions, xtx, gtg, strict=True):
+        if e.s.numel() != k:
+            raise ValueError("every member of a slot must have the same number of terms")
+        out, inp = e.left.shape[0], e.right.shape[1]
+        _check_gram(X, inp)
+        if G.shape != (out, out):
+            raise ValueError(
+                f"G must be [{out}, {out}] for a member with {out} outputs, got {tuple(G.shape)}"
+            )
+        L = e.left * e.s  # (out, k)
+        P += ((L.mT @ _f64(G).to(L.device) @ L) * (e.right @ _f64(X).to(L.device) @ e.right.mT)).cpu()
+    tail = P.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)  # tail[r, c] = P[r:, c:].sum()
+    return torch.cat([0.5 * torch.diagonal(tail), torch.zeros(1, dtype=torch.float64)])
+
+
+def _lower_hull(ys: Sequence[float], x0: int) -> list[int]:
+    """Indices (into ``ys``) of the lower convex hull of the points ``(x0 + i, ys[i])``, left to right."""
+    hull: list[int] = []
+    for i in range(len(ys)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b unless it lies strictly below the chord from a to i
+            if (b - a) * (ys[i] - ys[a]) - (ys[b] - ys[a]) * (i - a) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def allocate_ranks_by_loss(items: Sequence[dict], ratio: float, *, min_rank: int = 1) -> dict[str, int]:
+    """Per-matrix ranks that spend uniform ranks' parameter budget where the loss says truncation hurts least.
+
+    ``items``: dicts with ``name``, ``out``, ``inp`` and ``loss`` (``loss[r]`` = the loss increase at rank r,
+    ``r = 0..``, measured or estimated; ranks past its end cost ``loss[-1]``). Budget = :func:`param_budget`;
+    ranks lie in ``[min_rank, max_useful_rank]`` and cost ``out + inp`` each.
+
+    A global threshold on loss saved per parameter: every curve is replaced by its lower convex hull over
+    the allowed ranks, whose segments have a constant, per matrix decreasing saving per parameter
+    ``(loss[a] - loss[b]) / ((b - a)(out + inp))``. Segments are bought from the best saving down (ties: item
+    order, then rank) until the budget is spent; the segment that does not fit is bought rank by rank as far as
+    it goes and ends that matrix. That is the exact optimum of the relaxed (fractional-rank) problem, so the
+    result is within one rank of the critical matrix of the integer optimum, and the leftover is less than one
+    rank of any matrix that could still grow. Deterministic.
+    """
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
+    names = [str(it["name"]) for it in items]
+    if len(set(names)) != len(names):
+        raise ValueError("item names must be unique")
+    budget = param_budget(items, ratio)
+    costs = [int(it["out"]) + int(it["inp"]) for it in items]
+    ranks = [min_rank] * len(items)
+    remaining = budget - min_rank * sum(costs)
+    if remaining < 0:
+        raise ValueError(f"min_rank={min_rank} needs {budget - remaining} parameters, budget is {budget}")
+
+    segments = []  # (-saving per parameter, item, first rank, ranks in the segment)
+    for i, it in enumerate(items):
+        curve = torch.as_tensor(it["loss"]).detach().to("cpu", torch.float64).flatten()
+        if curve.numel() == 0 or not bool(torch.isfinite(curve).all()):
+            raise ValueError(f"{names[i]}: loss must be a non-empty curve of finite numbers")
+        top = max(min_rank, max_useful_rank(int(it["out"]), int(it["inp"])))
+        ys = [float(curve[min(r, curve.numel() - 1)]) for r in range(min_rank, top + 1)]
+        hull = _lower_hull(ys, min_rank)
+        for a, b in zip(hull, hull[1:], strict=False):
+            saving = (ys[a] - ys[b]) / ((b - a) * costs[i])
+            segments.append((-saving, i, min_rank + a, b - a))
+    segments.sort()
+    stopped = [False] * len(items)
+    for _, i, _, n in segments:
+        if stopped[i]:
+            continue
+        take = min(n, remaining // costs[i])
+        ranks[i] += take
+        remaining -= take * costs[i]
+        stopped[i] = take < n
     return dict(zip(names, ranks, strict=True))

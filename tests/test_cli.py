@@ -99,6 +99,11 @@ def test_inspect_json(tiny_dir):
         ),
         (["serve", "/nonexistent/model", "--port", "0"], "model not found: /nonexistent/model"),
         (["serve", "{tiny}", "--port", "70000"], "--port must be in 0..65535"),
+        (
+            ["compress", "{tiny}", "--family", "svd-llm", "--ratio", "0.4", "--ranks", "sensitivity"]
+            + ["--sensitivity-samples", "0", "--out", "{empty}/out"],
+            "sensitivity_samples must be an int >= 1",
+        ),
     ],
 )
 def test_bad_input_gives_one_line(tiny_dir, tmp_path, args, pattern):

@@ -88,7 +88,7 @@ def test_ratio_convention_matches_the_checkpoint_manifest():
     assert RATIO_CONVENTION == ckpt.RATIO_CONVENTION
 
 
-@pytest.mark.parametrize("mode", ["uniform", "adaptive"])
+@pytest.mark.parametrize("mode", ["uniform", "adaptive", "sensitivity"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_meets_its_parameter_budget(family, ratio, mode):
@@ -105,7 +105,7 @@ def test_family_meets_its_parameter_budget(family, ratio, mode):
         for s in rep.slots:
             r = rank_for_ratio(s.out, s.inp, ratio)
             assert s.rank == (r if r <= max_useful_rank(s.out, s.inp) else None)
-    assert (rep.rank_mode == mode) == (family != "basis-sharing" or mode == "uniform")
+    assert rep.rank_mode == ("uniform" if family == "basis-sharing" and mode == "adaptive" else mode)
     assert torch.isfinite(logits(model, calib(2, 16, seed=9))).all()
     d = json.loads(json.dumps(rep.to_dict()))
     assert d["ratio"] == ratio and d["ratio_convention"] == RATIO_CONVENTION
@@ -123,6 +123,47 @@ def test_adaptive_spends_the_uniform_budget_differently():
 
 
 RANKS = ("uniform", "adaptive")
+
+
+@pytest.mark.parametrize("family", ["svd-llm", "basis-sharing"])
+def test_sensitivity_gives_rank_to_a_matrix_the_loss_depends_on(family):
+    toks = calib(8, 32)
+    name = "model.layers.1.mlp.down_proj"  # the last block's MLP output: scaled up, it dominates the logits
+
+    def run(scale):
+        model = tiny_model()
+        with torch.no_grad():
+            projection_names(model)[name].weight.mul_(scale)
+        cfg = config_class(family)(ratio=0.4, ranks="sensitivity", sensitivity_samples=8)
+        return compress_(model, cfg, toks, progress=False)
+
+    plain, sensitive = run(1.0), run(8.0)
+    slot = next(s for s in sensitive.slots if name in s.members)
+    uniform = rank_for_ratio(slot.out, slot.inp, 0.4)
+    assert sensitive.ranks()[name] > plain.ranks()[name]
+    if (
+        family == "svd-llm"
+    ):  # Basis Sharing spends much of its budget on the shared groups, which serve 2 layers
+        assert sensitive.ranks()[name] > uniform
+    # the same budget as uniform ranks, to within one rank of every slot
+    assert 0.4 - 1e-12 <= sensitive.achieved_ratio < 0.4 + sensitive.rank_step
+    assert run(8.0).ranks() == sensitive.ranks()  # deterministic
+    # the manifest records the allocator, its settings and each slot's estimate
+    d = json.loads(json.dumps(sensitive.to_dict()))
+    assert d["rank_mode"] == "sensitivity" and d["allocation"]["samples"] == 8
+    assert d["allocation"]["est_loss_chosen"] < d["allocation"]["est_loss_uniform"]
+    assert all(e["est_loss_increase"] >= 0 for e in d["layers"].values())
+    cfg = config_from_dict({"family": family, "ranks": "sensitivity", "sensitivity_samples": 3})
+    assert cfg.sensitivity_samples == 3 and cfg.wanted_stats() >= {"xtx", "outgrad"}
+
+
+def test_sensitivity_needs_calibration_even_for_plain_svd():
+    cfg = SVDConfig(ratio=0.3, ranks="sensitivity")
+    assert cfg.wanted_stats() and not SVDConfig(ratio=0.3).wanted_stats()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        compress_(tiny_model(), cfg, None, progress=False)
+    with pytest.raises(ValueError, match="sensitivity_samples"):
+        SVDConfig(ranks="sensitivity", sensitivity_samples=0).validate()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

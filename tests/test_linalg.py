@@ -10,15 +10,22 @@ import torch
 
 from rankserve.linalg import (
     allocate_ranks,
+    allocate_ranks_by_loss,
+    asvd_expansion,
     asvd_scaled_svd,
+    fisher_expansion,
     fisher_weighted_svd,
+    kfac_truncation_loss,
     lstsq_update_u,
     max_useful_rank,
     param_budget,
     rank_for_ratio,
+    shared_basis_expansion,
     shared_basis_svd,
+    svd_expansion,
     svd_spectrum,
     truncated_svd,
+    whitened_expansion,
     whitened_spectrum,
     whitened_svd,
     whitening_factor,
@@ -455,3 +462,142 @@ def test_allocate_ranks_fast_for_a_small_llm():
     budget = param_budget(items, 0.2)
     spent = _spent(items, ranks)
     assert budget - max(o + i for o, i in shapes) < spent <= budget
+
+
+# ---------------------------------------------------------------------------------------------- loss-driven ranks
+
+
+def _psd(n: int, seed: int) -> torch.Tensor:
+    A = randn(n, 2 * n, seed=seed)
+    return A @ A.T / (2 * n)
+
+
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_every_expansion_is_exact_at_full_rank(out, inp):
+    W = randn(out, inp, seed=3)
+    X = calib(inp, 3 * inp)
+    S, _ = whitening_factor(X.T @ X)
+    exps = [
+        svd_expansion(W),
+        whitened_expansion(W, S),
+        asvd_expansion(W, X.abs().mean(0), 0.5),
+        fisher_expansion(W, torch.rand(out, generator=gen(4), dtype=F64) + 0.1),
+    ]
+    for e in exps:
+        torch.testing.assert_close(e.left * e.s @ e.right, W, rtol=1e-9, atol=1e-9)
+        assert bool((e.s[:-1] >= e.s[1:]).all())
+    members = shared_basis_expansion([W, randn(16, inp, seed=5)], S)
+    assert [m.left.shape[0] for m in members] == [out, 16]
+    torch.testing.assert_close(members[0].left * members[0].s @ members[0].right, W, rtol=1e-9, atol=1e-9)
+
+
+def _direct_loss(W: torch.Tensor, Wr: torch.Tensor, X: torch.Tensor, G: torch.Tensor) -> float:
+    dW = W - Wr
+    return 0.5 * float(torch.trace(dW @ X @ dW.T @ G))
+
+
+def test_kfac_truncation_loss_matches_the_truncated_factorizations():
+    out, inp = 20, 28
+    W = randn(out, inp, seed=6)
+    X, G = _psd(inp, 7), _psd(out, 8)
+    S, _ = whitening_factor(X)
+    est = kfac_truncation_loss([whitened_expansion(W, S)], [X], [G])
+    k = min(out, inp)
+    assert est.shape == (k + 1,) and est[k] == 0
+    assert est[0] == pytest.approx(_direct_loss(W, 0 * W, X, G), rel=1e-9)
+    for r in range(1, k):
+        U, V = whitened_svd(W, S, r, dtype=F64)  # the family's own truncation
+        assert est[r] == pytest.approx(_direct_loss(W, U @ V, X, G), rel=1e-8, abs=1e-12)
+    # plain SVD: its terms are not orthogonal in the data metric, so the cross terms count too
+    est = kfac_truncation_loss([svd_expansion(W)], [X], [G])
+    for r in (1, 7, 15):
+        U, V = truncated_svd(W, r, dtype=F64)
+        assert est[r] == pytest.approx(_direct_loss(W, U @ V, X, G), rel=1e-8)
+
+
+def test_kfac_truncation_loss_of_a_shared_basis_sums_its_members():
+    inp = 24
+    Ws = [randn(12, inp, seed=9), randn(16, inp, seed=10)]
+    Xs, Gs = [_psd(inp, 11), _psd(inp, 12)], [_psd(12, 13), _psd(16, 14)]
+    S, _ = whitening_factor(Xs[0] + Xs[1])
+    est = kfac_truncation_loss(shared_basis_expansion(Ws, S), Xs, Gs)
+    for r in (1, 5, 17):
+        basis, coeffs = shared_basis_svd(Ws, S, r, dtype=F64)
+        direct = sum(_direct_loss(W, c @ basis, X, G) for W, c, X, G in zip(Ws, coeffs, Xs, Gs, strict=True))
+        assert est[r] == pytest.approx(direct, rel=1e-8)
+    with pytest.raises(ValueError, match="G must be"):
+        kfac_truncation_loss(shared_basis_expansion(Ws, S), Xs, [Gs[1], Gs[0]])
+
+
+def _convex_curve(k: int, seed: int) -> torch.Tensor:
+    """loss[r], r = 0..k: decreasing and convex (each rank saves less than the one before)."""
+    c = torch.sort(torch.rand(k, generator=gen(seed), dtype=F64) * (seed + 1), descending=True).values
+    return torch.cat([c.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=F64)])
+
+
+def _brute_force(items, ratio):
+    """The best ranks by exhaustive search over [1, max_useful_rank] per item within the budget."""
+    import itertools
+
+    budget = param_budget(items, ratio)
+    ranges = [range(1, max_useful_rank(it["out"], it["inp"]) + 1) for it in items]
+    best = None
+    for rs in itertools.product(*ranges):
+        if sum(r * (it["out"] + it["inp"]) for r, it in zip(rs, items, strict=True)) <= budget:
+            loss = sum(float(it["loss"][r]) for r, it in zip(rs, items, strict=True))
+            best = loss if best is None else min(best, loss)
+    return best
+
+
+def _objective(items, ranks):
+    return sum(float(it["loss"][ranks[it["name"]]]) for it in items)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_allocate_ranks_by_loss_equals_brute_force_for_equal_costs(ratio):
+    items = [{"name": f"m{i}", "out": 12, "inp": 16, "loss": _convex_curve(12, i)} for i in range(4)]
+    ranks = allocate_ranks_by_loss(items, ratio)
+    assert _objective(items, ranks) == pytest.approx(_brute_force(items, ratio), rel=1e-12)
+    assert param_budget(items, ratio) - 28 < _spent(items, ranks) <= param_budget(items, ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_allocate_ranks_by_loss_near_brute_force_for_mixed_costs(ratio):
+    shapes = [(12, 16), (16, 10), (9, 14), (20, 6)]
+    items = [
+        {"name": f"m{i}", "out": o, "inp": n, "loss": _convex_curve(min(o, n), i)}
+        for i, (o, n) in enumerate(shapes)
+    ]
+    ranks = allocate_ranks_by_loss(items, ratio)
+    best = _brute_force(items, ratio)
+    one_rank = max(float(it["loss"][0] - it["loss"][1]) for it in items)  # the largest saving of one rank
+    assert best - 1e-12 <= _objective(items, ranks) <= best + one_rank
+    budget = param_budget(items, ratio)
+    assert budget - max(o + n for o, n in shapes) < _spent(items, ranks) <= budget
+    assert all(1 <= ranks[it["name"]] <= max_useful_rank(it["out"], it["inp"]) for it in items)
+
+
+def test_allocate_ranks_by_loss_follows_the_loss_and_is_deterministic():
+    k = 32
+    flat = torch.linspace(1, 0, k + 1, dtype=F64)  # every rank saves the same: truncating hurts a lot
+    steep = torch.cat([torch.tensor([1.0], dtype=F64), torch.zeros(k, dtype=F64)])  # one rank is enough
+    noisy = (flat + 0.05 * torch.rand(k + 1, generator=gen(2), dtype=F64)).clamp_min(0)  # not convex
+    items = [
+        {"name": n, "out": k, "inp": k, "loss": c}
+        for n, c in (("flat", flat), ("steep", steep), ("noisy", noisy))
+    ]
+    ranks = allocate_ranks_by_loss(items, 0.5)
+    assert ranks == allocate_ranks_by_loss(items, 0.5)
+    assert ranks["steep"] == 1 and ranks["flat"] > rank_for_ratio(k, k, 0.5)
+    budget = param_budget(items, 0.5)
+    assert budget - 2 * k < _spent(items, ranks) <= budget
+    # a short curve: ranks past its end cost its last value
+    short = [
+        {"name": "a", "out": k, "inp": k, "loss": [1.0, 0.5]},
+        {"name": "b", "out": k, "inp": k, "loss": flat},
+    ]
+    assert allocate_ranks_by_loss(short, 0.5)["a"] == 1
+    with pytest.raises(ValueError, match="finite"):
+        allocate_ranks_by_loss([{"name": "a", "out": k, "inp": k, "loss": [float("nan")]}], 0.5)
+    with pytest.raises(ValueError, match="min_rank"):
+        allocate_ranks_by_loss(items, 0.9, min_rank=20)

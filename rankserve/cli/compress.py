@@ -10,7 +10,12 @@ import time
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
-FAMILY_FLAGS = {"update_u": "--update-u", "alpha": "--alpha", "group_size": "--group-size"}
+FAMILY_FLAGS = {
+    "update_u": "--update-u",
+    "alpha": "--alpha",
+    "group_size": "--group-size",
+    "sensitivity_samples": "--sensitivity-samples",
+}
 
 
 def add_arguments(p):
@@ -30,7 +35,18 @@ def add_arguments(p):
     p.add_argument("--calib-samples", type=int, default=32, help="calibration samples N (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per sample L (default 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
-    p.add_argument("--ranks", default="uniform", choices=["uniform", "adaptive"], help="per-layer ranks")
+    p.add_argument(
+        "--ranks",
+        default="uniform",
+        choices=["uniform", "adaptive", "sensitivity"],
+        help="per-layer ranks: uniform, adaptive (by spectra) or sensitivity (by the calibration loss)",
+    )
+    p.add_argument(
+        "--sensitivity-samples",
+        type=int,
+        default=None,
+        help="--ranks sensitivity: calibration samples whose loss gradients weigh the truncations (default 4)",
+    )
     p.add_argument("--update-u", action="store_true", default=None, help="svd-llm: least-squares update of U")
     p.add_argument("--alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
     p.add_argument("--group-size", type=int, default=None, help="basis-sharing: layers per group (default 2)")

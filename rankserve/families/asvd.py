@@ -27,7 +27,7 @@ from rankserve.families.base import (
     register,
 )
 from rankserve.layers import Projection
-from rankserve.linalg import asvd_channel_scale, asvd_scaled_svd, svd_spectrum
+from rankserve.linalg import Expansion, asvd_channel_scale, asvd_expansion, asvd_scaled_svd, svd_spectrum
 
 
 @dataclass
@@ -49,6 +49,11 @@ class ASVDTransform(Transform):
     def spectrum(self, cfg: ASVDConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         s = asvd_channel_scale(need(data, "absmean", cfg.name), cfg.alpha)
         return svd_spectrum(f64(weights[0]) * s)
+
+    def expansion(
+        self, cfg: ASVDConfig, slot: Slot, weights: list[Tensor], data: SlotData
+    ) -> list[Expansion]:
+        return [asvd_expansion(weights[0], need(data, "absmean", cfg.name), cfg.alpha)]
 
     def factorize(
         self, cfg: ASVDConfig, slot: Slot, modules: list[Projection], data: SlotData, rank: int

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from rankserve.layers import DenseLinear, LowRankLinear, Projection
+from rankserve.linalg import Expansion
 
 # Word for word the convention every manifest carries (rankserve.checkpoint validates it); tables add RANK_RULE.
 RATIO_CONVENTION = (
@@ -32,7 +33,9 @@ RANK_RULE = (
     "where a factorization would not save parameters"
 )
 
-RANK_MODES = ("uniform", "adaptive")
+RANK_MODES = ("uniform", "adaptive", "sensitivity")
+# What ranks="sensitivity" reads on top of the family's own statistics: input Grams and output loss gradients.
+SENSITIVITY_STATS = frozenset({"xtx", "outgrad"})
 
 # Projections that read the same input tensor as another one in the block (Llama family): their
 # activation statistics are the same object, collected once.
@@ -44,10 +47,14 @@ class FamilyConfig:
     """Knobs shared by every family. Subclasses add their own fields and set the class variables."""
 
     ratio: float = 0.2  # fraction of linear-layer parameters REMOVED (see RATIO_CONVENTION)
-    ranks: str = "uniform"  # "uniform" | "adaptive" (same budget, spent where the spectra say it hurts least)
+    # "uniform" | "adaptive" (same budget, spent where the spectra say it hurts least) | "sensitivity" (same
+    # budget, spent where the estimated calibration loss says it hurts least; see rankserve.compress)
+    ranks: str = "uniform"
     # Explicit ranks by exact slot/projection name or a regex matched in full, e.g. {"model.layers.0.mlp.down_proj": 64}
     # or {r".*\.k_proj": 32}. Honoured as given (clamped to min(out, in)), even where it saves nothing.
     rank_overrides: dict[str, int] = field(default_factory=dict)
+    # ranks="sensitivity": calibration samples (the first ones) whose loss gradients weigh each truncation
+    sensitivity_samples: int = 4
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
@@ -66,6 +73,9 @@ class FamilyConfig:
             )
         if self.ranks not in RANK_MODES:
             raise ValueError(f"ranks must be one of {', '.join(RANK_MODES)}, got {self.ranks!r}")
+        n = self.sensitivity_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sensitivity_samples must be an int >= 1, got {n!r}")
         for k, v in self.rank_overrides.items():
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"rank_overrides maps names to ranks >= 1, got {k!r}: {v!r}")
@@ -76,7 +86,11 @@ class FamilyConfig:
         return self
 
     def wanted_stats(self) -> frozenset[str]:
-        """Statistics this configuration actually reads (a family may need none for some settings)."""
+        """Statistics this configuration actually reads: the family's own, plus what its rank mode reads."""
+        return self.own_stats() | (SENSITIVITY_STATS if self.ranks == "sensitivity" else frozenset())
+
+    def own_stats(self) -> frozenset[str]:
+        """Statistics the family's factorization reads with these settings (a family may need none for some)."""
         return self.stats
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +208,12 @@ class Transform:
 
     def spectrum(self, cfg: FamilyConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         """Singular values whose squared tail is this family's truncation loss (for adaptive ranks)."""
+        raise NotImplementedError
+
+    def expansion(
+        self, cfg: FamilyConfig, slot: Slot, weights: list[Tensor], data: SlotData
+    ) -> list[Expansion]:
+        """Per member, the rank-one expansion this family truncates (ranks="sensitivity" weighs its tail)."""
         raise NotImplementedError
 
     def factorize(

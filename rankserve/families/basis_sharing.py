@@ -34,7 +34,16 @@ from rankserve.families.base import (
     short_name,
 )
 from rankserve.layers import Projection, SharedBasisLinear
-from rankserve.linalg import shared_basis_svd, truncated_svd, whitened_svd, whitening_factor
+from rankserve.linalg import (
+    Expansion,
+    shared_basis_expansion,
+    shared_basis_svd,
+    svd_expansion,
+    truncated_svd,
+    whitened_expansion,
+    whitened_svd,
+    whitening_factor,
+)
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,7 +71,7 @@ class BasisSharingConfig(FamilyConfig):
         self.shared = tuple(self.shared)
         return self
 
-    def wanted_stats(self) -> frozenset[str]:
+    def own_stats(self) -> frozenset[str]:
         return self.stats if self.whiten else frozenset()
 
 
@@ -125,6 +134,15 @@ class BasisSharingTransform(Transform):
 
     def spectrum(self, cfg: BasisSharingConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         raise NotImplementedError("basis-sharing keeps uniform ranks")
+
+    def expansion(
+        self, cfg: BasisSharingConfig, slot: Slot, weights: list[Tensor], data: SlotData
+    ) -> list[Expansion]:
+        # A shared basis is truncated for its whole group at once: one expansion, its rows split by member.
+        S = whitening_factor(need(data, "xtx", cfg.name))[0] if cfg.whiten else None
+        if slot.kind in cfg.shared:
+            return shared_basis_expansion(weights, S)
+        return [svd_expansion(weights[0]) if S is None else whitened_expansion(weights[0], S)]
 
 
 register(BasisSharingConfig, BasisSharingTransform())

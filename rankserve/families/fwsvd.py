@@ -26,7 +26,7 @@ from rankserve.families.base import (
     register,
 )
 from rankserve.layers import Projection
-from rankserve.linalg import fisher_weighted_svd, svd_spectrum
+from rankserve.linalg import Expansion, fisher_expansion, fisher_weighted_svd, svd_spectrum
 
 
 @dataclass
@@ -39,6 +39,11 @@ class FWSVDConfig(FamilyConfig):
 class FWSVDTransform(Transform):
     def spectrum(self, cfg: FWSVDConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         return svd_spectrum(weights[0])
+
+    def expansion(
+        self, cfg: FWSVDConfig, slot: Slot, weights: list[Tensor], data: SlotData
+    ) -> list[Expansion]:
+        return [fisher_expansion(weights[0], need(data, "fisher", cfg.name)[0])]
 
     def factorize(
         self, cfg: FWSVDConfig, slot: Slot, modules: list[Projection], data: SlotData, rank: int

@@ -18,7 +18,7 @@ from rankserve.families.base import (
     register,
 )
 from rankserve.layers import Projection
-from rankserve.linalg import svd_spectrum, truncated_svd
+from rankserve.linalg import Expansion, svd_expansion, svd_spectrum, truncated_svd
 
 
 @dataclass
@@ -29,6 +29,9 @@ class SVDConfig(FamilyConfig):
 class SVDTransform(Transform):
     def spectrum(self, cfg: SVDConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         return svd_spectrum(weights[0])
+
+    def expansion(self, cfg: SVDConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> list[Expansion]:
+        return [svd_expansion(weights[0])]
 
     def factorize(
         self, cfg: SVDConfig, slot: Slot, modules: list[Projection], data: SlotData, rank: int

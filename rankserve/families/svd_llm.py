@@ -28,7 +28,14 @@ from rankserve.families.base import (
     register,
 )
 from rankserve.layers import Projection
-from rankserve.linalg import lstsq_update_u, whitened_spectrum, whitened_svd, whitening_factor
+from rankserve.linalg import (
+    Expansion,
+    lstsq_update_u,
+    whitened_expansion,
+    whitened_spectrum,
+    whitened_svd,
+    whitening_factor,
+)
 
 
 @dataclass
@@ -44,6 +51,13 @@ class SVDLLMTransform(Transform):
     def spectrum(self, cfg: SVDLLMConfig, slot: Slot, weights: list[Tensor], data: SlotData) -> Tensor:
         S, _ = whitening_factor(need(data, "xtx", cfg.name))
         return whitened_spectrum(weights[0], S)
+
+    def expansion(
+        self, cfg: SVDLLMConfig, slot: Slot, weights: list[Tensor], data: SlotData
+    ) -> list[Expansion]:
+        # update_u changes U after truncation; the allocator weighs the whitened truncation it starts from
+        S, _ = whitening_factor(need(data, "xtx", cfg.name))
+        return [whitened_expansion(weights[0], S)]
 
     def factorize(
         self, cfg: SVDLLMConfig, slot: Slot, modules: list[Projection], data: SlotData, rank: int
