@@ -50,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="healing rows' length")
     p.add_argument("--pool-tokens", type=int, default=None, help="distinct self-generated healing tokens")
+    p.add_argument("--calib-data", default=None, help="calibration text file (default: self-generated)")
+    p.add_argument(
+        "--heal-data", action="append", default=[], help="healing text file (repeatable; see --self-share)"
+    )
+    p.add_argument("--self-share", type=float, default=None, help="self-generated share of the healing pool")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
@@ -108,6 +113,9 @@ def heal_config(args, **over):
         fields["seq_len"] = args.seq_len
     if args.pool_tokens is not None:
         fields["pool_tokens"] = args.pool_tokens
+    if args.heal_data:
+        fields["data"] = args.heal_data
+        fields["self_share"] = 0.5 if args.self_share is None else args.self_share
     fields.update(over)
     return HealConfig(**fields).validate()
 
@@ -117,14 +125,16 @@ def run_curve(args, lm, texts, base) -> None:
     from rankserve.heal import heal_
 
     t0 = time.perf_counter()
-    calib = make_calibration(None, lm.model, lm.tokenizer, args.calib_samples, args.calib_seq_len, 0)
+    calib = make_calibration(
+        args.calib_data, lm.model, lm.tokenizer, args.calib_samples, args.calib_seq_len, 0
+    )
     student = compress(lm, args.ratio, calib)
     compress_s = time.perf_counter() - t0
     dense = score(lm.model, lm.tokenizer, texts)
     speed = {}
     for amp in ("fp32", "bf16"):  # a few steps each: training tokens/s with and without autocast
         probe = copy.deepcopy(student)
-        cfg = heal_config(args, tokens=3 * 4 * 256, seq_len=256, pool_tokens=2048, autocast=amp)
+        cfg = heal_config(args, tokens=3 * 4 * 256, seq_len=256, pool_tokens=1024, eval_rows=1, autocast=amp)
         speed[amp] = heal_(probe, lm.model, lm.tokenizer, cfg, progress=False).tokens_per_s
         del probe
     cfg = heal_config(args, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
@@ -132,7 +142,7 @@ def run_curve(args, lm, texts, base) -> None:
         **base,
         "experiment": "curve",
         "ratio": args.ratio,
-        "calibration": f"self-generated {args.calib_samples}x{args.calib_seq_len}",
+        "calibration": f"{args.calib_data or 'self-generated'} {args.calib_samples}x{args.calib_seq_len}",
         "compress_s": round(compress_s, 1),
         "dense": dense,
         "train_tokens_per_s": speed,
@@ -185,6 +195,13 @@ def run_calib(args, lm, texts, base) -> None:
     )
 
 
+def _pool(c: dict) -> str:
+    files = ", ".join(os.path.basename(p) for p in c["data"])
+    if not c["data"]:
+        return "self-generated"
+    return f"{c['self_share']:g} self-generated, the rest from {files}"
+
+
 def ratio_of(ppl: dict, dense: dict) -> str:
     return " / ".join(f"{ppl[k]:.1f} ({ppl[k] / dense[k]:.2f}x)" for k in TEXTS)
 
@@ -218,7 +235,7 @@ def report(results: str, out: str) -> None:
                 f"healing: {c['tokens']:,} tokens planned, lr {c['lr']:g} {c['schedule']} (warm-up "
                 f"{c['warmup']:g} of the steps), {c['batch']}x{c['seq_len']} tokens per step, "
                 f"{'factors and norms' if c['train_norms'] else 'factors only'}, autocast {c['autocast']}, "
-                f"pool of {c['pool_tokens']:,} self-generated tokens; "
+                f"pool of {c['pool_tokens']:,} tokens ({_pool(c)}); "
                 + (
                     f"{h['tokens_per_s']:.0f} training tokens/s, {r['heal_total_s']:.0f} s in all "
                     "(data generation and evaluations included)."

@@ -130,6 +130,7 @@ def dirs(tmp_path_factory):
     write_hf_dir(dense, max_position_embeddings=64)
     tiny_tokenizer().save(dense)
     comp = str(root / "comp")
+    (root / "a-file").write_text("not a directory")
     r = rankserve("compress", dense, "--family", "svd", "--ratio", "0.5", "--out", comp)
     assert r.returncode == 0, r.stderr
     return root, dense, comp
@@ -192,7 +193,10 @@ def test_cli_divergence_writes_nothing(dirs):
         (["{comp}", "--teacher", "{dense}", "--out", "{root}/x2", "--resume"], "--resume: no saved state"),
         (["{comp}", "--teacher", "{dense}", "--out", "{root}/x3", "--lr", "0"], "heal lr must be a positive"),
         (["{comp}", "--teacher", "/nope", "--out", "{root}/x4"], "model not found: /nope"),
-        (["{comp}", "--teacher", "{dense}", "--out", "/proc/x5"], "cannot write in /proc"),
+        (
+            ["{comp}", "--teacher", "{dense}", "--out", "{root}/a-file/x5"],
+            "a-file; choose a writable directory",
+        ),
         (["{comp}", "--teacher", "{dense}", "--out", "{root}/x6", "--data", "/nope"], "data file not found"),
     ],
 )

@@ -13,8 +13,9 @@ from rankserve.cli.main import CLIError, apply_threads
 from rankserve.heal import HealConfig
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
-# A short heal that keeps the demo within minutes: short self-generated rows, each seen twice.
-DEMO_HEAL = HealConfig(tokens=16384, seq_len=128, batch=8, pool_tokens=8192, lr=5e-4, eval_rows=8)
+# A short heal that keeps the demo within minutes: generating the rows costs more than training on them, so a
+# small pool of short self-generated rows is seen three times, at a higher lr than a long run's.
+DEMO_HEAL = HealConfig(tokens=12288, seq_len=128, batch=8, pool_tokens=4096, lr=5e-4, eval_rows=4)
 
 
 def add_arguments(p):
