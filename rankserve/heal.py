@@ -36,6 +36,7 @@ from rankserve.layers import LowRankLinear, SharedBasisLinear
 from rankserve.models.llama import RMSNorm
 
 STATE_FORMAT = 1
+MIN_WARMUP = 10
 STATE_NAME, DATA_NAME = "state.pt", "data.pt"
 SCHEDULES = ("cosine", "constant")
 AUTOCAST = ("auto", "fp32", "bf16")
@@ -83,7 +84,7 @@ class HealConfig:
     seq_len: int = 256
     batch: int = 4
     lr: float = 2e-4  # AdamW peak learning rate
-    warmup: float = 0.05  # fraction of the steps with a linear warm-up
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up (at least MIN_WARMUP steps; 0: none)
     schedule: str = "cosine"  # "cosine" (to min_lr * lr) or "constant" after the warm-up
     min_lr: float = 0.1  # final learning rate as a fraction of lr (cosine)
     weight_decay: float = 0.0  # decay would pull the factors toward zero, away from the SVD solution
@@ -386,7 +387,10 @@ def heal_(
         raise ValueError("the student has no low-rank or shared-basis factors to train; compress it first")
     device = next(student.parameters()).device
     amp = autocast_dtype(config.autocast, device)
-    steps, warmup_steps = config.steps, math.ceil(config.steps * config.warmup)
+    steps = config.steps
+    # At least MIN_WARMUP steps (or all of a shorter run): Adam's first steps move every factor entry by ~lr at
+    # once, and a 3-step probe at full lr 2e-4 took the KL from 0.63 to 5.9 in one step.
+    warmup_steps = min(steps, max(math.ceil(steps * config.warmup), MIN_WARMUP)) if config.warmup else 0
 
     state_path = os.path.join(state_dir, STATE_NAME) if state_dir else None
     data_path = os.path.join(state_dir, DATA_NAME) if state_dir else None
