@@ -127,7 +127,7 @@ def test_bad_config_is_one_line():
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("heal")
     dense = str(root / "dense")
-    write_hf_dir(dense, max_position_embeddings=64)
+    write_hf_dir(dense)  # a context of 256: compress checks its default --calib-seq-len against it
     tiny_tokenizer().save(dense)
     comp = str(root / "comp")
     (root / "a-file").write_text("not a directory")
@@ -224,12 +224,12 @@ def test_self_generated_rows_mix_prose_and_chat():
     from rankserve.heal import self_generated_rows
 
     tok = tiny_tokenizer()
-    rows, rec = self_generated_rows(tiny_model(), tok, 4, 40, seed=1)
-    assert rows.shape == (4, 40) and rec["prompts"] == "BOS and chat instructions"
+    rows, rec = self_generated_rows(tiny_model(), tok, 4, 160, seed=1)  # chat prompts must fit in half a row
+    assert rows.shape == (4, 160) and rec["prompts"] == "BOS and chat instructions"
     assert rows[0, 0].item() == 1 and rows[0, 1].item() != 1  # a prose row starts at BOS
     chat = tok.chat([{"role": "user", "content": heal_mod.CHAT_PROMPTS[0]}])
     assert rows[1, : len(chat)].tolist() == chat
-    again, _ = self_generated_rows(tiny_model(), tok, 4, 40, seed=1)
+    again, _ = self_generated_rows(tiny_model(), tok, 4, 160, seed=1)
     assert torch.equal(rows, again)
 
 
