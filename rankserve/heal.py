@@ -415,6 +415,9 @@ def heal_(
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params.values():
+        # A loaded checkpoint's tensors are read-only memory maps: writing them in place segfaults. Own copies
+        # (same Parameter objects, so a shared basis stays shared).
+        p.data = p.data.clone()
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
