@@ -175,10 +175,10 @@ def test_cli_heal_writes_an_ordinary_checkpoint(dirs):
 def test_cli_divergence_writes_nothing(dirs):
     root, dense, comp = dirs
     out = str(root / "never")
-    flags = [*HEAL_FLAGS[:-4], "--lr", "1", "--warmup", "0", "--no-progress"]
+    flags = [*HEAL_FLAGS[:-4], "--lr", "1e3", "--warmup", "0", "--no-progress"]
     r = rankserve("heal", comp, "--teacher", dense, "--out", out, *flags)
     assert_one_line_error(r, "healing stopped at step 1: KL")
-    assert "retry with a lower --lr than 1" in r.stderr
+    assert "retry with a lower --lr than 1000" in r.stderr
     assert not os.path.exists(out) and not os.path.exists(out + ".heal-state")
 
 
