@@ -102,11 +102,13 @@ def self_calibration(
     pad_id: int = 0,
     batch_size: int = 8,
     progress: bool = False,
+    prompts: list[list[int]] | None = None,
 ) -> Calibration:
     """``n_samples`` sequences of ``seq_len`` tokens sampled by the dense model itself from ``[bos_id]``.
 
     Temperature 1, no top-k/p, EOS ignored so every sample has the full length. Sample i uses its own sampler
-    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens.
+    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. ``prompts``: sample
+    i starts from ``prompts[i % len(prompts)]`` instead (each shorter than ``seq_len``; healing uses chat prompts).
     """
     from rankserve.runtime.generate import generate_tokens
     from rankserve.runtime.sampling import SamplingParams
@@ -115,19 +117,24 @@ def self_calibration(
     limit = int(model.config.max_position_embeddings)
     if seq_len > limit:
         raise ValueError(f"calibration sequence length {seq_len} exceeds the model context {limit}")
+    prompts = prompts or [[bos_id]]
+    if any(not 1 <= len(p) < seq_len for p in prompts):
+        raise ValueError(f"every prompt must have between 1 and {seq_len - 1} tokens")
     row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)
     for s in range(0, n_samples, batch_size):
         seeds = row_seeds[s : s + batch_size]
+        starts = [list(prompts[(s + i) % len(prompts)]) for i in range(len(seeds))]
         params = [
-            SamplingParams(max_tokens=seq_len - 1, temperature=1.0, seed=int(r), ignore_eos=True)
-            for r in seeds
+            SamplingParams(max_tokens=seq_len - len(p), temperature=1.0, seed=int(r), ignore_eos=True)
+            for p, r in zip(starts, seeds, strict=True)
         ]
-        out: list[list[int]] = [[bos_id] for _ in seeds]
-        for step in generate_tokens(model, [[bos_id]] * len(seeds), params, [], pad_id):
+        out = [list(p) for p in starts]
+        for step in generate_tokens(model, starts, params, [], pad_id):
             for b, tok in enumerate(step.tokens):
-                out[b].append(tok)
+                if step.active[b]:  # rows with longer prompts stop earlier
+                    out[b].append(tok)
         rows.extend(out)
         bar.update(len(seeds))
     bar.close()

@@ -317,7 +317,34 @@ def validate_manifest(m: object, where: str = "manifest") -> dict:
             e = projs.get(member)
             if not e or e.get("kind") != "shared" or e.get("group") != g:
                 fail(f"shared basis {g}: member {member} is not a shared projection of this group")
+    if "healing" in m:
+        _validate_healing(m["healing"], fail)
     return m
+
+
+def _validate_healing(h: object, fail) -> None:
+    """The optional ``healing`` record written by ``rankserve heal`` (rankserve.heal.healed_manifest)."""
+    if not isinstance(h, dict):
+        fail("healing must be an object")
+    t = h.get("teacher")
+    if not isinstance(t, dict) or not isinstance(t.get("sha256"), str) or "path" not in t:
+        fail("healing.teacher must be an object with path and sha256")
+    data = h.get("data")
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) and "source" in d for d in data):
+        fail("healing.data must be a non-empty list of objects with a source")
+    for k in ("tokens", "steps", "trained_params"):
+        v = h.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            fail(f"healing.{k} must be a positive integer, found {v!r}")
+    for k in ("lr", "final_kl", "wall_time_s"):
+        v = h.get(k)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            fail(f"healing.{k} must be a finite non-negative number, found {v!r}")
+    if not isinstance(h.get("schedule"), str):
+        fail("healing.schedule must be a string")
+    trained = h.get("trained")
+    if not isinstance(trained, list) or not trained or not all(isinstance(g, str) for g in trained):
+        fail("healing.trained must be a non-empty list of parameter group names")
 
 
 def read_manifest(path: str) -> dict:
@@ -470,8 +497,9 @@ def check_out_dir(path: str, overwrite: bool = False) -> str:
     out = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise CheckpointError(
-            f"{path}: the parent directory {parent} does not exist; create it or choose another path"
+            f"{path}: the parent directory {parent} {what}; create it or choose another path"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"{path}: the directory {parent} is not writable; choose another path")

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
@@ -51,6 +52,13 @@ def add_arguments(p):
     p.add_argument("--alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
     p.add_argument("--group-size", type=int, default=None, help="basis-sharing: layers per group (default 2)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+    p.add_argument(
+        "--heal-tokens",
+        type=int,
+        default=0,
+        help="then heal by distillation from the dense model on N tokens (default 0: no healing)",
+    )
+    add_heal_arguments(p, prefix="heal-")
     p.add_argument("--json", action="store_true", help="print the compression report as JSON")
 
 
@@ -85,6 +93,11 @@ def run(args) -> int:
         raise CLIError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.heal_tokens < 0:
+        raise CLIError(f"--heal-tokens must be >= 0, got {args.heal_tokens}")
+    hcfg = heal_config(args, args.heal_tokens, prefix="heal-") if args.heal_tokens else None
+    if hcfg is not None and args.dtype != "fp32":
+        raise CLIError("--heal-tokens trains fp32 factors; drop --dtype or compress and heal separately")
     from rankserve.calibration import make_calibration
     from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model
@@ -115,6 +128,13 @@ def run(args) -> int:
     report = compress_(lm.model, cfg, calib, batch_size=args.batch_size)
     info = {"calibration_time_s": round(calib_s, 3), "wall_time_total_s": round(time.perf_counter() - t0, 3)}
     manifest = compression_manifest(lm.model, cfg, report, lm.source, info)
+    if hcfg is not None:
+        from rankserve.heal import heal_, healed_manifest
+
+        teacher = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
+        healing = heal_(lm.model, teacher.model, lm.tokenizer, hcfg)
+        manifest = healed_manifest(manifest, healing, lm.source)
+        del teacher
     path = save_checkpoint(
         lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
     )

@@ -1,15 +1,21 @@
-"""Run the main job end to end on the default model: compress with SVD-LLM, save, reload, serve it fast."""
+"""Run the main job end to end on the default model: compress with SVD-LLM, heal, save, reload, serve it fast."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import sys
 import tempfile
 import time
 
 from rankserve.cli.main import CLIError, apply_threads
+from rankserve.heal import HealConfig
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
+# A short heal that keeps the demo within minutes: generating the rows costs more than training on them, so a
+# small pool of short self-generated rows is seen three times, at a higher lr than a long run's.
+DEMO_HEAL = HealConfig(tokens=12288, seq_len=128, batch=8, pool_tokens=4096, lr=5e-4, eval_rows=4)
 
 
 def add_arguments(p):
@@ -18,6 +24,12 @@ def add_arguments(p):
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters removed")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument(
+        "--heal-tokens",
+        type=int,
+        default=DEMO_HEAL.tokens,
+        help=f"distillation tokens after compressing (default {DEMO_HEAL.tokens}; 0 skips healing)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(
@@ -61,6 +73,8 @@ def run(args) -> int:
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.heal_tokens < 0:
+        raise CLIError(f"--heal-tokens must be >= 0, got {args.heal_tokens}")
     say(f"[1/4] loading {name}")
     lm = load_model(name)
     dense = _answer(lm, "eager", args.max_tokens)
@@ -77,14 +91,29 @@ def run(args) -> int:
         if cfg.wanted_stats()
         else None
     )
+    teacher = copy.deepcopy(lm.model) if args.heal_tokens else None
     report = compress_(lm.model, cfg, calib)
     compress_s = time.perf_counter() - t0
+    healing = None
+    if teacher is not None:
+        from rankserve.heal import heal_
+
+        say(
+            f"      healing: distilling the dense model into the compressed one on {args.heal_tokens:,} tokens"
+        )
+        heal_cfg = dataclasses.replace(DEMO_HEAL, tokens=args.heal_tokens)
+        healing = heal_(lm.model, teacher, lm.tokenizer, heal_cfg)
+        del teacher
 
     out = args.out or os.path.join(
         tempfile.mkdtemp(prefix="rankserve-demo-"), f"{name}-{cfg.name}-{cfg.ratio:g}"
     )
     say(f"[3/4] saving the checkpoint to {out}")
     manifest = compression_manifest(lm.model, cfg, report, lm.source, {"wall_time_s": round(compress_s, 2)})
+    if healing is not None:
+        from rankserve.heal import healed_manifest
+
+        manifest = healed_manifest(manifest, healing, lm.source)
     save_checkpoint(lm.model, out, tokenizer=lm.tokenizer, manifest=manifest)
 
     say("[4/4] reloading it and answering with the fast runtime (the first call compiles the decode step)")
@@ -98,6 +127,11 @@ def run(args) -> int:
         print(f"> {q}")
         print(f"  dense (eager):      {d.text.strip()!r}  [{d.decode_tok_s:.1f} tok/s]")
         print(f"  compressed (fast):  {f.text.strip()!r}  [{f.decode_tok_s:.1f} tok/s]")
+    if healing is not None:
+        print(
+            f"healing: KL to the dense model {healing.initial_kl:.3f} -> {healing.final_kl:.3f} on held-back "
+            f"text, {healing.tokens:,} tokens in {healing.wall_time_s:.0f} s"
+        )
     print(f"\ncompressed checkpoint: {out} (compression took {compress_s:.0f} s)")
     print(
         f"next: rankserve generate {out} --chat --backend fast --prompt '...'   |   rankserve inspect {out}"

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "bench", "serve", "import"]
+SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "heal", "bench", "serve", "import"]
 
 
 class CLIError(ValueError):

@@ -1,0 +1,541 @@
+"""Healing by distillation: ``heal_(student, teacher, tokenizer, config) -> HealReport``.
+
+A compressed model (the student) is trained to match its dense original (the teacher) with the KL divergence
+``KL(p_teacher || p_student)`` of their next-token distributions at temperature 1, averaged over every position.
+Only the factors train: ``LowRankLinear`` U and V, ``SharedBasisLinear`` bases and coefficients (a shared basis is
+one Parameter, so it stays shared), and optionally the RMSNorm weights. Dense projections, embeddings and the LM
+head stay frozen, so the healed model has exactly the compressed model's shapes and packs as before.
+
+Data (:func:`make_heal_data`): by default text the teacher generates itself, half from the BOS token (plain
+prose) and half as chat answers to a fixed list of generic instructions, sampled at temperature 1 with one
+seeded sampler per row, so no dataset is needed and the text is not tied to one domain. Text files given in
+``HealConfig.data`` are mixed in as seeded random windows. A few rows are held back for the periodic evaluation.
+
+Safety: with a ``state_dir``, the trainable tensors, optimizer, scheduler, step and data are saved every
+``checkpoint_every`` steps (atomically, as ``state.pt`` and ``data.pt``; the directory has no manifest, so it
+never passes for a checkpoint) and ``resume=True`` continues from them with the same result as an uninterrupted
+run: the batch order is a pure function of (seed, step). A non-finite or diverging KL raises
+:class:`HealDiverged` and leaves the last saved state alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rankserve.layers import LowRankLinear, SharedBasisLinear
+from rankserve.models.llama import RMSNorm
+
+STATE_FORMAT = 1
+MIN_WARMUP = 10
+STATE_NAME, DATA_NAME = "state.pt", "data.pt"
+SCHEDULES = ("cosine", "constant")
+AUTOCAST = ("auto", "fp32", "bf16")
+SELF_GENERATED = "self-generated"
+
+# Chat prompts for self-generated data: generic instructions across many registers, so the student sees the
+# teacher answering in chat form, not only continuing prose. None is a question any evaluation asks.
+CHAT_PROMPTS = (
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a refrigerator works.",
+    "Give me three tips for a job interview.",
+    "Summarize the causes of the First World War.",
+    "Write a Python function that reverses a list.",
+    "What are the health benefits of walking every day?",
+    "Describe the water cycle to a ten-year-old.",
+    "Write a polite email asking for a deadline extension.",
+    "Compare renting and buying a home.",
+    "How do vaccines train the immune system?",
+    "Write a poem about autumn rain.",
+    "Explain what inflation is and why it matters.",
+    "What should I pack for a week of hiking?",
+    "Explain the difference between weather and climate.",
+    "Give a recipe for a simple vegetable soup.",
+    "Why is the sky blue?",
+    "Describe how a bill becomes law in a parliament.",
+    "Write a product description for a reusable water bottle.",
+    "What is machine learning, in plain words?",
+    "Tell me about the history of the printing press.",
+    "How can I improve my sleep?",
+    "Explain photosynthesis step by step.",
+    "Write a dialogue between a teacher and a student about fractions.",
+    "What are the main features of Gothic architecture?",
+)
+
+
+class HealDiverged(ValueError):
+    """The loss became non-finite or diverged; the message says where and what is kept."""
+
+
+@dataclass
+class HealConfig:
+    """Everything that decides a healing run's result (and is checked on ``--resume``)."""
+
+    tokens: int = 131072  # training tokens; steps = ceil(tokens / (batch * seq_len))
+    seq_len: int = 256
+    batch: int = 4
+    lr: float = 2e-4  # AdamW peak learning rate
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up (at least MIN_WARMUP steps; 0: none)
+    schedule: str = "cosine"  # "cosine" (to min_lr * lr) or "constant" after the warm-up
+    min_lr: float = 0.1  # final learning rate as a fraction of lr (cosine)
+    weight_decay: float = 0.0  # decay would pull the factors toward zero, away from the SVD solution
+    max_grad_norm: float = 1.0
+    train_norms: bool = False
+    data: list[str] = field(default_factory=list)  # text files mixed in
+    self_share: float = 1.0  # fraction of the pool self-generated (the rest from ``data``)
+    pool_tokens: int = 65536  # distinct training tokens; the pool repeats when ``tokens`` is larger
+    eval_rows: int = 4  # rows held back for evaluation
+    eval_every: int = 0  # steps between evaluations (0: only at the start and the end)
+    checkpoint_every: int = 0  # steps between resumable states (0: none)
+    seed: int = 0
+    autocast: str = "auto"  # "auto", "fp32" or "bf16"
+    diverge_factor: float = 4.0  # stop when a step's KL exceeds this times the first step's
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / (self.batch * self.seq_len))
+
+    def validate(self) -> HealConfig:
+        """Raise ValueError naming the first bad field."""
+
+        def pos_int(name: str, low: int = 1) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"heal {name} must be an integer >= {low}, got {v!r}")
+
+        for name, low in (("tokens", 1), ("seq_len", 2), ("batch", 1), ("pool_tokens", 2), ("eval_rows", 1)):
+            pos_int(name, low)
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            pos_int(name, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"heal lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"heal warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"heal schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.min_lr <= 1:
+            raise ValueError(f"heal min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0 or self.diverge_factor <= 1:
+            raise ValueError("heal weight_decay must be >= 0, max_grad_norm > 0 and diverge_factor > 1")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"heal autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+        if not 0 <= self.self_share <= 1:
+            raise ValueError(f"heal self_share must be in [0, 1], got {self.self_share!r}")
+        if self.self_share < 1 and not self.data:
+            raise ValueError("heal self_share < 1 needs text files in data")
+        if self.self_share == 0 and not self.data:
+            raise ValueError("heal needs data: self-generated text or text files")
+        for p in self.data:
+            if not os.path.isfile(p):
+                raise ValueError(f"heal data file not found: {p}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# pure math
+
+
+def kl_logits(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Mean over positions of ``KL(softmax(t) || softmax(s))`` (temperature 1), in fp32: logits [..., V]."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    # kl_div(input=log q, target=log p, log_target) = p * (log p - log q), summed over the vocabulary
+    return F.kl_div(s, t, reduction="none", log_target=True).sum(-1).mean()
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str, min_lr: float) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_rows(step: int, batch: int, n_rows: int, seed: int) -> Tensor:
+    """Row indices of the batch at ``step``: epoch after epoch of seeded permutations of the pool."""
+    idx = torch.arange(step * batch, (step + 1) * batch)
+    out = torch.empty(batch, dtype=torch.long)
+    for epoch in idx.div(n_rows, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        sel = idx // n_rows == epoch
+        out[sel] = perm[idx[sel] % n_rows]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# parameters and devices
+
+
+def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[str, nn.Parameter]:
+    """The parameters healing trains, by name: factors (each shared basis once) and optionally norm weights."""
+    wanted: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            wanted |= {id(m.U), id(m.V)}
+        elif isinstance(m, SharedBasisLinear):
+            wanted |= {id(m.basis), id(m.coeff)}
+        elif train_norms and isinstance(m, RMSNorm):
+            wanted.add(id(m.weight))
+    # named_parameters() yields a shared Parameter once, under its first name
+    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX), the only CPUs where bf16 autocast pays."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
+
+
+def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``choice`` on ``device`` (None = plain fp32).
+
+    ``auto`` picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere: on this project's Zen 3 (AVX2, no
+    bf16 instructions) bf16 autocast was measured slower than fp32 (docs/HEALING.md).
+    """
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class HealData:
+    """Training rows and held-back rows (token ids [N, L]) and a JSON-able record of where they came from."""
+
+    train: Tensor
+    held: Tensor
+    sources: list[dict[str, Any]]
+
+    def to_state(self) -> dict[str, Any]:
+        return {"train": self.train, "held": self.held, "sources": self.sources}
+
+
+def _bos_id(tokenizer) -> int:
+    bos = getattr(getattr(tokenizer, "hf", None), "bos_token_id", None)
+    if bos is None:  # as make_calibration: start from the end-of-text token when there is no BOS
+        bos = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
+    return int(bos)
+
+
+def self_generated_rows(
+    teacher: nn.Module, tokenizer, n_rows: int, seq_len: int, seed: int, progress: bool = False
+) -> tuple[Tensor, dict[str, Any]]:
+    """``n_rows`` rows of ``seq_len`` tokens the teacher writes: even rows from BOS (prose), odd rows as chat
+    answers to :data:`CHAT_PROMPTS` when the tokenizer has a chat template."""
+    from rankserve.calibration import self_calibration
+
+    bos = _bos_id(tokenizer)
+    prompts = [[bos]]
+    if tokenizer.has_chat_template:
+        chat = [tokenizer.chat([{"role": "user", "content": q}]) for q in CHAT_PROMPTS]
+        chat = [c for c in chat if len(c) < seq_len // 2]  # keep most of every row generated
+        # interleave prose and chat rows, rotating through the chat prompts
+        prompts = [p for c in chat for p in ([bos], c)]
+    calib = self_calibration(
+        teacher,
+        n_rows,
+        seq_len,
+        seed,
+        bos_id=bos,
+        pad_id=tokenizer.pad_id,
+        batch_size=16,
+        progress=progress,
+        prompts=prompts,
+    )
+    record = {
+        "source": SELF_GENERATED,
+        "seed": seed,
+        "samples": n_rows,
+        "seq_len": seq_len,
+        "prompts": "BOS and chat instructions" if len(prompts) > 1 else "BOS",
+        "temperature": 1.0,
+    }
+    return calib.tokens, record
+
+
+def make_heal_data(teacher: nn.Module, tokenizer, config: HealConfig, progress: bool = False) -> HealData:
+    """The training pool and held-back rows for ``config`` (deterministic for its seed)."""
+    from rankserve.calibration import text_calibration
+
+    rows = max(math.ceil(min(config.tokens, config.pool_tokens) / config.seq_len), 1) + config.eval_rows
+    n_self = round(rows * config.self_share) if config.data else rows
+    parts, sources = [], []
+    if n_self:
+        t, rec = self_generated_rows(teacher, tokenizer, n_self, config.seq_len, config.seed, progress)
+        parts.append(t)
+        sources.append(rec)
+    n_files = rows - n_self
+    for i, path in enumerate(config.data):
+        n = n_files // len(config.data) + (i < n_files % len(config.data))
+        if n == 0:
+            continue
+        c = text_calibration(path, tokenizer, n, config.seq_len, config.seed + i)
+        parts.append(c.tokens)
+        sources.append({"source": c.source, "sha256": c.sha256, "samples": n, "seq_len": config.seq_len})
+    pool = torch.cat(parts)  # (rows, L)
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(config.seed))
+    pool = pool[order]
+    return HealData(train=pool[config.eval_rows :], held=pool[: config.eval_rows], sources=sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# the flow
+
+
+@dataclass
+class HealReport:
+    steps: int
+    tokens: int
+    final_kl: float  # mean KL on the held-back rows after healing
+    initial_kl: float
+    wall_time_s: float
+    tokens_per_s: float
+    lr: float
+    schedule: str
+    warmup_steps: int
+    trained: list[str]  # parameter groups trained
+    trained_params: int
+    autocast: str
+    data: list[dict[str, Any]]
+    curve: list[dict[str, float]] = field(default_factory=list)  # step, tokens, kl, ppl on held-back rows
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _evaluate(student, teacher, rows: Tensor, batch: int, device, amp) -> dict[str, float]:
+    """Mean KL to the teacher and the student's perplexity on ``rows`` [N, L]."""
+    kl = nll = 0.0
+    n = 0
+    with torch.no_grad():
+        for s in range(0, rows.shape[0], batch):
+            x = rows[s : s + batch].to(device)  # (b, L)
+            with _autocast(device, amp):
+                t_logits, s_logits = teacher(x), student(x)
+            kl += kl_logits(t_logits, s_logits).item() * x.shape[0]
+            ce = F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
+            nll += ce.item() * x.shape[0]
+            n += x.shape[0]
+    return {"kl": kl / n, "ppl": math.exp(nll / n)}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _groups(names: list[str]) -> list[str]:
+    """Parameter groups for the manifest: 'lowrank U/V', 'shared basis', 'shared coeff', 'norm'."""
+    leaf = {"U": "lowrank U", "V": "lowrank V", "basis": "shared basis", "coeff": "shared coeff"}
+    return sorted({leaf.get(n.rsplit(".", 1)[-1], "norm") for n in names})
+
+
+def _save_atomic(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def heal_(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    config: HealConfig,
+    *,
+    state_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
+) -> HealReport:
+    """Distil ``teacher`` into ``student`` in place (see the module docstring); return what was done.
+
+    Both models must share the tokenizer and live on the same device; the student's trainable parameters are
+    left with ``requires_grad=False`` afterwards, as loading makes them. ``on_eval`` is called with each
+    point of the evaluation curve (step, tokens, held-back KL and perplexity), e.g. to score other texts.
+    """
+    config.validate()
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(
+            f"teacher vocabulary {teacher.config.vocab_size} differs from the student's "
+            f"{student.config.vocab_size}; heal with the dense model the student was compressed from"
+        )
+    limit = int(student.config.max_position_embeddings)
+    if config.seq_len > limit:
+        raise ValueError(f"heal seq_len {config.seq_len} exceeds the model context {limit}")
+    params = trainable_parameters(student, config.train_norms)
+    if not params:
+        raise ValueError("the student has no low-rank or shared-basis factors to train; compress it first")
+    device = next(student.parameters()).device
+    amp = autocast_dtype(config.autocast, device)
+    steps = config.steps
+    # At least MIN_WARMUP steps (or all of a shorter run): Adam's first steps move every factor entry by ~lr at
+    # once, and a 3-step probe at full lr 2e-4 took the KL from 0.63 to 5.9 in one step.
+    warmup_steps = min(steps, max(math.ceil(steps * config.warmup), MIN_WARMUP)) if config.warmup else 0
+
+    state_path = os.path.join(state_dir, STATE_NAME) if state_dir else None
+    data_path = os.path.join(state_dir, DATA_NAME) if state_dir else None
+    state = None
+    if resume:
+        if not state_path or not os.path.isfile(state_path):
+            raise ValueError(f"nothing to resume: no {STATE_NAME} in {state_dir}")
+        state = torch.load(state_path, weights_only=True)
+        saved = state["config"]
+        for k, v in config.to_dict().items():
+            if k not in ("eval_every", "checkpoint_every") and saved.get(k) != v:
+                raise ValueError(
+                    f"cannot resume: the saved run has {k}={saved.get(k)!r}, this one {v!r}; "
+                    "resume with the same settings"
+                )
+        data = HealData(**torch.load(data_path, weights_only=True))
+    else:
+        data = make_heal_data(teacher, tokenizer, config, progress)
+
+    was_training = student.training, teacher.training
+    student.eval(), teacher.eval()  # no dropout in these models; eval() keeps any future one off
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        # A loaded checkpoint's tensors are read-only memory maps: writing them in place segfaults. Own copies
+        # (same Parameter objects, so a shared basis stays shared).
+        p.data = p.data.clone()
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps, warmup_steps, config.schedule, config.min_lr)
+    )
+    start, curve, first_kl, elapsed = 0, [], None, 0.0
+    if state is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, curve, first_kl, elapsed = state["step"], state["curve"], state["first_kl"], state["elapsed_s"]
+
+    def evaluate(step: int) -> None:
+        r = _evaluate(student, teacher, data.held, config.batch, device, amp)
+        curve.append({"step": step, "tokens": step * config.batch * config.seq_len, **r})
+        if on_eval is not None:
+            on_eval(curve[-1])
+
+    def save_state(step: int) -> None:
+        if not os.path.isfile(data_path):  # the data once, with the first state
+            os.makedirs(state_dir, exist_ok=True)
+            _save_atomic(data.to_state(), data_path)
+        trainable = {n: p.detach().clone() for n, p in params.items()}
+        _save_atomic(
+            {
+                "format": STATE_FORMAT,
+                "step": step,
+                "config": config.to_dict(),
+                "trainable": trainable,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "curve": curve,
+                "first_kl": first_kl,
+                "elapsed_s": elapsed + time.perf_counter() - t0,
+            },
+            state_path,
+        )
+
+    if not curve:
+        evaluate(0)
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc="heal", unit="step", disable=not progress)
+    try:
+        for step in range(start, steps):
+            x = data.train[batch_rows(step, config.batch, data.train.shape[0], config.seed)].to(device)
+            with _autocast(device, amp):
+                with torch.no_grad():
+                    t_logits = teacher(x)  # (B, L, V)
+                s_logits = student(x)  # (B, L, V)
+            loss = kl_logits(t_logits, s_logits)
+            kl = loss.item()
+            if first_kl is None:
+                first_kl = kl
+            if not math.isfinite(kl) or kl > config.diverge_factor * max(first_kl, 1e-3):
+                kept = (
+                    f"the last good state is kept in {state_dir}"
+                    if state_path and os.path.isfile(state_path)
+                    else "no state was saved"
+                )
+                raise HealDiverged(
+                    f"healing stopped at step {step}: KL {kl:.4g} "
+                    f"({'not finite' if not math.isfinite(kl) else f'{kl / first_kl:.1f}x the first step'}); "
+                    f"nothing was written and {kept}; retry with a lower --lr than {config.lr:g}"
+                )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            seen = (done - start) * config.batch * config.seq_len
+            bar.set_postfix(kl=f"{kl:.4f}", tok_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+            if config.eval_every and done % config.eval_every == 0 and done < steps:
+                evaluate(done)
+            if (
+                state_path
+                and config.checkpoint_every
+                and done % config.checkpoint_every == 0
+                and done < steps
+            ):
+                save_state(done)
+    finally:
+        bar.close()
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        student.train(was_training[0]), teacher.train(was_training[1])
+    run_s = time.perf_counter() - t0
+    evaluate(steps)
+    trained_tokens = steps * config.batch * config.seq_len
+    wall = elapsed + run_s
+    return HealReport(
+        steps=steps,
+        tokens=trained_tokens,
+        final_kl=curve[-1]["kl"],
+        initial_kl=curve[0]["kl"],
+        wall_time_s=round(wall, 3),
+        tokens_per_s=round((steps - start) * config.batch * config.seq_len / max(run_s, 1e-9), 2),
+        lr=config.lr,
+        schedule=config.schedule,
+        warmup_steps=warmup_steps,
+        trained=_groups(list(params)),
+        trained_params=sum(p.numel() for p in params.values()),
+        autocast=str(amp).removeprefix("torch.") if amp else "fp32",
+        data=data.sources,
+        curve=curve,
+        config=config.to_dict(),
+    )
+
+
+def healed_manifest(manifest: dict[str, Any], report: HealReport, teacher_path: str) -> dict[str, Any]:
+    """``manifest`` with a ``healing`` record: the teacher and its sha256, the data and the run's figures."""
+    from rankserve.checkpoint import source_fingerprint, validate_manifest
+
+    rec = report.to_dict()
+    out = dict(manifest)
+    out["healing"] = {"teacher": source_fingerprint(teacher_path), **rec}
+    return validate_manifest(out)
