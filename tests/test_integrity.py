@@ -151,7 +151,7 @@ def test_check_out_dir(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"parent directory .*missing does not exist"):
         check_out_dir(tmp_path / "missing" / "out")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="file is not a directory"):
         check_out_dir(tmp_path / "file" / "out")
     with pytest.raises(CheckpointError, match="is not a directory"):
         check_out_dir(tmp_path / "file", overwrite=True)
