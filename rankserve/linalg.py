@@ -500,6 +500,16 @@ def _stacked_expansion(weights: Sequence[Tensor], S: Tensor | None) -> tuple[Exp
 # 9. heterogeneous rank allocation
 
 
+def _allocation_inputs(items: Sequence[dict], ratio: float, min_rank: int) -> tuple[list[str], int]:
+    """The checks every rank allocator makes first; returns the item names and the parameter budget."""
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
+    names = [str(it["name"]) for it in items]
+    if len(set(names)) != len(names):
+        raise ValueError("item names must be unique")
+    return names, param_budget(items, ratio)
+
+
 def allocate_ranks(items: Sequence[dict], ratio: float, *, min_rank: int = 1) -> dict[str, int]:
     """Per-matrix ranks with the same parameter budget as uniform ranks at ``ratio``.
 
@@ -521,12 +531,7 @@ def allocate_ranks(items: Sequence[dict], ratio: float, *, min_rank: int = 1) ->
     that matrix's energy recovered per parameter, i.e. we minimise the sum of relative errors.
     Singular values missing from a short spectrum count as gain 0.
     """
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    names = [str(it["name"]) for it in items]
-    if len(set(names)) != len(names):
-        raise ValueError("item names must be unique")
-    budget = param_budget(items, ratio)
+    names, budget = _allocation_inputs(items, ratio, min_rank)
 
     costs: list[int] = []
     caps: list[int] = []
@@ -630,12 +635,7 @@ def allocate_ranks_by_loss(items: Sequence[dict], ratio: float, *, min_rank: int
     result is within one rank of the critical matrix of the integer optimum, and the leftover is less than one
     rank of any matrix that could still grow. Deterministic.
     """
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    names = [str(it["name"]) for it in items]
-    if len(set(names)) != len(names):
-        raise ValueError("item names must be unique")
-    budget = param_budget(items, ratio)
+    names, budget = _allocation_inputs(items, ratio, min_rank)
     costs = [int(it["out"]) + int(it["inp"]) for it in items]
     ranks = [min_rank] * len(items)
     remaining = budget - min_rank * sum(costs)
