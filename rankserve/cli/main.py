@@ -7,11 +7,13 @@ import importlib
 import logging
 import sys
 
+from rankserve.errors import InputError
+
 SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "heal", "bench", "serve", "import"]
 
 
-class CLIError(ValueError):
-    """An error whose message is the whole story: printed as one line, exit code 2."""
+class CLIError(InputError):
+    """A bad command line: printed as one line, exit code 2."""
 
 
 def common_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
