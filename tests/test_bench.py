@@ -24,6 +24,8 @@ def test_bench_tiny_random_model_end_to_end():
         assert r["ok"], r["note"]
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["ttft_s"] > 0
         assert len(r["decode_runs"]) == 2
+        # TTFT (prompt to first sampled token) holds the prefill it was timed with, plus the sampling
+        assert r["ttft_s"] >= 0.999 * spec.prompt_len / r["prefill_tok_s"]
     # the factorized model reads fewer weight bytes per token than its dense source; eager and fast read the same
     assert runs["fast"]["weight_bytes_per_token"] < runs["fast-dense"]["weight_bytes_per_token"]
     assert runs["fast"]["weight_bytes_per_token"] == runs["eager"]["weight_bytes_per_token"]
