@@ -5,6 +5,7 @@ The public API, as in mlx-lm and torchao::
     import rankserve
     lm = rankserve.load("smollm2-135m")
     report = rankserve.compress_(lm.model, rankserve.SVDLLMConfig(ratio=0.2), calibration)
+    rankserve.quantize_(lm.model, rankserve.Int8Config())  # optional: int8 weights, after compression
     print(rankserve.generate(lm.model, lm.tokenizer, "What is the capital of France?", chat=True))
     rankserve.save(lm.model, "out-dir", lm.tokenizer, report=report, source=lm.source)
 
@@ -24,6 +25,8 @@ _API = {
     "stream_generate": "rankserve.api",
     "save": "rankserve.api",
     "compress_": "rankserve.api",
+    "quantize_": "rankserve.api",
+    "Int8Config": "rankserve.quantize",
     "SamplingParams": "rankserve.runtime.sampling",
     "RuntimeOptions": "rankserve.runtime.options",
     "make_calibration": "rankserve.calibration",

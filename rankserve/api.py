@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from rankserve.compress import CompressionReport, compress_, compression_manifest
 from rankserve.families import config_from_dict
 from rankserve.loaders.source import LoadedModel, load_model
+from rankserve.quantize import quantize_
 from rankserve.runtime import generate as _gen
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import SamplingParams
 
-__all__ = ["compress_", "generate", "load", "save", "stream_generate"]
+__all__ = ["compress_", "generate", "load", "quantize_", "save", "stream_generate"]
 
 
 def load(source: str, dtype: str = "fp32") -> LoadedModel:

@@ -49,6 +49,7 @@ from rankserve.calibration import (
     output_grad_moments,
     projection_names,
 )
+from rankserve.errors import InputError
 from rankserve.families import RANK_RULE, RATIO_CONVENTION, FamilyConfig, Slot, SlotData, transform_for
 from rankserve.layers import DenseLinear, replace_module
 from rankserve.linalg import (
@@ -281,6 +282,11 @@ def compress_(
         raise ValueError(f"family {config.name} needs calibration data (calibration=None was given)")
 
     projs = projection_names(model)
+    int8 = [n for n, m in projs.items() if m.is_int8()]
+    if int8:
+        raise InputError(
+            f"the model holds int8 weights ({int8[0]}); compress its float source, then quantize"
+        )
     not_dense = [n for n, m in projs.items() if not isinstance(m, DenseLinear)]
     if not_dense:
         raise ValueError(

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rankserve.layers import LowRankLinear, SharedBasisLinear
+from rankserve.errors import InputError
+from rankserve.layers import LowRankLinear, SharedBasisLinear, projections
 from rankserve.models.llama import RMSNorm
 
 STATE_FORMAT = 1
@@ -382,6 +383,10 @@ def heal_(
     limit = int(student.config.max_position_embeddings)
     if config.seq_len > limit:
         raise ValueError(f"heal seq_len {config.seq_len} exceeds the model context {limit}")
+    if any(p.is_int8() for p in projections(student).values()):
+        raise InputError(
+            "the student holds int8 weights, which healing cannot train; heal its float source, then quantize"
+        )
     params = trainable_parameters(student, config.train_norms)
     if not params:
         raise ValueError("the student has no low-rank or shared-basis factors to train; compress it first")

@@ -3,6 +3,12 @@
 The model builds :class:`DenseLinear` everywhere; compression swaps individual projections for
 :class:`LowRankLinear` (``y = U (V x) + b``) or :class:`SharedBasisLinear` (``y = C (B x) + b`` with ``B``
 shared by a group of layers) without touching the model code.
+
+int8 weights (the layout of :mod:`rankserve.quant`): a quantized matrix keeps its attribute name (``weight``,
+``U``/``V``, ``basis``/``coeff``) but is an int8 *buffer*, with its fp32 scales in the sibling buffer
+``<name>_scale``. :meth:`Projection.mat` is the float matrix (dequantized in the projection's working dtype),
+:meth:`Projection.qmat` the stored pair; ``forward`` goes through ``mat``, so the eager path is the dequantizing
+reference every int8 kernel is tested against.
 """
 
 from __future__ import annotations
@@ -10,6 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rankserve.quant import check_int8, dequantize_int8
+
+SCALE_SUFFIX = "_scale"  # buffer (and state-dict key) of a quantized matrix's scales: "V" -> "V_scale"
 
 
 class Projection(nn.Module):
@@ -20,6 +30,40 @@ class Projection(nn.Module):
     bias: nn.Parameter | None
 
     kind = "abstract"
+    matrices: tuple[str, ...] = ()  # attribute names of the weight matrices, in the order they are applied
+    # dtype that int8 matrices dequantize to (the dtype the projection computes in); set by set_int8
+    work_dtype: torch.dtype = torch.float32
+
+    def mat(self, name: str) -> torch.Tensor:
+        """Matrix ``name`` as a float tensor in the working dtype: the tensor itself, or dequantized if int8."""
+        t = getattr(self, name)
+        if t.dtype != torch.int8:
+            return t
+        return dequantize_int8(t, getattr(self, name + SCALE_SUFFIX), self.work_dtype)
+
+    def qmat(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(q int8 [out, in], scale fp32 [out, groups])`` of an int8 matrix, None for a float one."""
+        t = getattr(self, name)
+        return (t, getattr(self, name + SCALE_SUFFIX)) if t.dtype == torch.int8 else None
+
+    def is_int8(self) -> bool:
+        return any(getattr(self, n).dtype == torch.int8 for n in self.matrices)
+
+    def set_int8(self, name: str, q: torch.Tensor, scale: torch.Tensor, work_dtype: torch.dtype) -> None:
+        """Replace matrix ``name`` by the int8 pair (``q``, ``scale``) as buffers; ``work_dtype`` is what
+        :meth:`mat` dequantizes to. Passing the same tensors to several modules shares them (a shared basis)."""
+        if name not in self.matrices:
+            raise ValueError(
+                f"{type(self).__name__} has no matrix {name!r} (it has {', '.join(self.matrices)})"
+            )
+        old = getattr(self, name)
+        check_int8(q, scale, name)
+        if tuple(q.shape) != tuple(old.shape):
+            raise ValueError(f"{name}: int8 matrix {tuple(q.shape)} does not match {tuple(old.shape)}")
+        delattr(self, name)  # a Parameter (or an earlier buffer) cannot be re-registered as a buffer in place
+        self.register_buffer(name, q)
+        self.register_buffer(name + SCALE_SUFFIX, scale)
+        self.work_dtype = work_dtype
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight [out, in] (materialised; for tests and analysis)."""
@@ -46,6 +90,7 @@ class DenseLinear(Projection):
     """y = x Wᵀ + b with W [out, in]."""
 
     kind = "dense"
+    matrices = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -54,10 +99,10 @@ class DenseLinear(Projection):
         self.bias = _bias(out_features, bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.mat("weight"), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight
+        return self.mat("weight")
 
     def param_count(self, count_shared: bool = True) -> int:
         return self.weight.numel()
@@ -67,6 +112,7 @@ class LowRankLinear(Projection):
     """y = U (V x) + b with U [out, r] and V [r, in]; √Σ is folded into both factors."""
 
     kind = "lowrank"
+    matrices = ("V", "U")
 
     def __init__(
         self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None
@@ -94,10 +140,10 @@ class LowRankLinear(Projection):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.V), self.U, self.bias)
+        return F.linear(F.linear(x, self.mat("V")), self.mat("U"), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.U @ self.V
+        return self.mat("U") @ self.mat("V")
 
     def param_count(self, count_shared: bool = True) -> int:
         return self.U.numel() + self.V.numel()
@@ -111,6 +157,7 @@ class SharedBasisLinear(Projection):
     and C [out, r] is this layer's own coefficient matrix."""
 
     kind = "shared"
+    matrices = ("basis", "coeff")
 
     def __init__(
         self, basis: nn.Parameter, coeff: torch.Tensor, bias: torch.Tensor | None = None, group: str = ""
@@ -129,10 +176,10 @@ class SharedBasisLinear(Projection):
         self.group = group  # name of the basis group, e.g. "q_proj.g0"; used by the checkpoint writer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.basis), self.coeff, self.bias)
+        return F.linear(F.linear(x, self.mat("basis")), self.mat("coeff"), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.coeff @ self.basis
+        return self.mat("coeff") @ self.mat("basis")
 
     def param_count(self, count_shared: bool = True) -> int:
         return self.coeff.numel() + (self.basis.numel() if count_shared else 0)

@@ -1,0 +1,209 @@
+"""Weight quantization as one verb, as in torchao: ``quantize_(model, Int8Config(...)) -> QuantReport``.
+
+A method is a config dataclass (what to do, versioned, JSON round trip by an allowlist of fields) plus a
+registered handler (how). The only method is symmetric int8 (:mod:`rankserve.quant` holds its math, the
+projections hold the result, see :mod:`rankserve.layers`). It is training-free and works on any mix of dense,
+low-rank and shared-basis projections, so it applies after compression and healing: every matrix of every decoder
+projection (each shared basis once), and the LM head only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rankserve.errors import InputError
+from rankserve.layers import SCALE_SUFFIX, Projection, projections
+from rankserve.quant import SCHEME, dequantize_int8, group_of, quantize_int8
+
+LM_HEAD = "lm_head"
+
+
+@dataclass
+class QuantConfig:
+    """Base of every quantization method's config: a name, a version and a JSON round trip."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def validate(self) -> QuantConfig:
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``method``, ``version`` and every dataclass field."""
+        return {"method": self.name, "version": self.version, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Inverse of :meth:`to_dict`; only declared fields are accepted, and :meth:`validate` checks them."""
+        d = dict(d)
+        if d.pop("method", cls.name) != cls.name or d.pop("version", cls.version) != cls.version:
+            raise InputError(f"not a {cls.name} config of version {cls.version}: {d}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(
+                f"unknown field(s) for {cls.name}: {', '.join(unknown)} (known: {', '.join(known)})"
+            )
+        return cls(**d).validate()
+
+
+@dataclass
+class Int8Config(QuantConfig):
+    """Symmetric int8 weights (``quant.SCHEME``): fp32 scales per output channel, or per ``group_size`` inputs.
+
+    Per channel is the default: it is the layout of PyTorch's own int8 weight matmul
+    (``torch._weight_int8pack_mm``, for prefill) and the decode GEMV loads one scale per row instead of one per
+    group; docs/INT8.md has the perplexities that decide it. ``lm_head``: quantize the LM head too (a tied head is
+    then stored apart from the embedding, which stays in the working dtype). A group size that does not divide
+    a matrix's columns gives that matrix per-channel scales (see ``QuantReport.per_channel``).
+    """
+
+    group_size: int | None = None
+    lm_head: bool = False
+
+    name: ClassVar[str] = "int8"
+    scheme: ClassVar[str] = SCHEME
+
+    def validate(self) -> Int8Config:
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise InputError(f"int8 group_size must be a positive integer or None (per channel), got {g!r}")
+        if not isinstance(self.lm_head, bool):
+            raise InputError(f"int8 lm_head must be true or false, got {self.lm_head!r}")
+        return self
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_` did: the config, and per int8 tensor its SQNR against the float matrix (dB)."""
+
+    config: dict[str, Any]
+    # "model.layers.0.self_attn.q_proj.V" -> dB; a shared basis under its first member
+    sqnr_db: dict[str, float]
+    # with a group size: the matrices whose columns it does not divide, which got per-channel scales instead
+    per_channel: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(self.sqnr_db)
+
+    def table(self) -> str:
+        s = sorted(self.sqnr_db.values())
+        cfg = self.config
+        gran = "per channel" if cfg.get("group_size") is None else f"groups of {cfg['group_size']}"
+        head = "with" if cfg.get("lm_head") else "without"
+        if not s:
+            return f"{cfg['method']}: nothing quantized"
+        fallback = (
+            f"; {len(self.per_channel)} per channel (the group does not divide their columns)"
+            if self.per_channel
+            else ""
+        )
+        return (
+            f"{cfg['method']} ({gran}, {head} the LM head): {len(s)} matrices{fallback}; SQNR min {s[0]:.1f} dB, "
+            f"median {s[len(s) // 2]:.1f} dB, max {s[-1]:.1f} dB"
+        )
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(|ref|^2 / |ref - approx|^2)`` in dB (inf if exact)."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+def targets(model: nn.Module, lm_head: bool) -> dict[str, Projection]:
+    """Projections a quantization touches: the decoder projections, and the LM head if ``lm_head``."""
+    return {n: p for n, p in projections(model).items() if n != LM_HEAD or lm_head}
+
+
+def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
+    projs = targets(model, cfg.lm_head)
+    done = [n for n, p in projections(model).items() if p.is_int8()]
+    if done:
+        raise InputError(
+            f"the model already holds int8 weights ({done[0]}); quantize its float source instead"
+        )
+    # Every matrix's group first, so that bad input fails before anything changes. A group size that does not
+    # divide a matrix's columns (SmolLM2's hidden 576 by 128, a factor U [out, r] whose rank r is arbitrary)
+    # gives that matrix one scale per output channel, as the layout has no ragged groups; the report lists them.
+    plan = [(n, p, m, getattr(p, m).shape[1]) for n, p in projs.items() for m in p.matrices]
+    g = cfg.group_size
+    fits = [cols for *_, cols in plan if g is None or cols % g == 0]
+    if g is not None and not fits:
+        widths = sorted({cols for *_, cols in plan})
+        raise InputError(
+            f"int8 group size {g} divides none of the matrices' column counts ({', '.join(map(str, widths))}); "
+            "choose a divisor, or per-channel scales"
+        )
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(shared basis) -> its pair, quantized once
+    sqnr: dict[str, float] = {}
+    per_channel: list[str] = []
+    for name, p, m, cols in plan:
+        W = getattr(p, m)
+        pair = shared.get(id(W))
+        if pair is None:
+            grouped = g is not None and cols % g == 0
+            pair = quantize_int8(W, group_of(cols, g if grouped else None))
+            sqnr[f"{name}.{m}"] = sqnr_db(W, dequantize_int8(*pair))
+            if g is not None and not grouped:
+                per_channel.append(f"{name}.{m}")
+            if m == "basis":
+                shared[id(W)] = pair
+        p.set_int8(m, *pair, work_dtype=W.dtype)
+    return QuantReport(cfg.to_dict(), sqnr, per_channel)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry: config type -> handler
+
+_METHODS: dict[type[QuantConfig], Callable[[nn.Module, Any], QuantReport]] = {}
+
+
+def register(config_cls: type[QuantConfig], handler: Callable[[nn.Module, Any], QuantReport]) -> None:
+    if config_cls in _METHODS or any(c.name == config_cls.name for c in _METHODS):
+        raise ValueError(f"quantization method {config_cls.name!r} is registered twice")
+    _METHODS[config_cls] = handler
+
+
+register(Int8Config, _int8)
+
+
+def method_names() -> list[str]:
+    return [c.name for c in _METHODS]
+
+
+def config_from_dict(d: dict[str, Any]) -> QuantConfig:
+    """Rebuild any method's config from its :meth:`QuantConfig.to_dict` form (as a manifest records it)."""
+    for cls in _METHODS:
+        if cls.name == d.get("method"):
+            return cls.from_dict(d)
+    raise InputError(f"unknown quantization method {d.get('method')!r}; known: {', '.join(method_names())}")
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QuantConfig) -> QuantReport:
+    """Quantize ``model``'s weights in place as ``config`` says; return what was done.
+
+    Training-free. Compress (and heal) first: a quantized model refuses compression and healing.
+    """
+    handler = _METHODS.get(type(config))
+    if handler is None:
+        raise InputError(f"no quantization method registered for {type(config).__name__}")
+    return handler(model, config.validate())
+
+
+def int8_tensors(model: nn.Module) -> dict[str, str]:
+    """Every int8 matrix of ``model``: state-dict name of the int8 tensor -> name of its scale tensor."""
+    return {
+        f"{n}.{m}": f"{n}.{m}{SCALE_SUFFIX}"
+        for n, p in projections(model).items()
+        for m in p.matrices
+        if p.qmat(m) is not None
+    }
