@@ -1,5 +1,6 @@
 """Filesystem steps that survive a kill: temporary directories that name their owner's pid, the sweep that
-removes those of dead processes, and an atomic exchange of two directories.
+removes those of dead processes, an atomic exchange of two directories and the swap of a finished directory into
+place built on it; plus rankserve's cache directory and its JSON files.
 
 A process killed with SIGKILL (or by the OOM killer) runs no ``finally`` and no ``atexit``, so a self-cleaning
 temporary directory is not enough: the next run must be able to tell a leftover from the live work of another
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -105,3 +107,91 @@ def exchange(a: str, b: str) -> bool:
     if err in _NO_EXCHANGE:
         return False
     raise OSError(err, os.strerror(err), a, None, b)
+
+
+def cache_dir(*parts: str) -> str:
+    """rankserve's on-disk cache (``$RANKSERVE_CACHE``, else ``~/.cache/rankserve``), joined with ``parts``."""
+    root = os.environ.get("RANKSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rankserve")
+    return os.path.join(root, *parts)
+
+
+def dir_mode() -> int:
+    """0o777 minus the process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o755
+
+
+def write_json(path: str, obj: dict) -> None:
+    """``obj`` as indented JSON (NaN refused), with lists of numbers such as shapes kept on one line."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
+    # Only pretty-printed lists span lines (a JSON string never holds a raw newline), so string contents are
+    # never touched.
+    num = r"-?[\d.eE+-]+"
+    text = re.sub(
+        rf"\[\n\s*({num}(?:,\n\s*{num})*)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m[1]) + "]", text
+    )
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+# replace_dir's fallback sets the old directory NAME aside as ``.NAME.old-<pid>-<random>``; the pid tells a
+# killed swap's leftover from another process's live one.
+_OLD_PREFIX = r"\.(?P<name>.+)\.old-"
+
+
+def replace_dir(new: str, target: str, overwrite: bool) -> None:
+    """Put the finished directory ``new`` at ``target``. An existing ``target`` (a directory) raises
+    FileExistsError unless ``overwrite``; then it ends up at ``new`` (the caller removes it), and ``target``
+    names a whole directory, old or new, at every instant where the OS and filesystem can exchange atomically
+    (:func:`exchange`)."""
+    parent, name = os.path.split(target)
+    if not os.path.exists(target):
+        try:
+            os.rename(new, target)  # fails if target appeared meanwhile and is non-empty
+            return
+        except OSError:
+            if not os.path.exists(target):
+                raise
+    if not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists", target)
+    if exchange(new, target):
+        return
+    # No atomic exchange on this OS or filesystem (NFS, Windows, some FUSE): two renames, with a moment in
+    # between when the name is empty. The old directory is set aside under a pid-tagged name, so if this
+    # process dies there, the next writer into this parent, or the next load of the name, puts it back
+    # (recover_leftovers). We do not make the name a symlink to versioned directories instead: that changes
+    # what a checkpoint is on disk for every user (copy and upload tools see a link), and an existing real
+    # directory still could not be turned into such a link atomically.
+    aside = owned_tempdir(f".{name}.old-", parent)
+    os.rmdir(aside)  # only the unique name is wanted; rename needs the target free
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)  # put the old directory back
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_leftovers(parent: str, tmp_prefix: str) -> None:
+    """Clean up after writes into ``parent`` that were killed: temporary directories named ``tmp_prefix``
+    (a regular expression, see :func:`owned_tempdir`) are removed, and an old directory that the fallback of
+    :func:`replace_dir` had set aside is put back under its name if that name is empty (removed otherwise).
+    Only leftovers of dead processes are touched."""
+    sweep(parent, tmp_prefix)
+    for m in dead_leftovers(parent, _OLD_PREFIX):
+        aside, target = os.path.join(parent, m[0]), os.path.join(parent, m["name"])
+        try:
+            if os.path.lexists(target):
+                shutil.rmtree(aside)
+            else:
+                os.rename(aside, target)
+                log.warning("restored %s, set aside by an overwrite that was interrupted", target)
+        except OSError:
+            pass  # a read-only parent or a race with another run: the next run tries again

@@ -538,7 +538,8 @@ def heal_(
 
 def healed_manifest(manifest: dict[str, Any], report: HealReport, teacher_path: str) -> dict[str, Any]:
     """``manifest`` with a ``healing`` record: the teacher and its sha256, the data and the run's figures."""
-    from rankserve.checkpoint import source_fingerprint, validate_manifest
+    from rankserve.checkpoint import validate_manifest
+    from rankserve.hashing import source_fingerprint
 
     rec = report.to_dict()
     out = dict(manifest)

@@ -23,6 +23,7 @@ from rankserve.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
+from rankserve.checkpoint import io as ckpt_io
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
 from rankserve.loaders.st_mmap import read_header
 
@@ -194,13 +195,15 @@ def test_bf16_checkpoint_loads_in_either_dtype(tmp_path):
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     written = []
 
-    def failing_writer(f, t):
-        if len(written) == 3:
-            raise RuntimeError("disk full")
-        written.append(t)
-        f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    def failing_writer(tensors, path, metadata):
+        with open(path, "wb") as f:
+            for t in tensors.values():
+                if len(written) == 3:
+                    raise RuntimeError("disk full")
+                written.append(t)
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
-    monkeypatch.setattr(ckpt, "_write_tensor", failing_writer)
+    monkeypatch.setattr(ckpt_io, "save_file", failing_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         save(make("lowrank"), tmp_path / "ck")
     assert len(written) == 3  # it did fail midway
@@ -212,7 +215,7 @@ def test_existing_directory_refused_unless_overwrite(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="already exists"):
         save(make("dense"), out)
     # A failed overwrite keeps the old checkpoint.
-    monkeypatch.setattr(ckpt, "_write_tensor", lambda f, t: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(ckpt_io, "save_file", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     model = make("lowrank")
     manifest = build_manifest(model)
     with pytest.raises(RuntimeError):

@@ -83,11 +83,6 @@ def test_config_from_dict_is_an_allowlist():
         BasisSharingConfig(shared=("lm_head",)).validate()
 
 
-def test_ratio_convention_matches_the_checkpoint_manifest():
-    ckpt = pytest.importorskip("rankserve.checkpoint")
-    assert RATIO_CONVENTION == ckpt.RATIO_CONVENTION
-
-
 @pytest.mark.parametrize("mode", ["uniform", "adaptive", "sensitivity"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 @pytest.mark.parametrize("family", FAMILIES)

@@ -274,12 +274,13 @@ KILLED_SAVE = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make
     from rankserve import checkpoint as ckpt, fsutil
+    from rankserve.checkpoint import io as ckpt_io
 
     def die(*args):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if sys.argv[1] == "after-exchange":
-        ckpt._remove_tree = die  # killed before the old checkpoint (now in the temp dir) is removed
+        ckpt_io._remove_tree = die  # killed before the old checkpoint (now in the temp dir) is removed
     else:  # no atomic exchange here: killed between the two renames of the fallback
         fsutil.exchange = lambda a, b: False
         real, calls = os.replace, []

@@ -4,11 +4,11 @@ Each family is a config dataclass (subclass of :class:`FamilyConfig`) plus a reg
 ``rankserve.compress.compress_`` applies any of them. Importing this package registers them all.
 """
 
+from rankserve.checkpoint.manifest import RATIO_CONVENTION  # re-exported: tables print it
 from rankserve.families import asvd, basis_sharing, fwsvd, svd, svd_llm  # noqa: F401  (registration)
 from rankserve.families.asvd import ASVDConfig
 from rankserve.families.base import (
     RANK_RULE,
-    RATIO_CONVENTION,
     FamilyConfig,
     Slot,
     SlotData,

@@ -23,11 +23,7 @@ from torch import Tensor
 from rankserve.layers import DenseLinear, LowRankLinear, Projection
 from rankserve.linalg import Expansion
 
-# Word for word the convention every manifest carries (rankserve.checkpoint validates it); tables add RANK_RULE.
-RATIO_CONVENTION = (
-    "fraction of decoder linear-layer parameters removed (SVD-LLM convention); "
-    "embeddings and LM head not counted"
-)
+# Tables print the manifest's RATIO_CONVENTION (rankserve.checkpoint.manifest) and then this rule.
 RANK_RULE = (
     "0.4 keeps 60%; uniform rank of an out x in weight = floor(out*in*(1-ratio)/(out+in)); a weight stays dense "
     "where a factorization would not save parameters"

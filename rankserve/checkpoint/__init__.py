@@ -1,0 +1,45 @@
+"""The rankserve checkpoint: a self-describing, versioned HF-style directory for compressed models.
+
+:mod:`~rankserve.checkpoint.manifest` holds the manifest's schema, build and validation (and the one
+``RATIO_CONVENTION``); :mod:`~rankserve.checkpoint.io` the atomic save and the checked load.
+"""
+
+from rankserve.checkpoint.io import (
+    check_out_dir,
+    load_checkpoint,
+    recover_leftovers,
+    save_checkpoint,
+    write_safetensors,
+)
+from rankserve.checkpoint.manifest import (
+    BASIS_PREFIX,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RATIO_CONVENTION,
+    SUPPORTED_VERSIONS,
+    WEIGHTS_NAME,
+    CheckpointError,
+    build_manifest,
+    read_manifest,
+    validate_manifest,
+)
+
+__all__ = [
+    "BASIS_PREFIX",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "RATIO_CONVENTION",
+    "SUPPORTED_VERSIONS",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "build_manifest",
+    "check_out_dir",
+    "load_checkpoint",
+    "read_manifest",
+    "recover_leftovers",
+    "save_checkpoint",
+    "validate_manifest",
+    "write_safetensors",
+]
