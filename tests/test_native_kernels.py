@@ -204,3 +204,89 @@ def test_stale_build_lock_is_removed(tmp_path):
     (tmp_path / "lock").write_text("")
     with _exclusive_build(tmp_path):
         assert not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1001, 100_003])
+def test_stream_read_sums_every_element(kernels, n):
+    # 100_003 floats (> 64 KB) take the multi-thread path with a ragged end; the sum proves every element was read
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs_()
+    got = kernels.stream_read(x)
+    assert abs(got - x.double().sum().item()) <= 1e-5 * max(1.0, x.double().sum().item())
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.stream_read(x.double())
+
+
+# (out, in, group): per channel (None) and grouped; odd out; in a multiple of 32 and not; a group that is not a
+# whole number of vectors (20); big enough for the parallel path (2051 x 1031)
+INT8_SHAPES = [
+    (37, 64, None),
+    (37, 64, 32),
+    (191, 577, None),
+    (101, 100, 20),
+    (8, 96, 32),
+    (48, 256, 64),
+    (1, 1, None),
+    (2051, 1031, None),
+]
+
+
+def int8_case(B, out_f, in_f, group, dtype, with_bias, seed):
+    from rankserve.quant import quantize_int8
+
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(B, in_f, dtype=dtype, gen=gen)
+    q, scale = quantize_int8(torch.randn(out_f, in_f, generator=gen), group)
+    b = rand(out_f, dtype=dtype, gen=gen) if with_bias else None
+    return x, q, scale, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("out_f,in_f,group", INT8_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_gemv_dequantizing_matches_reference(kernels, dtype, B, out_f, in_f, group, with_bias):
+    from rankserve.quant import dequantize_int8
+
+    x, q, scale, b = int8_case(B, out_f, in_f, group, dtype, with_bias, seed=B * 1000 + out_f)
+    W = dequantize_int8(q, scale, torch.float64)
+    ref = torch.nn.functional.linear(x.double(), W, None if b is None else b.double())
+    assert_close(kernels.int8_gemv(x, q, scale, b), ref, x.double().abs() @ W.abs().T, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("out_f,in_f,group", INT8_SHAPES)
+def test_int8_gemv_int8_activations(kernels, dtype, B, out_f, in_f, group):
+    """Against its own definition (x quantized per row, exact integer dot products per group), and within the
+    quantization error of x from the dequantizing reference."""
+    from rankserve.quant import dequantize_int8, quantize_int8
+
+    x, q, scale, b = int8_case(B, out_f, in_f, group, dtype, True, seed=B * 7 + out_f)
+    got = kernels.int8_gemv(x, q, scale, b, int8_act=True)
+    xq, xs = quantize_int8(x.float())  # per row: xs [B, 1]
+    G = in_f // scale.shape[1]
+    # exact integer dot products of each group: (B, out, groups)
+    idot = torch.einsum("bgk,ngk->bng", xq.double().view(B, -1, G), q.double().view(out_f, -1, G))
+    ref = xs.double() * (idot * scale.double()).sum(-1) + b.double()
+    mag = xs.double() * (
+        torch.einsum("bgk,ngk->bng", xq.double().abs().view(B, -1, G), q.double().abs().view(out_f, -1, G))
+        * scale.double()
+    ).sum(-1)
+    assert_close(got, ref, mag, dtype)
+    # |x - xq * xs| <= xs / 2 per element, so the result moves by at most xs / 2 * sum |W| per output
+    W = dequantize_int8(q, scale, torch.float64)
+    exact = x.double() @ W.T + b.double()
+    bound = xs.double() / 2 * W.abs().sum(-1) + 1e-5 * (x.double().abs() @ W.abs().T)
+    if dtype == torch.bfloat16:
+        bound = bound + 2.0**-8 * exact.abs()
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_int8_gemv_bad_inputs(kernels):
+    q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1)
+    with pytest.raises(RuntimeError, match="int8 weights with float32 scales"):
+        kernels.int8_gemv(torch.ones(1, 8), q.float(), s)
+    with pytest.raises(RuntimeError, match="groups dividing in"):
+        kernels.int8_gemv(torch.ones(1, 8), q, torch.ones(4, 3))
+    with pytest.raises(RuntimeError, match=r"W must be \[out, in\]"):
+        kernels.int8_gemv(torch.ones(1, 9), q, s)

@@ -15,6 +15,11 @@ Ops (x is ``[B, in]``; all tensors contiguous, on CPU, one dtype, float32 or bfl
 - ``gemv(x, W[out, in], bias=None) -> [B, out]``: ``x @ W.T + bias``;
 - ``lowrank_gemv(x, V[r, in], U[out, r], bias=None) -> [B, out]``: ``(x @ V.T) @ U.T + bias`` in one call, with
   ``x @ V.T`` kept in fp32;
+- ``int8_gemv(x, q[out, in], scale[out, groups], bias=None, int8_act=False) -> [B, out]``: ``x @ (q * scale).T
+  + bias`` for the int8 layout of ``rankserve.quant``; weights dequantized in registers, or with ``int8_act`` the
+  activation rows quantized per row to int8 and integer dot products (different numerics);
+- ``stream_read(x) -> float``: the sum of a float32 tensor, read by every thread at full width: the read
+  bandwidth the GEMV kernels can reach (``bandwidth_probe`` in the bench times it);
 - ``decode_layer(...)``: one decoder layer of one-token decode in one OpenMP region (``csrc/decode_layer.h``);
 - ``native_isa() -> str``: the vector path compiled in (``avx512+bf16``, ``avx512``, ``avx2`` or ``scalar``).
 
@@ -50,7 +55,7 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 # AVX-512 extension, and -mno-avx2/-mno-fma leave the kernels without their AVX2+FMA path (plain C++).
 _ISA_FLAGS = {"avx512": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
 # For a compile-only check of the AVX-512 path on a CPU without it: every extension the kernels use.
-_AVX512_TARGET = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+_AVX512_TARGET = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni")
 _ISA_NEEDS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma"), "scalar": ()}  # /proc/cpuinfo flags to run it
 
 
@@ -153,6 +158,14 @@ def _fake_lowrank_gemv(x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = No
     return x.new_empty((x.shape[0], U.shape[0]))
 
 
+def _fake_int8_gemv(
+    x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, int8_act: bool = False
+) -> Tensor:
+    torch._check(x.dim() == 2 and q.dim() == 2, lambda: "rankserve::int8_gemv: x and W must be 2-D")
+    torch._check(x.shape[1] == q.shape[1], lambda: f"rankserve::int8_gemv: x is {x.shape} but W is {q.shape}")
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
 def _fake_decode_layer(x: Tensor, *args, **kwargs) -> Tensor:
     return torch.empty_like(x)
 
@@ -249,6 +262,7 @@ def _load(isa: str) -> NativeKernels | NativeBuildError:
         torch.library.register_fake(f"{ns}::gemv")(_fake_gemv)
         torch.library.register_fake(f"{ns}::lowrank_gemv")(_fake_lowrank_gemv)
         torch.library.register_fake(f"{ns}::decode_layer")(_fake_decode_layer)
+        torch.library.register_fake(f"{ns}::int8_gemv")(_fake_int8_gemv)
         compiled = getattr(torch.ops, ns).native_isa()
     except Exception as exc:  # any build or load failure means "no native kernels", reported once
         logger.warning("rankserve native kernels (%s) unavailable, falling back to PyTorch: %s", isa, exc)
@@ -266,6 +280,7 @@ class NativeKernels:
         # The resolved overloads: calling them skips the packet's overload lookup (~1.5 us of a ~5 us call).
         self._gemv = self.ops.gemv.default
         self._lowrank_gemv = self.ops.lowrank_gemv.default
+        self._int8_gemv = self.ops.int8_gemv.default
 
     @classmethod
     def load(cls, isa: str = "auto", strict: bool = False) -> NativeKernels | None:
@@ -294,6 +309,17 @@ class NativeKernels:
     def lowrank_gemv(self, x: Tensor, V: Tensor, U: Tensor, bias: Tensor | None = None) -> Tensor:
         """``(x[B, in] @ V[r, in].T) @ U[out, r].T + bias`` -> ``[B, out]``, the middle product kept in fp32."""
         return self._lowrank_gemv(x, V, U, bias)
+
+    def int8_gemv(
+        self, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, int8_act: bool = False
+    ) -> Tensor:
+        """``x[B, in] @ (q[out, in] * scale[out, groups]).T + bias`` -> ``[B, out]``; ``int8_act`` quantizes each row
+        of ``x`` to int8 (as ``quantize_int8`` quantizes a weight row) and takes integer dot products."""
+        return self._int8_gemv(x, q, scale, bias, int8_act)
+
+    def stream_read(self, x: Tensor) -> float:
+        """The sum of a contiguous float32 tensor, read once by every thread at full width."""
+        return self.ops.stream_read(x)
 
     def __repr__(self) -> str:
         return f"NativeKernels(variant={self.variant!r}, isa={self.isa!r})"

@@ -1,6 +1,6 @@
 // One whole decoder layer for one-token decode, in one OpenMP parallel region.
 //
-// Included by kernels.cpp inside its anonymous namespace (it uses Isa, dot_tile_any, to_f32/from_f32, data_of).
+// Included by kernels.cpp inside its anonymous namespace (it uses Isa, matvec_tile, to_f32/from_f32, data_of).
 // Calling a GEMV op per projection costs a thread wake-up, a barrier and a dispatcher round trip each time; at
 // SmolLM2's sizes (a 576x576 matrix streams in ~30 us) that overhead is as large as the work. Here a layer is
 // one region: every stage is an `omp for` over rows (or heads), and the stages are separated only by the

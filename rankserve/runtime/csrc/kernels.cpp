@@ -8,7 +8,9 @@
 // float32 or bfloat16; the output has the input dtype):
 //   gemv(x, W[out, in], bias?)                  y = x W^T + b
 //   lowrank_gemv(x, V[r, in], U[out, r], bias?)  y = (x V^T) U^T + b, with x V^T kept in fp32
+//   int8_gemv(x, q[out, in], scale, bias?, int8_act)  y = x (q * scale)^T + b, int8 weights (int8_gemv.h)
 //   decode_layer(...)                            one whole decoder layer of one-token decode (decode_layer.h)
+//   stream_read(x)                               the sum of a float32 tensor, read at full bandwidth (stream_read.h)
 //   native_isa()                                 the vector path compiled in: avx512+bf16, avx512, avx2, scalar
 // There is no transposed-weight variant: the LM head (the tied embedding, [vocab, hidden]) is already [out, in],
 // and a column-blocked x @ Wt kernel reads the same bytes plus accumulator traffic; it measured no faster.
@@ -22,9 +24,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -40,6 +44,7 @@ namespace {
 using bf16 = uint16_t;  // raw bfloat16 bits; the upper half of an fp32
 
 inline float to_f32(float v) { return v; }
+inline float to_f32(int8_t v) { return static_cast<float>(v); }  // an int8 weight, before its scale
 inline float to_f32(bf16 v) {
   const uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
@@ -67,6 +72,9 @@ struct Isa {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   // First n (< kLanes) elements, the rest zero; masked loads never touch memory past p + n.
   static V load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
   static V load_tail(const bf16* p, int n) {
@@ -78,6 +86,11 @@ struct Isa {
     std::memcpy(buf, p, sizeof(bf16) * n);
     return load(buf);
 #endif
+  }
+  static V load_tail(const int8_t* p, int n) {
+    int8_t buf[kLanes] = {};
+    std::memcpy(buf, p, n);
+    return load(buf);
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V set1(float v) { return _mm512_set1_ps(v); }
@@ -93,6 +106,9 @@ struct Isa {
   static V load(const bf16* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   template <typename T>
   static V load_tail(const T* p, int n) {
@@ -188,25 +204,26 @@ inline void dot_tile(const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t
     for (int r = 0; r < R; ++r) out[b * kRows + r] = Isa::sum(acc[b][r]);
 }
 
-template <typename WT, typename XT, int R>
-inline void dot_tile_nb(int nb, const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t K, float* out) {
+// Calls f.template operator()<R, NB>() with rows (<= kRows) and nb (<= kBatch) as compile-time constants, so
+// that every tile kernel's accumulators stay in registers.
+template <int R, typename F>
+inline void with_nb(int nb, F&& f) {
   switch (nb) {
-    case 1: return dot_tile<WT, XT, R, 1>(w, ldw, x, ldx, K, out);
-    case 2: return dot_tile<WT, XT, R, 2>(w, ldw, x, ldx, K, out);
-    case 3: return dot_tile<WT, XT, R, 3>(w, ldw, x, ldx, K, out);
-    default: return dot_tile<WT, XT, R, kBatch>(w, ldw, x, ldx, K, out);
+    case 1: return f.template operator()<R, 1>();
+    case 2: return f.template operator()<R, 2>();
+    case 3: return f.template operator()<R, 3>();
+    default: return f.template operator()<R, kBatch>();
   }
 }
 
-template <typename WT, typename XT>
-inline void dot_tile_any(int rows, int nb, const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t K,
-                         float* out) {
-  static_assert(kRows == 4, "the switch below assumes 4 rows per tile");
+template <typename F>
+inline void with_tile_shape(int rows, int nb, F&& f) {
+  static_assert(kRows == 4 && kBatch == 4, "the switches assume 4 rows and 4 activation rows per tile");
   switch (rows) {
-    case 1: return dot_tile_nb<WT, XT, 1>(nb, w, ldw, x, ldx, K, out);
-    case 2: return dot_tile_nb<WT, XT, 2>(nb, w, ldw, x, ldx, K, out);
-    case 3: return dot_tile_nb<WT, XT, 3>(nb, w, ldw, x, ldx, K, out);
-    default: return dot_tile_nb<WT, XT, kRows>(nb, w, ldw, x, ldx, K, out);
+    case 1: return with_nb<1>(nb, f);
+    case 2: return with_nb<2>(nb, f);
+    case 3: return with_nb<3>(nb, f);
+    default: return with_nb<kRows>(nb, f);
   }
 }
 
@@ -234,8 +251,23 @@ constexpr int64_t kWideMaxK = 384;
 
 inline bool wide_tiles(int64_t K, int64_t B) { return kWideTiles && B == 1 && K <= kWideMaxK; }
 
+// The rows of one tile: rows n0, n0 + step, ..., n0 + (rows - 1) * step.
+struct TileRows {
+  int64_t n0, step;
+  int rows;
+};
+
+// Tile t of the strided layout described above.
+inline TileRows strided_tile(int64_t t, int64_t N) {
+  const int64_t Q = N / kRows;
+  if (t < Q) return {t, Q, kRows};
+  return {Q * kRows, 1, static_cast<int>(N - Q * kRows)};
+}
+
+inline int64_t strided_tile_count(int64_t N) { return N / kRows + (N % kRows != 0); }
+
 inline int64_t tile_count(int64_t N, int64_t K, int64_t B) {
-  if (!wide_tiles(K, B)) return N / kRows + (N % kRows != 0);
+  if (!wide_tiles(K, B)) return strided_tile_count(N);
   const int64_t G = N / kWide, rest = N - G * kWide;
   return G + (rest + kRows - 1) / kRows;
 }
@@ -312,14 +344,31 @@ inline __m128 load4(const bf16* p) {
 }
 #endif
 
+// y[b, n] = out[b, r] (* row_scale[b]) (+ bias[n]) for the rows n of one tile, for every group of kBatch activation
+// rows: dot(b0, nb, out) fills out[b * kRows + r] with the tile's dot products against rows b0 .. b0 + nb - 1.
+template <typename YT, typename BT, typename Dot>
+inline void tile_out(const TileRows& tr, int64_t B, const float* row_scale, const BT* bias, YT* y, int64_t ldy,
+                     Dot&& dot) {
+  for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
+    float out[kBatch * kRows];
+    dot(b0, nb, out);
+    for (int b = 0; b < nb; ++b)
+      for (int r = 0; r < tr.rows; ++r) {
+        const int64_t n = tr.n0 + r * tr.step;
+        const float d = row_scale ? out[b * kRows + r] * row_scale[b0 + b] : out[b * kRows + r];
+        y[(b0 + b) * ldy + n] = from_f32<YT>(d + (bias ? to_f32(bias[n]) : 0.0f));
+      }
+  }
+}
+
 // y[b, n] = sum_k W[n, k] x[b, k] (+ bias[n]) for the rows n of tile t of W [N, K]; x [B, K] with row stride ldx,
 // y with row stride ldy. Each weight tile is loaded from memory once and reused, from L1/L2, for every group of
 // kBatch activation rows.
 template <typename WT, typename XT, typename YT>
 inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* x, int64_t ldx, int64_t B,
                         const WT* bias, YT* y, int64_t ldy) {
-  int64_t n0, step;
-  int rows;
+  TileRows tr;
   if (wide_tiles(K, B)) {
     const int64_t G = N / kWide;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -338,27 +387,16 @@ inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* 
       return;
     }
 #endif
-    n0 = G * kWide + (t - G) * kRows;  // the last N % 16 rows: contiguous 4-row tiles
-    step = 1;
-    rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+    const int64_t n0 = G * kWide + (t - G) * kRows;  // the last N % 16 rows: contiguous 4-row tiles
+    tr = {n0, 1, static_cast<int>(std::min<int64_t>(kRows, N - n0))};
   } else {
-    const int64_t Q = N / kRows;
-    const bool full = t < Q;
-    n0 = full ? t : Q * kRows;  // first row of the tile
-    step = full ? Q : 1;        // rows between the tile's rows
-    rows = full ? kRows : static_cast<int>(N - Q * kRows);
+    tr = strided_tile(t, N);
   }
-  for (int64_t b0 = 0; b0 < B; b0 += kBatch) {
-    const int nb = static_cast<int>(std::min<int64_t>(kBatch, B - b0));
-    float out[kBatch * kRows];
-    dot_tile_any<WT, XT>(rows, nb, W + n0 * K, step * K, x + b0 * ldx, ldx, K, out);
-    for (int b = 0; b < nb; ++b)
-      for (int r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r * step;
-        const float v = out[b * kRows + r] + (bias ? to_f32(bias[n]) : 0.0f);
-        y[(b0 + b) * ldy + n] = from_f32<YT>(v);
-      }
-  }
+  tile_out(tr, B, nullptr, bias, y, ldy, [&](int64_t b0, int nb, float* out) {
+    with_tile_shape(tr.rows, nb, [&]<int R, int NB>() {
+      dot_tile<WT, XT, R, NB>(W + tr.n0 * K, tr.step * K, x + b0 * ldx, ldx, K, out);
+    });
+  });
 }
 
 // The whole of y = x W^T (+ bias) as an orphaned `omp for`: called inside a parallel region it splits the row
@@ -489,6 +527,8 @@ std::string isa() {
 #endif
 }
 
+#include "int8_gemv.h"
+#include "stream_read.h"
 #include "decode_layer.h"
 
 }  // namespace
@@ -505,6 +545,8 @@ RANKSERVE_LIBRARY(RANKSERVE_OPS, m) {
   m.def("gemv(Tensor x, Tensor W, Tensor? bias=None) -> Tensor");
   m.def("lowrank_gemv(Tensor x, Tensor V, Tensor U, Tensor? bias=None) -> Tensor");
   m.def("native_isa() -> str", &rankserve::isa);
+  m.def("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, bool int8_act=False) -> Tensor");
+  m.def("stream_read(Tensor x) -> float");
   m.def(
       "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, Tensor qkv_first, Tensor[] qkv_lifts, "
       "int[] qkv_splits, Tensor? qkv_bias, Tensor o_first, Tensor[] o_lifts, int[] o_splits, Tensor? o_bias, "
@@ -517,4 +559,6 @@ RANKSERVE_LIBRARY_IMPL(RANKSERVE_OPS, CPU, m) {
   m.impl("gemv", &rankserve::gemv);
   m.impl("lowrank_gemv", &rankserve::lowrank_gemv);
   m.impl("decode_layer", &rankserve::decode_layer);
+  m.impl("int8_gemv", &rankserve::int8_gemv);
+  m.impl("stream_read", &rankserve::stream_read);
 }
