@@ -9,10 +9,15 @@ Columns (GB/s of weights read; higher is better):
 - ``F.linear``: ``torch.nn.functional.linear(x, W)``;
 - ``gemv``: ``torch.ops.rankserve_<isa>.gemv(x, W)``;
 - ``lr torch``: ``F.linear(F.linear(x, V), U)``, the factorized layer in eager PyTorch;
-- ``lr native``: ``torch.ops.rankserve_<isa>.lowrank_gemv(x, V, U)``.
+- ``lr native``: ``torch.ops.rankserve_<isa>.lowrank_gemv(x, V, U)``;
+- ``i8 act``: int8 rows only, ``int8_gemv(..., int8_act=True)`` (activations quantized per row, integer dots);
+- ``gemv/read``: the ``gemv`` column over the read bandwidth of ``stream_read`` (the bench's probe).
 For the low-rank columns V [r, in] and U [out, r] keep 60% of the dense parameters (r rounded down to 16).
+Rows of dtype ``int8`` have int8 weights with fp32 per-channel scales (``rankserve.quant``; the bytes counted are
+q and scales) and fp32 activations: ``F.linear`` is then PyTorch's ``torch._weight_int8pack_mm``, ``gemv``
+``int8_gemv`` dequantizing in registers, and the low-rank columns chain two of those.
 
-    python benchmarks/kernels.py --threads 2 [--batch 1] [--json]
+    python benchmarks/kernels.py --threads 2 [--batch 1] [--dtypes fp32 bf16 int8] [--json]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ SHAPES = [
     ("1b mlp up/gate", 8192, 2048),
     ("1b mlp down", 2048, 8192),
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def lowrank_rank(out: int, inp: int, keep: float = 0.6) -> int:
@@ -48,11 +53,26 @@ def lowrank_rank(out: int, inp: int, keep: float = 0.6) -> int:
 
 
 def make_set(shapes: list[tuple[int, ...]], dtype: torch.dtype, working_set: int) -> list[list[torch.Tensor]]:
-    """Enough independent copies of a group of tensors to fill ``working_set`` bytes (at least 4)."""
-    group_bytes = sum(torch.Size(s).numel() for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    """Enough independent copies of a group of tensors to fill ``working_set`` bytes (at least 4). int8: each
+    matrix becomes q and its fp32 per-channel scales [out, 1]."""
+    if dtype == torch.int8:
+        shapes = [t for s in shapes for t in (s, (s[0], 1))]
+        dtypes = [torch.int8, torch.float32] * (len(shapes) // 2)
+    else:
+        dtypes = [dtype] * len(shapes)
+    group_bytes = sum(
+        torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+        for s, d in zip(shapes, dtypes, strict=True)
+    )
     copies = max(4, -(-working_set // group_bytes))
     # The values do not change the speed (no denormals), so a constant fill is enough and fast.
-    return [[torch.empty(s, dtype=dtype).fill_(0.01) for s in shapes] for _ in range(copies)]
+    return [
+        [
+            torch.empty(s, dtype=d).fill_(1 if d == torch.int8 else 0.01)
+            for s, d in zip(shapes, dtypes, strict=True)
+        ]
+        for _ in range(copies)
+    ]
 
 
 def stream_rates(
@@ -71,10 +91,33 @@ def stream_rates(
     return {"median": statistics.median(rates), "best": max(rates)}
 
 
-def read_bandwidth(working_set: int, runs: int) -> dict[str, float]:
-    """GB/s of ``x.sum()`` over one fp32 tensor of ``working_set`` bytes: the streaming ceiling on this machine now."""
+def read_bandwidth(kernels: NativeKernels, working_set: int, runs: int) -> dict[str, float]:
+    """GB/s of the native ``stream_read`` over one fp32 tensor of ``working_set`` bytes: the streaming ceiling on
+    this machine now, read as the GEMV reads (the bench's ``bandwidth_probe``)."""
     big = torch.empty(working_set // 4).fill_(0.01)
-    return stream_rates(lambda x, t: t.sum(), big, [[big]], runs)
+    return stream_rates(lambda x, t: kernels.stream_read(t), big, [[big]], runs)
+
+
+def columns(kernels: NativeKernels, dname: str) -> dict[str, Callable[..., torch.Tensor]]:
+    """The timed calls of one dtype's row: name -> fn(x, *group) for the dense or low-rank set of ``make_set``."""
+    if dname != "int8":
+        return {
+            "F.linear": lambda x, W: F.linear(x, W),
+            "gemv": lambda x, W: kernels.gemv(x, W),
+            "lr torch": lambda x, V, U: F.linear(F.linear(x, V), U),
+            "lr native": lambda x, V, U: kernels.lowrank_gemv(x, V, U),
+        }
+
+    def torch_i8(x, q, s):  # PyTorch's int8-weight matmul takes the per-channel scales as a vector
+        return torch._weight_int8pack_mm(x, q, s.view(-1))
+
+    return {
+        "F.linear": torch_i8,
+        "gemv": lambda x, q, s: kernels.int8_gemv(x, q, s),
+        "lr torch": lambda x, Vq, Vs, Uq, Us: torch_i8(torch_i8(x, Vq, Vs), Uq, Us),
+        "lr native": lambda x, Vq, Vs, Uq, Us: kernels.int8_gemv(kernels.int8_gemv(x, Vq, Vs), Uq, Us),
+        "i8 act": lambda x, q, s: kernels.int8_gemv(x, q, s, int8_act=True),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,29 +144,26 @@ def main(argv: list[str] | None = None) -> None:
     working_set = args.working_set_mb * 2**20
     shapes = [s for s in SHAPES if args.shapes is None or any(p in s[0] for p in args.shapes)]
 
-    columns = {
-        "F.linear": lambda x, W: F.linear(x, W),
-        "gemv": lambda x, W: kernels.gemv(x, W),
-        "lr torch": lambda x, V, U: F.linear(F.linear(x, V), U),
-        "lr native": lambda x, V, U: kernels.lowrank_gemv(x, V, U),
-    }
     rows = []
     with torch.inference_mode():
-        read = read_bandwidth(working_set, args.runs)
+        read = read_bandwidth(kernels, working_set, args.runs)
         for dname in args.dtypes:
             dtype = DTYPES[dname]
+            cols = columns(kernels, dname)
             for name, out, inp in shapes:
-                x = torch.randn(args.batch, inp).to(dtype)
+                x = torch.randn(args.batch, inp).to(torch.float32 if dname == "int8" else dtype)
                 r = lowrank_rank(out, inp)
                 row = {"dtype": dname, "shape": name, "out": out, "in": inp, "rank": r, "batch": args.batch}
                 dense = make_set([(out, inp)], dtype, working_set)
-                row["F.linear"] = stream_rates(columns["F.linear"], x, dense, args.runs)
-                row["gemv"] = stream_rates(columns["gemv"], x, dense, args.runs)
+                for c in ("F.linear", "gemv", "i8 act"):
+                    if c in cols:
+                        row[c] = stream_rates(cols[c], x, dense, args.runs)
                 del dense
                 factors = make_set([(r, inp), (out, r)], dtype, working_set)
-                row["lr torch"] = stream_rates(columns["lr torch"], x, factors, args.runs)
-                row["lr native"] = stream_rates(columns["lr native"], x, factors, args.runs)
+                row["lr torch"] = stream_rates(cols["lr torch"], x, factors, args.runs)
+                row["lr native"] = stream_rates(cols["lr native"], x, factors, args.runs)
                 del factors
+                row["gemv/read"] = {k: row["gemv"][k] / read[k] for k in ("median", "best")}
                 rows.append(row)
 
     meta = {
@@ -141,14 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"GB/s of weights streamed ({args.stat} of {args.runs}), B={args.batch}, {args.threads} threads, "
         f"working set {args.working_set_mb} MB, native isa {kernels.isa}; "
-        f"x.sum() over {args.working_set_mb} MB of fp32 reads at {read[args.stat]:.1f} GB/s"
+        f"stream_read over {args.working_set_mb} MB of fp32 reads at {read[args.stat]:.1f} GB/s"
     )
-    names = list(columns)
+    names = ["F.linear", "gemv", "lr torch", "lr native", "i8 act", "gemv/read"]
     header = f"{'dtype':5} {'shape':17} {'out x in':>11} {'rank':>5} " + " ".join(f"{c:>9}" for c in names)
     print(header)
     print("-" * len(header))
     for row in rows:
-        cells = " ".join(f"{row[c][args.stat]:9.1f}" for c in names)
+        cells = " ".join(f"{row[c][args.stat]:9.2f}" if c in row else f"{'-':>9}" for c in names)
         print(f"{row['dtype']:5} {row['shape']:17} {row['out']:>5}x{row['in']:<5} {row['rank']:5} {cells}")
 
 

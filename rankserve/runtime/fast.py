@@ -23,7 +23,7 @@ from torch import nn
 
 from rankserve.models.llama import KVCache
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import PackedGroup, pack_
+from rankserve.runtime.packing import PackedGroup, float_matrix, pack_
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,14 @@ class Kernels:
         """Which kernels the decode step runs: ``native_kernels`` and the vector path (None without them)."""
         return {"native_kernels": self.native is not None, "native_isa": getattr(self.native, "isa", None)}
 
-    def linear(self, x, W, bias=None):
-        """[B, in] x [out, in] -> [B, out]."""
-        if self.ops is not None and x.device.type == "cpu":
+    def linear(self, x, W, bias=None, scale=None):
+        """[B, in] x [out, in] -> [B, out]; with ``scale``, W is int8 (``rankserve.quant`` layout)."""
+        native = self.ops is not None and x.device.type == "cpu"
+        if scale is not None:
+            if native:
+                return self.ops.int8_gemv(x, W, scale, bias)
+            return F.linear(x, float_matrix(W, scale, x.dtype), bias)
+        if native:
             return self.ops.gemv(x, W, bias)
         return F.linear(x, W, bias)
 
@@ -60,13 +65,16 @@ class Kernels:
         """A packed group: one GEMV over the stacked first stages, then the per-member lifts."""
         if len(g.lifts) == 1:
             lift = g.lifts[0]
-            return self.linear(x, g.first, g.bias) if lift is None else self.lowrank(x, g.first, lift, g.bias)
-        t = self.linear(x, g.first)  # (B, sum r_i)
+            if lift is None:
+                return self.linear(x, g.first, g.bias, g.first_scale)
+            if g.first_scale is None and g.lift_scales is None:
+                return self.lowrank(x, g.first, lift, g.bias)
+        t = self.linear(x, g.first, scale=g.first_scale)  # (B, sum r_i)
         if g.all_dense:
             return t if g.bias is None else t + g.bias
         outs = []
-        for part, lift in zip(t.split(g.splits, -1), g.lifts, strict=True):
-            outs.append(part if lift is None else self.linear(part.contiguous(), lift))
+        for i, (part, lift) in enumerate(zip(t.split(g.splits, -1), g.lifts, strict=True)):
+            outs.append(part if lift is None else self.linear(part.contiguous(), lift, scale=g.lift_scale(i)))
         y = torch.cat(outs, -1)
         return y if g.bias is None else y + g.bias
 
@@ -110,11 +118,14 @@ class FastLayer(nn.Module):
         self.eps = layer.input_layernorm.eps
 
     def native_args(self) -> list:
-        """The packed groups as the native ``decode_layer`` op takes them: first, lifts, splits, bias each."""
+        """The packed groups as the native ``decode_layer`` op takes them: first, its int8 scale or None, lifts,
+        their int8 scales (none, or an empty tensor for a float lift), splits, bias each."""
         args = []
         for g in (self.qkv, self.o, self.gate_up, self.down):
-            empty = g.first.new_empty(0, 0)
-            args += [g.first, [empty if lift is None else lift for lift in g.lifts], list(g.splits), g.bias]
+            empty = self.w_in.new_empty(0, 0)
+            lifts = [empty if lift is None else lift for lift in g.lifts]
+            scales = [] if g.lift_scales is None else [empty if s is None else s for s in g.lift_scales]
+            args += [g.first, g.first_scale, lifts, scales, list(g.splits), g.bias]
         return args
 
 
@@ -245,10 +256,12 @@ class FastRunner:
         for L in d.layers:
             for g in (L.qkv, L.o, L.gate_up, L.down):
                 parts.append(
-                    f"{tuple(g.first.shape)}{g.splits}{[None if u is None else tuple(u.shape) for u in g.lifts]}"
-                    f"{g.bias is not None}"
+                    f"{tuple(g.first.shape)}{g.first.dtype}{g.splits}"
+                    f"{[None if u is None else (tuple(u.shape), u.dtype) for u in g.lifts]}{g.bias is not None}"
+                    f"{None if g.first_scale is None else tuple(g.first_scale.shape)}"
+                    f"{[None if s is None else tuple(s.shape) for s in g.lift_scales or []]}"
                 )
-        parts.append(str(tuple(d.head.first.shape)))
+        parts.append(f"{tuple(d.head.first.shape)}{d.head.first.dtype}")
         return "|".join(parts)
 
     @torch.inference_mode()

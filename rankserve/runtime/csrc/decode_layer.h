@@ -14,12 +14,15 @@
 //   h   = rmsnorm(x) * w_post
 //   x  += down(silu(gate(h)) * up(h))
 // Values are rounded to the model dtype wherever the eager path rounds them, the low-rank rank vector included.
+// Any first stage or lift may be int8 (q + fp32 scales, rankserve/quant.py): it is dequantized in registers
+// (int8_gemv.h), so the layer matches the eager path's dequantized matrices up to fp32 summation order.
 
 #include <omp.h>
 
 #include <cmath>
 
-// A matrix-vector job: y[b, :N] (row stride ldy) = x[b, :K] (row stride ldx) W[N, K]^T (+ bias).
+// A matrix-vector job: y[b, :N] (row stride ldy) = x[b, :K] (row stride ldx) W[N, K]^T (+ bias). W is either
+// in T, or int8 (qw.q set, W null) and dequantized in registers (int8_gemv.h).
 template <typename T>
 struct Seg {
   const T* W;
@@ -29,6 +32,7 @@ struct Seg {
   T* y;
   int64_t ldy;
   const T* bias;  // or null
+  QMat qw{nullptr, nullptr, 0};
 };
 
 // Jobs that run between the same two barriers, as one `omp for` over the row tiles of every job (see
@@ -40,7 +44,7 @@ struct Stage {
 
   void add(const Seg<T>& s, int64_t B) {
     segs.push_back(s);
-    first_tile.push_back(first_tile.back() + tile_count(s.N, s.K, B));
+    first_tile.push_back(first_tile.back() + (s.qw.q ? strided_tile_count(s.N) : tile_count(s.N, s.K, B)));
   }
   bool empty() const { return segs.empty(); }
 
@@ -52,7 +56,10 @@ struct Stage {
       size_t i = 0;
       while (t >= first_tile[i + 1]) ++i;
       const Seg<T>& s = segs[i];
-      matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
+      if (s.qw.q)
+        qmatvec_tile<T, T, T>(t - first_tile[i], s.qw, s.N, s.K, s.x, s.ldx, nullptr, B, s.bias, s.y, s.ldy);
+      else
+        matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
     }
   }
 };
@@ -73,26 +80,45 @@ inline T round_t(float v) {
 
 // A packed group of projections reading one input: first stages stacked in `first` [sum rows_i, K]; member i
 // is dense when lifts[i] is empty (its rows of `first` are its output), else low-rank with lift [out_i, r_i].
+// Any of these matrices may be int8 (q with fp32 scales [rows, groups]; then its T pointer is null).
 template <typename T>
 struct Group {
   const T* first;
+  QMat qfirst{nullptr, nullptr, 0};
   int64_t K;
   std::vector<int64_t> rows;   // rows of `first` per member
-  std::vector<const T*> lift;  // null for dense members
+  std::vector<const T*> lift;  // null for dense members and int8 lifts
+  std::vector<QMat> qlift;     // q null unless the lift is int8
   std::vector<int64_t> out;    // output features per member
   const T* bias;               // [sum out_i] or null
   int64_t total_out = 0;
   int64_t total_rank = 0;      // rows of low-rank members (scratch size per activation row)
 };
 
+// A matrix of a group: int8 when it is int8 (its scale required), else in the model dtype.
 template <typename T>
-Group<T> make_group(const at::Tensor& first, const std::vector<at::Tensor>& lifts, c10::IntArrayRef splits,
-                    const std::optional<at::Tensor>& bias, const char* name, at::ScalarType dtype) {
-  check_operand("decode_layer", name, first, dtype, 2);
+std::pair<const T*, QMat> group_matrix(const at::Tensor& w, const at::Tensor* scale, const char* name,
+                                       at::ScalarType dtype) {
+  if (w.scalar_type() != at::kChar) {
+    check_operand("decode_layer", name, w, dtype, 2);
+    return {data_of<T>(w), QMat{nullptr, nullptr, 0}};
+  }
+  TORCH_CHECK(scale != nullptr && scale->numel() > 0, "rankserve::decode_layer: ", name,
+              " is int8 but has no scale");
+  return {nullptr, check_qmat("decode_layer", name, w, *scale)};
+}
+
+template <typename T>
+Group<T> make_group(const at::Tensor& first, const std::optional<at::Tensor>& first_scale,
+                    const std::vector<at::Tensor>& lifts, const std::vector<at::Tensor>& lift_scales,
+                    c10::IntArrayRef splits, const std::optional<at::Tensor>& bias, const char* name,
+                    at::ScalarType dtype) {
   TORCH_CHECK(static_cast<int64_t>(lifts.size()) == static_cast<int64_t>(splits.size()) || lifts.empty(),
               "rankserve::decode_layer: ", name, " has ", lifts.size(), " lifts for ", splits.size(), " members");
+  TORCH_CHECK(lift_scales.empty() || lift_scales.size() == lifts.size(), "rankserve::decode_layer: ", name,
+              " has ", lift_scales.size(), " lift scales for ", lifts.size(), " lifts");
   Group<T> g;
-  g.first = data_of<T>(first);
+  std::tie(g.first, g.qfirst) = group_matrix<T>(first, first_scale ? &*first_scale : nullptr, name, dtype);
   g.K = first.size(1);
   int64_t sum = 0;
   for (size_t i = 0; i < splits.size(); ++i) {
@@ -101,14 +127,16 @@ Group<T> make_group(const at::Tensor& first, const std::vector<at::Tensor>& lift
     sum += r;
     const bool low = !lifts.empty() && lifts[i].numel() > 0;
     if (low) {
-      check_operand("decode_layer", name, lifts[i], dtype, 2);
+      const auto [w, qw] = group_matrix<T>(lifts[i], lift_scales.empty() ? nullptr : &lift_scales[i], name, dtype);
       TORCH_CHECK(lifts[i].size(1) == r, "rankserve::decode_layer: ", name, " member ", i, " lift is ",
                   lifts[i].sizes(), " but its first stage has ", r, " rows");
-      g.lift.push_back(data_of<T>(lifts[i]));
+      g.lift.push_back(w);
+      g.qlift.push_back(qw);
       g.out.push_back(lifts[i].size(0));
       g.total_rank += r;
     } else {
       g.lift.push_back(nullptr);
+      g.qlift.push_back(QMat{nullptr, nullptr, 0});
       g.out.push_back(r);
     }
   }
@@ -135,13 +163,15 @@ template <typename T>
 void group_stages(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp, Stage<T>& first, Stage<T>& lifts) {
   int64_t row = 0, col = 0, tcol = 0;
   for (size_t i = 0; i < g.rows.size(); ++i) {
-    const T* W = g.first + row * g.K;
+    const T* W = g.first ? g.first + row * g.K : nullptr;
+    const QMat qW = g.qfirst.q ? QMat{g.qfirst.q + row * g.K, g.qfirst.scale + row * g.qfirst.groups, g.qfirst.groups}
+                               : g.qfirst;
     const T* b = g.bias ? g.bias + col : nullptr;
-    if (g.lift[i] == nullptr) {
-      first.add({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b}, B);
+    if (g.lift[i] == nullptr && g.qlift[i].q == nullptr) {
+      first.add({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b, qW}, B);
     } else {
-      first.add({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr}, B);
-      lifts.add({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b}, B);
+      first.add({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr, qW}, B);
+      lifts.add({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b, g.qlift[i]}, B);
       tcol += g.rows[i];
     }
     row += g.rows[i];
@@ -274,14 +304,17 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
   return out;
 }
 
+using OptT = std::optional<at::Tensor>;
+
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
-                        const at::Tensor& qkv_first, at::TensorList qkv_lifts, c10::IntArrayRef qkv_splits,
-                        const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o_first, at::TensorList o_lifts,
-                        c10::IntArrayRef o_splits, const std::optional<at::Tensor>& o_bias,
-                        const at::Tensor& gu_first, at::TensorList gu_lifts, c10::IntArrayRef gu_splits,
-                        const std::optional<at::Tensor>& gu_bias, const at::Tensor& down_first,
-                        at::TensorList down_lifts, c10::IntArrayRef down_splits,
-                        const std::optional<at::Tensor>& down_bias, at::Tensor& k_cache, at::Tensor& v_cache,
+                        const at::Tensor& qkv_first, const OptT& qkv_first_scale, at::TensorList qkv_lifts,
+                        at::TensorList qkv_lift_scales, c10::IntArrayRef qkv_splits, const OptT& qkv_bias,
+                        const at::Tensor& o_first, const OptT& o_first_scale, at::TensorList o_lifts,
+                        at::TensorList o_lift_scales, c10::IntArrayRef o_splits, const OptT& o_bias,
+                        const at::Tensor& gu_first, const OptT& gu_first_scale, at::TensorList gu_lifts,
+                        at::TensorList gu_lift_scales, c10::IntArrayRef gu_splits, const OptT& gu_bias,
+                        const at::Tensor& down_first, const OptT& down_first_scale, at::TensorList down_lifts,
+                        at::TensorList down_lift_scales, c10::IntArrayRef down_splits, const OptT& down_bias, at::Tensor& k_cache, at::Tensor& v_cache,
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot,
                         const at::Tensor& valid_from, int64_t n_heads, int64_t n_kv, double scale) {
   const auto dtype = check_x("decode_layer", x);
@@ -307,10 +340,14 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::T
   const int64_t* vf = valid_from.const_data_ptr<int64_t>();
   auto run = [&](auto tag) -> at::Tensor {
     using T = decltype(tag);
-    const auto qkv = make_group<T>(qkv_first, qkv_lifts.vec(), qkv_splits, qkv_bias, "qkv", dtype);
-    const auto o = make_group<T>(o_first, o_lifts.vec(), o_splits, o_bias, "o", dtype);
-    const auto gu = make_group<T>(gu_first, gu_lifts.vec(), gu_splits, gu_bias, "gate_up", dtype);
-    const auto dn = make_group<T>(down_first, down_lifts.vec(), down_splits, down_bias, "down", dtype);
+    const auto qkv = make_group<T>(qkv_first, qkv_first_scale, qkv_lifts.vec(), qkv_lift_scales.vec(), qkv_splits,
+                                   qkv_bias, "qkv", dtype);
+    const auto o = make_group<T>(o_first, o_first_scale, o_lifts.vec(), o_lift_scales.vec(), o_splits, o_bias, "o",
+                                 dtype);
+    const auto gu = make_group<T>(gu_first, gu_first_scale, gu_lifts.vec(), gu_lift_scales.vec(), gu_splits,
+                                  gu_bias, "gate_up", dtype);
+    const auto dn = make_group<T>(down_first, down_first_scale, down_lifts.vec(), down_lift_scales.vec(),
+                                  down_splits, down_bias, "down", dtype);
     TORCH_CHECK(qkv.K == D && gu.K == D && o.total_out == D && dn.total_out == D,
                 "rankserve::decode_layer: projection sizes do not match hidden size ", D);
     TORCH_CHECK(qkv.total_out == (n_heads + 2 * n_kv) * hd && o.K == n_heads * hd && dn.K * 2 == gu.total_out,

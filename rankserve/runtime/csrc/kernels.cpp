@@ -31,7 +31,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -548,10 +550,13 @@ RANKSERVE_LIBRARY(RANKSERVE_OPS, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, bool int8_act=False) -> Tensor");
   m.def("stream_read(Tensor x) -> float");
   m.def(
-      "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, Tensor qkv_first, Tensor[] qkv_lifts, "
-      "int[] qkv_splits, Tensor? qkv_bias, Tensor o_first, Tensor[] o_lifts, int[] o_splits, Tensor? o_bias, "
-      "Tensor gu_first, Tensor[] gu_lifts, int[] gu_splits, Tensor? gu_bias, Tensor down_first, Tensor[] down_lifts, "
-      "int[] down_splits, Tensor? down_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, "
+      "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, "
+      "Tensor qkv_first, Tensor? qkv_first_scale, Tensor[] qkv_lifts, Tensor[] qkv_lift_scales, int[] qkv_splits, "
+      "Tensor? qkv_bias, Tensor o_first, Tensor? o_first_scale, Tensor[] o_lifts, Tensor[] o_lift_scales, "
+      "int[] o_splits, Tensor? o_bias, Tensor gu_first, Tensor? gu_first_scale, Tensor[] gu_lifts, "
+      "Tensor[] gu_lift_scales, int[] gu_splits, Tensor? gu_bias, Tensor down_first, Tensor? down_first_scale, "
+      "Tensor[] down_lifts, Tensor[] down_lift_scales, int[] down_splits, Tensor? down_bias, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, "
       "Tensor slot, Tensor valid_from, int n_heads, int n_kv, float scale) -> Tensor");
 }
 
