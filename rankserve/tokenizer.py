@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from rankserve.fsutil import owned_tempdir
+from rankserve.fsutil import cache_dir, owned_tempdir
 
 
 @dataclass
@@ -81,12 +81,6 @@ class StreamDecoder:
         full = self.tok.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
-
-
-def cache_dir(*parts: str) -> str:
-    """rankserve's on-disk cache (``$RANKSERVE_CACHE``, else ``~/.cache/rankserve``)."""
-    root = os.environ.get("RANKSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rankserve")
-    return os.path.join(root, *parts)
 
 
 def load_hf_tokenizer(

@@ -45,8 +45,13 @@ def _special_tokens(tok_rec: Record) -> dict[str, str]:
     return specials
 
 
-# The SentencePiece ModelProto is read by hand: sentencepiece is only an optional (test) dependency and its
-# generated protobuf module needs protobuf, which rankserve does not install. Three fields are read.
+# The SentencePiece ModelProto is read by hand (three fields, ~60 lines) rather than with a library:
+# - the bytes come from an untrusted pickle, and this reader bounds the proto's size, each piece's length and
+#   each varint before any work, where sentencepiece's C++ parser or protobuf's would have to be trusted whole;
+# - sentencepiece cannot say which model type a proto is (only its protobuf module can, and that needs
+#   protobuf, which rankserve does not install), and the rebuild is only right for BPE;
+# - both would become runtime dependencies of one rare import path. When sentencepiece is installed (the test
+#   extra), the rebuilt tokenizer is checked against it below.
 _MAX_PROTO_BYTES = 16 << 20  # Llama's tokenizer.model is 0.5 MB, Gemma's 4 MB
 
 

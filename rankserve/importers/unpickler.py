@@ -8,15 +8,9 @@ module reads the same archive with a restricted unpickler:
 - plain containers (dict, list, tuple, set, OrderedDict, bytes) load as themselves;
 - every other class becomes an inert :class:`Record` holding its module, name, constructor args and state;
 - calling anything that is not on the allowlist (``REDUCE`` of ``os.system``, ``builtins.exec``, a model class,
-  ...) raises :class:`UnsafePickleError` before anything runs;
-- the pickle stream is scanned before anything is built (:func:`scan_pickle`): nesting depth, opcode count and
-  hashing work are bounded, and allowed calls are charged for the elements they create, so a hostile file fails
-  with one line instead of a segfault (a tuple nested 200,000 deep crashes CPython's ``hash``), a MemoryError or
-  minutes of CPU;
-- archive entries are read with a size cap and tensor views must not overlap or expand their storage.
-
-:func:`load_state_dict` applies the same scan and view checks to ``pytorch_model*.bin`` files before handing them
-to ``torch.load(weights_only=True)``.
+  ...) raises :class:`UnsafePickleError` before anything runs, and allowed calls are charged for the elements
+  they create;
+- the stream is scanned and bounded first (:mod:`rankserve.importers.pickle_scan`).
 
 :func:`module_tensors` then walks a tree of ``nn.Module`` records and returns their parameters and buffers by
 dotted name, the same names ``state_dict()`` would give.
