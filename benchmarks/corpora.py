@@ -4,7 +4,8 @@ The Lee background corpus (300 ABC news articles, one per line, about 360 kB) sh
 PyPI wheel of gensim. :func:`fetch` runs ``pip download --no-deps gensim==4.4.0`` into a temporary directory, reads
 only that one member out of the wheel (a zip), checks its sha256 and writes it atomically to
 ``corpora/lee_background.txt`` in rankserve's cache (``$RANKSERVE_CACHE``, else ``~/.cache/rankserve``). gensim
-itself is never installed or imported. The text is never used for calibration or healing: it only measures how a model compressed on WikiText does on other prose.
+itself is never installed or imported. The text is never used for calibration or healing: it only measures how a
+model compressed on WikiText does on other prose.
 
     python benchmarks/corpora.py          # prints the cached path, fetching it first if needed
 """
