@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+from rankserve.errors import InputError
 from rankserve.fsutil import cache_dir, owned_tempdir
 
 
@@ -37,7 +38,7 @@ class Tokenizer:
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered through the model's own chat template."""
         if not self.has_chat_template:
-            raise ValueError(
+            raise InputError(
                 "this model's tokenizer has no chat template; drop --chat and pass a plain prompt"
             )
         ids = self.hf.apply_chat_template(
