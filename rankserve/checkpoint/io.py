@@ -38,7 +38,7 @@ from rankserve.checkpoint.manifest import (
     validate_manifest,
 )
 from rankserve.config import ConfigError, ModelConfig
-from rankserve.io.assign import assign, meta_parameters, new_model
+from rankserve.io.assign import assign, check_names, meta_parameters, new_model
 from rankserve.io.safetensors import SafetensorsError, load_mmap, write_safetensors
 from rankserve.layers import (
     DenseLinear,
@@ -215,16 +215,7 @@ def _expected_tensors(model: nn.Module, manifest: dict) -> dict[str, tuple[int, 
 
 
 def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: str) -> None:
-    def listed(names: list[str]) -> str:
-        more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
-        return ", ".join(names[:3]) + more
-
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {listed(missing)}")
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {listed(unexpected)}")
+    check_names(tensors, expected, where, CheckpointError)
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) == shape:

@@ -18,6 +18,7 @@ from rankserve.importers.errors import CheckpointImportError
 from rankserve.importers.model import PROJ_KINDS, ImportedModel, Layout, SharedGroup, expect, orient, shape_of
 from rankserve.importers.state_dict import load_state_dict, read_weight_files
 from rankserve.io import hf_files
+from rankserve.io.assign import listed
 from rankserve.io.safetensors import load_mmap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -327,9 +328,8 @@ def split_projections(
 def reject_leftovers(state: Mapping[str, Tensor], consumed: set[str], what: str, source: str) -> None:
     leftover = sorted(k for k in state if k not in consumed and not _IGNORED_KEYS.search(k))
     if leftover:
-        more = f" (and {len(leftover) - 5} more)" if len(leftover) > 5 else ""
         raise CheckpointImportError(
-            f"{source}: unexpected tensors for a {what} checkpoint: {', '.join(leftover[:5])}{more}"
+            f"{source}: unexpected tensors for a {what} checkpoint: {listed(leftover, 5)}"
         )
 
 

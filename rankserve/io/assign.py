@@ -23,9 +23,22 @@ def new_model(cfg: ModelConfig) -> nn.Module:
     return model_class(cfg)(cfg, device="meta")
 
 
-def _listed(names: list[str]) -> str:
-    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
-    return ", ".join(names[:3]) + more
+def listed(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` names, and how many more."""
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_names(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping, where: str, error: type[Exception] = WeightError
+) -> None:
+    """Raise ``error`` naming the tensors ``expected`` lacks in ``tensors`` first, then the unexpected ones."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise error(f"{where}: missing tensor(s) {listed(missing)}")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise error(f"{where}: unexpected tensor(s) {listed(unexpected)}")
 
 
 def meta_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -54,12 +67,7 @@ def assign(
     basis) becomes one Parameter. Tensors are cast to ``dtype`` (a no-op when they already are).
     """
     expected = meta_parameters(model)
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise WeightError(f"{source}: missing tensor(s) {_listed(missing)}")
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        raise WeightError(f"{source}: unexpected tensor(s) {_listed(unexpected)}")
+    check_names(tensors, expected, source)
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise WeightError(

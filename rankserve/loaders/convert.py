@@ -28,7 +28,7 @@ from rankserve.config import ConfigError, ModelConfig
 from rankserve.fsutil import owned_tempdir
 from rankserve.importers import CheckpointImportError, ImportedModel, read_checkpoint
 from rankserve.importers.model import expect, shape_of
-from rankserve.io.assign import assign, meta_parameters, new_model
+from rankserve.io.assign import assign, listed, meta_parameters, new_model
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
 from rankserve.loaders.source import SourceError, parse_dtype
 from rankserve.loaders.weights import WeightError
@@ -174,8 +174,7 @@ def imported_to_model(imp: ImportedModel, dtype: torch.dtype = torch.float32) ->
         expect(key, dense[key], shape)
     leftover = sorted(k for k in dense if k not in wanted)
     if leftover:
-        more = f" (and {len(leftover) - 3} more)" if len(leftover) > 3 else ""
-        raise CheckpointImportError(f"unexpected tensor(s) for this model: {', '.join(leftover[:3])}{more}")
+        raise CheckpointImportError(f"unexpected tensor(s) for this model: {listed(leftover)}")
     return assign(model, {k: dense[k] for k in wanted}, dtype, "cpu", source="imported checkpoint")
 
 
