@@ -101,6 +101,16 @@ def test_missing_tensor_is_named():
         build_model(cfg, tensors)
 
 
+def test_missing_lm_head_ties_a_copy_of_the_config():
+    cfg = ModelConfig.from_hf(tiny_hf_config())
+    assert not cfg.tie_word_embeddings
+    tensors = random_tensors(cfg)
+    del tensors["lm_head.weight"]
+    model = build_model(cfg, tensors)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert not cfg.tie_word_embeddings  # the caller's config is not changed
+
+
 def test_unsupported_architecture():
     with pytest.raises(ConfigError, match="not supported: model_type 'gpt2'"):
         ModelConfig.from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
