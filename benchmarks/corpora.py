@@ -3,8 +3,9 @@
 The Lee background corpus (300 ABC news articles, one per line, about 360 kB) ships as test data inside the
 PyPI wheel of gensim. :func:`fetch` runs ``pip download --no-deps gensim==4.4.0`` into a temporary directory, reads
 only that one member out of the wheel (a zip), checks its sha256 and writes it atomically to
-``~/.cache/rankserve/corpora/lee_background.txt``. gensim itself is never installed or imported. The text is
-never used for calibration or healing: it only measures how a model compressed on WikiText does on other prose.
+``corpora/lee_background.txt`` in rankserve's cache (``$RANKSERVE_CACHE``, else ``~/.cache/rankserve``). gensim
+itself is never installed or imported. The text is never used for calibration or healing: it only measures how a
+model compressed on WikiText does on other prose.
 
     python benchmarks/corpora.py          # prints the cached path, fetching it first if needed
 """
@@ -20,11 +21,12 @@ import zipfile
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from anywhere: rankserve.hashing below
+sys.path.insert(0, REPO)  # run as a script from anywhere: rankserve below
 
+from rankserve.fsutil import cache_dir  # noqa: E402
 from rankserve.hashing import file_sha256  # noqa: E402
 
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rankserve", "corpora")
+CACHE = cache_dir("corpora")
 
 
 @dataclass(frozen=True)

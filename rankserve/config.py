@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rankserve.errors import InputError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -33,7 +35,7 @@ def model_type_for_gguf(gguf_arch: str) -> str | None:
     return next((t for t, a in SUPPORTED_MODEL_TYPES.items() if a.gguf_arch == gguf_arch), None)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that rankserve cannot run, with the reason."""
 
 

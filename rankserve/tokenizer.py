@@ -7,7 +7,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from rankserve.fsutil import owned_tempdir
+from rankserve.errors import InputError
+from rankserve.fsutil import cache_dir, owned_tempdir
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Tokenizer:
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered through the model's own chat template."""
         if not self.has_chat_template:
-            raise ValueError(
+            raise InputError(
                 "this model's tokenizer has no chat template; drop --chat and pass a plain prompt"
             )
         ids = self.hf.apply_chat_template(
@@ -81,12 +82,6 @@ class StreamDecoder:
         full = self.tok.decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
-
-
-def cache_dir(*parts: str) -> str:
-    """rankserve's on-disk cache (``$RANKSERVE_CACHE``, else ``~/.cache/rankserve``)."""
-    root = os.environ.get("RANKSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rankserve")
-    return os.path.join(root, *parts)
 
 
 def load_hf_tokenizer(

@@ -16,7 +16,7 @@ import sys
 import tarfile
 import tempfile
 
-from rankserve.tokenizer import cache_dir
+from rankserve.fsutil import cache_dir
 
 # Pinned: the converter's rules per architecture are what the tests check rankserve against.
 LLAMA_CPP_PYTHON = "0.3.36"

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tiny import tiny_model
 from tiny_tok import tiny_tokenizer
 
+import rankserve.io.safetensors as st
 from rankserve import checkpoint as ckpt
 from rankserve.checkpoint import (
     FORMAT_VERSION,
@@ -23,9 +24,8 @@ from rankserve.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from rankserve.checkpoint import io as ckpt_io
+from rankserve.io.safetensors import read_header
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
-from rankserve.loaders.st_mmap import read_header
 
 GOLDEN = Path(__file__).parent / "golden"
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -203,7 +203,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
                 written.append(t)
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
-    monkeypatch.setattr(ckpt_io, "save_file", failing_writer)
+    monkeypatch.setattr(st, "save_file", failing_writer)
     with pytest.raises(RuntimeError, match="disk full"):
         save(make("lowrank"), tmp_path / "ck")
     assert len(written) == 3  # it did fail midway
@@ -215,7 +215,7 @@ def test_existing_directory_refused_unless_overwrite(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="already exists"):
         save(make("dense"), out)
     # A failed overwrite keeps the old checkpoint.
-    monkeypatch.setattr(ckpt_io, "save_file", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(st, "save_file", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     model = make("lowrank")
     manifest = build_manifest(model)
     with pytest.raises(RuntimeError):

@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 from tiny_tok import tiny_tokenizer
 
 from rankserve.cli.main import main
-from rankserve.loaders import safe_pickle
-from rankserve.loaders.importers import read_checkpoint
-from rankserve.loaders.safe_pickle import UnsafePickleError, load_restricted
+from rankserve.importers import pickle_scan, read_checkpoint, state_dict
+from rankserve.importers.errors import UnsafePickleError
+from rankserve.importers.unpickler import load_restricted
 from rankserve.loaders.source import load_model
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -124,7 +124,7 @@ def test_legacy_bin_files_are_scanned_too(tmp_path):
     # torch.save(..., _use_new_zipfile_serialization=False): five pickles in a row, then raw storage bytes
     honest = tmp_path / "legacy.bin"
     torch.save({"w": torch.arange(6.0).view(2, 3)}, honest, _use_new_zipfile_serialization=False)
-    assert safe_pickle.load_state_dict(honest)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert state_dict.load_state_dict(honest)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
     head = b"".join(
         pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
     )
@@ -136,9 +136,9 @@ def test_deep_nesting_is_refused_before_anything_is_built(tmp_path):
     # Lists too (no hash here, but every recursive walker would overflow); 300 levels is past the bound.
     nested = b"\x80\x02" + b"]" * 300 + b"a" * 299 + b"."
     with pytest.raises(UnsafePickleError, match="nested more than 256"):
-        safe_pickle.scan_pickle(nested, "x")
+        pickle_scan.scan_pickle(nested, "x")
     honest = pickle.dumps({"a": [[(1, 2)] * 3] * 50, "b": (("x",),)}, protocol=2)
-    safe_pickle.scan_pickle(honest, "x")
+    pickle_scan.scan_pickle(honest, "x")
 
 
 def test_huge_allowed_builtin_is_refused(tmp_path):
@@ -172,7 +172,7 @@ def test_hashing_work_is_bounded(tmp_path):
     # A tuple key of 2**40 leaves (each level holds the one below twice), inserted once: the hash would never end.
     key = b"K\x00" + b"q\x000h\x00h\x00\x86" * 40
     with pytest.raises(UnsafePickleError, match="more than .* steps of work"):
-        safe_pickle.scan_pickle(b"\x80\x02}" + key + b"Ns.", "x")
+        pickle_scan.scan_pickle(b"\x80\x02}" + key + b"Ns.", "x")
 
 
 def test_zip_bomb_data_pkl(tmp_path):
@@ -492,7 +492,7 @@ def test_valid_safetensors_still_load(tmp_path):
     save_file(
         {"a": torch.ones(2, 3), "b": torch.zeros(0), "c": torch.arange(4.0)}, str(d / "model.safetensors")
     )
-    from rankserve.loaders.st_mmap import load_mmap
+    from rankserve.io.safetensors import load_mmap
 
     t = load_mmap(str(d / "model.safetensors"))
     assert t["a"].shape == (2, 3) and t["b"].numel() == 0 and t["c"].tolist() == [0, 1, 2, 3]

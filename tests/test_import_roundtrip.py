@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from tiny_tok import tiny_tokenizer
 
 from rankserve.checkpoint import RATIO_CONVENTION
+from rankserve.importers import CheckpointImportError, read_checkpoint
 from rankserve.layers import SharedBasisLinear, projections
 from rankserve.loaders.convert import import_checkpoint, imported_to_model
-from rankserve.loaders.importers import CheckpointImportError, read_checkpoint
 from rankserve.loaders.source import load_model
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -24,14 +24,14 @@ from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fi
 )
 from safetensors.torch import load_file, save_file
 
-from rankserve.loaders.importers import (
+from rankserve.importers import (
     CheckpointImportError,
     ImportedModel,
     UnsafePickleError,
     detect_format,
     read_checkpoint,
 )
-from rankserve.loaders.safe_pickle import Record, load_restricted
+from rankserve.importers.unpickler import Record, load_restricted
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -491,6 +491,6 @@ def test_truncated_archive_is_a_clear_error(fixtures, tmp_path):
 
 def test_pickle_module_is_plain_python():
     # The restricted unpickler must not fall back to the C one, which cannot intercept REDUCE/BUILD.
-    from rankserve.loaders import safe_pickle
+    from rankserve.importers import unpickler as safe_pickle
 
     assert issubclass(safe_pickle._RestrictedUnpickler, pickle._Unpickler)

@@ -25,9 +25,9 @@ from rankserve import fsutil
 from rankserve.checkpoint import CheckpointError, build_manifest, check_out_dir, load_checkpoint
 from rankserve.config import ModelConfig
 from rankserve.eval import perplexity
+from rankserve.importers import CheckpointImportError
 from rankserve.loaders.convert import import_checkpoint, load_tokenizer_dir
 from rankserve.loaders.gguf_export import export_gguf
-from rankserve.loaders.importers import CheckpointImportError
 from rankserve.loaders.source import load_model
 from rankserve.loaders.weights import WeightError, first_nonfinite
 

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 from tiny import random_tensors, tiny_hf_config, tiny_model
 
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.io.safetensors import SafetensorsError, load_mmap
 from rankserve.loaders.gguf_export import export_gguf
 from rankserve.loaders.gguf_file import read_gguf
 from rankserve.loaders.hf_dir import read_hf_dir
 from rankserve.loaders.source import SourceError, resolve
-from rankserve.loaders.st_mmap import SafetensorsError, load_mmap
 from rankserve.loaders.weights import WeightError, build_model
 
 TOKENS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_hf_dir_roundtrip(tmp_path, variant, shards):
 
 
 def test_safetensors_are_memory_mapped(tmp_path):
-    from rankserve.loaders.st_mmap import read_header
+    from rankserve.io.safetensors import read_header
 
     write_hf_dir(tmp_path)
     path = str(tmp_path / "model.safetensors")
@@ -99,6 +99,16 @@ def test_missing_tensor_is_named():
     del tensors["model.layers.0.self_attn.k_proj.weight"]
     with pytest.raises(WeightError, match="missing tensor.*model.layers.0.self_attn.k_proj.weight"):
         build_model(cfg, tensors)
+
+
+def test_missing_lm_head_ties_a_copy_of_the_config():
+    cfg = ModelConfig.from_hf(tiny_hf_config())
+    assert not cfg.tie_word_embeddings
+    tensors = random_tensors(cfg)
+    del tensors["lm_head.weight"]
+    model = build_model(cfg, tensors)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert not cfg.tie_word_embeddings  # the caller's config is not changed
 
 
 def test_unsupported_architecture():

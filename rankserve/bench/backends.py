@@ -161,9 +161,9 @@ def llama_cpp_backend(source: str, spec: BenchSpec, res: BackendResult):
         import llama_cpp
     except ImportError:
         return None
+    from rankserve.fsutil import cache_dir
     from rankserve.loaders.gguf_export import export_gguf
     from rankserve.loaders.source import load_model, resolve
-    from rankserve.tokenizer import cache_dir
 
     kind, path = resolve(source)
     gdtype = "f32" if spec.dtype == "fp32" else "f16"

@@ -70,9 +70,9 @@ def random_model(name: str, dtype: torch.dtype, ratio: float | None, seed: int =
     """A random-weight model of a real config; with ``ratio`` every decoder projection is low-rank at the
     uniform rank for that ratio (random factors: speed work only)."""
     from rankserve.config import ModelConfig
+    from rankserve.io.assign import assign, meta_parameters, new_model
     from rankserve.layers import LowRankLinear, projections, replace_module
     from rankserve.linalg import rank_for_ratio
-    from rankserve.loaders.weights import new_model
 
     if name not in RANDOM_CONFIGS:
         raise InputError(f"unknown random config {name!r}; choose from {', '.join(RANDOM_CONFIGS)}")
@@ -92,18 +92,8 @@ def random_model(name: str, dtype: torch.dtype, ratio: float | None, seed: int =
             replace_module(
                 model, pname, LowRankLinear.from_factors(rnd(p.out_features, r), rnd(r, p.in_features))
             )
-    state = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if k == "lm_head.weight" and cfg.tie_word_embeddings:
-            state[k] = state["model.embed_tokens.weight"]  # one tensor, tied below
-        elif v.is_meta:
-            state[k] = torch.ones(v.shape, dtype=dtype) if k.endswith("norm.weight") else rnd(*v.shape)
-        else:
-            state[k] = v.detach()
-    model.load_state_dict(state, assign=True, strict=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    model.init_buffers("cpu")
-    return model.eval()
+    state = {
+        k: torch.ones(shape, dtype=dtype) if k.endswith("norm.weight") else rnd(*shape)
+        for k, shape in meta_parameters(model).items()
+    }
+    return assign(model, state, dtype, "cpu", source=name)

@@ -9,7 +9,6 @@ from rankserve.checkpoint.io import (
     load_checkpoint,
     recover_leftovers,
     save_checkpoint,
-    write_safetensors,
 )
 from rankserve.checkpoint.manifest import (
     BASIS_PREFIX,
@@ -24,6 +23,7 @@ from rankserve.checkpoint.manifest import (
     read_manifest,
     validate_manifest,
 )
+from rankserve.io.safetensors import write_safetensors
 
 __all__ = [
     "BASIS_PREFIX",

@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from rankserve import fsutil
@@ -39,6 +38,8 @@ from rankserve.checkpoint.manifest import (
     validate_manifest,
 )
 from rankserve.config import ConfigError, ModelConfig
+from rankserve.io.assign import assign, check_names, meta_parameters, new_model
+from rankserve.io.safetensors import SafetensorsError, load_mmap, write_safetensors
 from rankserve.layers import (
     DenseLinear,
     LowRankLinear,
@@ -79,15 +80,6 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key] = t
     return out
-
-
-def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file and fsync it (the rename into place relies on the bytes being on disk)."""
-    # safetensors >= 0.8 writes from the tensors' memory (measured: +1 MiB peak RSS for 384 MiB of tensors);
-    # older versions serialised the whole model to bytes first, hence the floor in pyproject.
-    save_file({k: t.detach().contiguous() for k, t in tensors.items()}, path, metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def recover_leftovers(parent: str) -> None:
@@ -174,8 +166,6 @@ def _remove_tree(path: str) -> None:
 
 def _skeleton(cfg: ModelConfig, manifest: dict, where: str) -> nn.Module:
     """The model on the meta device with every projection replaced as the manifest says."""
-    from rankserve.loaders.weights import new_model
-
     model = new_model(cfg)
     have = projections(model)
     specs = manifest["projections"]
@@ -208,34 +198,24 @@ def _skeleton(cfg: ModelConfig, manifest: dict, where: str) -> nn.Module:
     return model
 
 
+def _checkpoint_name(projs: Mapping[str, Projection], key: str) -> str:
+    """The checkpoint tensor a skeleton parameter comes from: a member's basis is its group's one tensor."""
+    module, _, leaf = key.rpartition(".")
+    p = projs.get(module)
+    return BASIS_PREFIX + p.group if isinstance(p, SharedBasisLinear) and leaf == "basis" else key
+
+
 def _expected_tensors(model: nn.Module, manifest: dict) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape for the skeleton."""
-    tied = model.config.tie_word_embeddings
-    expected = {}
     projs = projections(model)
-    for key, p in model.state_dict(keep_vars=True).items():
-        module, _, leaf = key.rpartition(".")
-        if tied and key == "lm_head.weight":
-            continue
-        if isinstance(projs.get(module), SharedBasisLinear) and leaf == "basis":
-            continue
-        expected[key] = tuple(p.shape)
+    expected = {_checkpoint_name(projs, k): s for k, s in meta_parameters(model).items()}
     for g, b in manifest["shared_bases"].items():
         expected[BASIS_PREFIX + g] = tuple(b["shape"])
     return expected
 
 
 def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: str) -> None:
-    def listed(names: list[str]) -> str:
-        more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
-        return ", ".join(names[:3]) + more
-
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {listed(missing)}")
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {listed(unexpected)}")
+    check_names(tensors, expected, where, CheckpointError)
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) == shape:
@@ -264,8 +244,6 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
     The model is built on the meta device and the memory-mapped tensors are assigned to it, so the weights
     are materialised once (not at all on CPU when ``dtype`` is the stored dtype).
     """
-    from rankserve.loaders.st_mmap import SafetensorsError, load_mmap
-
     path = os.fspath(path)
     manifest = read_manifest(path)
     try:
@@ -288,29 +266,10 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
         raise CheckpointError(f"{e}") from None  # names the file and says truncated/corrupt
     _check_tensors(tensors, _expected_tensors(model, manifest), manifest, weights)
 
-    # Assign by hand rather than load_state_dict(assign=True): that would wrap a shared basis in a new
-    # Parameter per member, and model.parameters() would then count it once per member.
-    bases = {
-        g: nn.Parameter(tensors[BASIS_PREFIX + g].to(device=device, dtype=dtype), requires_grad=False)
-        for g in manifest["shared_bases"]
-    }
-    for mod_name, mod in model.named_modules():
-        for pname, _ in list(mod.named_parameters(recurse=False)):
-            key = f"{mod_name}.{pname}" if mod_name else pname
-            if cfg.tie_word_embeddings and key == "lm_head.weight":
-                continue
-            if isinstance(mod, SharedBasisLinear) and pname == "basis":
-                param = bases[mod.group]
-            else:
-                param = nn.Parameter(tensors[key].to(device=device, dtype=dtype), requires_grad=False)
-            setattr(mod, pname, param)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:  # a bug, not a bad file: every parameter was checked above
-        raise CheckpointError(f"{path}: parameters left unassigned: {', '.join(still_meta[:3])}")
-    model.init_buffers(device)
+    projs = projections(model)
+    named = {k: tensors[_checkpoint_name(projs, k)] for k in meta_parameters(model)}
+    assign(model, named, dtype, device, source=weights)
     log.info(
         "loaded checkpoint %s (family %s, format %d)", path, manifest["family"], manifest["format_version"]
     )
-    return model.eval(), manifest
+    return model, manifest

@@ -47,8 +47,8 @@ def _fmt_int(n: int) -> str:
 
 def run(args) -> int:
     from rankserve.checkpoint import check_out_dir, read_manifest
+    from rankserve.importers import CheckpointImportError
     from rankserve.loaders.convert import import_checkpoint, summary
-    from rankserve.loaders.importers import CheckpointImportError
 
     check_out_dir(args.out, args.overwrite)  # before reading anything
     try:

@@ -1,1 +1,1 @@
-"""Loaders: model sources (HF directory, GGUF, alias, rankserve checkpoint) and foreign checkpoint importers."""
+"""Loaders: model sources (alias, HF directory, GGUF, rankserve checkpoint) and the ``rankserve import`` flow."""

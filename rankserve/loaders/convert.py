@@ -1,4 +1,4 @@
-"""Turn an imported foreign checkpoint (:class:`~rankserve.loaders.importers.ImportedModel`) into a rankserve model
+"""Turn an imported foreign checkpoint (:class:`~rankserve.importers.ImportedModel`) into a rankserve model
 and write it as a rankserve checkpoint.
 
 :func:`imported_to_model` builds the model on the meta device, swaps every factorized projection for a
@@ -26,16 +26,17 @@ from torch import nn
 
 from rankserve.config import ConfigError, ModelConfig
 from rankserve.fsutil import owned_tempdir
+from rankserve.importers import CheckpointImportError, ImportedModel, read_checkpoint
+from rankserve.importers.model import expect, shape_of
+from rankserve.io.assign import assign, listed, meta_parameters, new_model
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
-from rankserve.loaders.importers import CheckpointImportError, ImportedModel, read_checkpoint
-from rankserve.loaders.weights import WeightError, new_model
+from rankserve.loaders.source import SourceError, parse_dtype
+from rankserve.loaders.weights import WeightError
 from rankserve.loaders.weights import check_finite as check_weights_finite
 
-__all__ = ["DTYPES", "imported_to_model", "import_checkpoint", "load_tokenizer_dir"]
+__all__ = ["imported_to_model", "import_checkpoint", "load_tokenizer_dir"]
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Files a Hugging Face tokenizer may be saved as; only these are copied out of a source directory before loading,
 # so transformers never sees the source's config.json (with its auto_map pointing at remote code).
@@ -61,19 +62,6 @@ TOKENIZER_HINT = "pass --tokenizer PATH (a directory with the base model's token
 # ImportedModel -> nn.Module
 
 
-def _shape(t: torch.Tensor) -> list[int]:
-    return list(t.shape)
-
-
-def _check(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise CheckpointImportError(f"{name}: expected a tensor, found {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        raise CheckpointImportError(f"{name}: expected shape {list(shape)}, found {_shape(t)}")
-    if not t.is_floating_point():
-        raise CheckpointImportError(f"{name}: expected a floating-point tensor, found {t.dtype}")
-
-
 def _check_bias(module: str, bias: torch.Tensor | None, out: int, wanted: bool, model_type: str) -> None:
     if bias is None and wanted:
         raise CheckpointImportError(f"{module}.bias: missing ({model_type} {module} has a bias)")
@@ -82,7 +70,7 @@ def _check_bias(module: str, bias: torch.Tensor | None, out: int, wanted: bool, 
             f"{module}.bias: unexpected, the config gives {model_type} {module} no bias"
         )
     if bias is not None:
-        _check(f"{module}.bias", bias, (out,))
+        expect(f"{module}.bias", bias, (out,))
 
 
 def _param(t: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
@@ -126,9 +114,9 @@ def imported_to_model(imp: ImportedModel, dtype: torch.dtype = torch.float32) ->
         inn = have[next(iter(sg.members))].in_features
         if sg.basis.dim() != 2 or sg.basis.shape[1] != inn:
             raise CheckpointImportError(
-                f"shared basis {group}: expected shape [r, {inn}], found {_shape(sg.basis)}"
+                f"shared basis {group}: expected shape [r, {inn}], found {shape_of(sg.basis)}"
             )
-        _check(f"shared basis {group}", sg.basis, tuple(sg.basis.shape))
+        expect(f"shared basis {group}", sg.basis, tuple(sg.basis.shape))
         for module in sg.members:
             if module in member_of or module in imp.lowrank:
                 raise CheckpointImportError(f"{module}: imported twice (shared group {group} and elsewhere)")
@@ -144,9 +132,9 @@ def imported_to_model(imp: ImportedModel, dtype: torch.dtype = torch.float32) ->
                 ("V factor", v, v.dim() == 2 and v.shape[1] == inn, f"[r, {inn}]"),
             ):
                 if not ok:
-                    raise CheckpointImportError(f"{name} {label}: expected shape {want}, found {_shape(t)}")
-            _check(f"{name} V factor", v, (u.shape[1], inn))
-            _check(f"{name} U factor", u, (out, u.shape[1]))
+                    raise CheckpointImportError(f"{name} {label}: expected shape {want}, found {shape_of(t)}")
+            expect(f"{name} V factor", v, (u.shape[1], inn))
+            expect(f"{name} U factor", u, (out, u.shape[1]))
             _check_bias(name, bias, out, wants_bias, cfg.model_type)
             new = LowRankLinear.from_factors(
                 u.to(dtype), v.to(dtype), None if bias is None else bias.to(dtype).contiguous()
@@ -158,9 +146,9 @@ def imported_to_model(imp: ImportedModel, dtype: torch.dtype = torch.float32) ->
             if basis.shape[1] != inn:
                 raise CheckpointImportError(
                     f"shared basis {group}: expected shape [{basis.shape[0]}, {inn}] (input of {name}), "
-                    f"found {_shape(basis)}"
+                    f"found {shape_of(basis)}"
                 )
-            _check(f"{name} coefficient", coeff, (out, basis.shape[0]))
+            expect(f"{name} coefficient", coeff, (out, basis.shape[0]))
             _check_bias(name, bias, out, wants_bias, cfg.model_type)
             new = SharedBasisLinear(
                 basis, _param(coeff, dtype), None if bias is None else _param(bias, dtype), group=group
@@ -179,30 +167,15 @@ def imported_to_model(imp: ImportedModel, dtype: torch.dtype = torch.float32) ->
                 "the config ties embeddings (tie_word_embeddings) but lm_head.weight differs from "
                 "model.embed_tokens.weight"
             )
-    used: set[str] = set()
-    for mod_name, mod in model.named_modules():
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if not p.is_meta:
-                continue
-            key = f"{mod_name}.{pname}" if mod_name else pname
-            if tied and key == "lm_head.weight":
-                continue
-            if key not in dense:
-                raise CheckpointImportError(f"missing tensor: {key} (expected shape {_shape(p)})")
-            _check(key, dense[key], tuple(p.shape))
-            setattr(mod, pname, _param(dense[key], dtype))
-            used.add(key)
-    leftover = sorted(k for k in dense if k not in used)
+    wanted = meta_parameters(model)
+    for key, shape in wanted.items():
+        if key not in dense:
+            raise CheckpointImportError(f"missing tensor: {key} (expected shape {list(shape)})")
+        expect(key, dense[key], shape)
+    leftover = sorted(k for k in dense if k not in wanted)
     if leftover:
-        more = f" (and {len(leftover) - 3} more)" if len(leftover) > 3 else ""
-        raise CheckpointImportError(f"unexpected tensor(s) for this model: {', '.join(leftover[:3])}{more}")
-    if tied:
-        model.tie_weights()
-    model.init_buffers("cpu")
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:  # a bug, not a bad file: every projection and parameter was checked above
-        raise CheckpointImportError(f"parameters left unassigned: {', '.join(still_meta[:3])}")
-    return model.eval()
+        raise CheckpointImportError(f"unexpected tensor(s) for this model: {listed(leftover)}")
+    return assign(model, {k: dense[k] for k in wanted}, dtype, "cpu", source="imported checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,17 +245,19 @@ def _provenance(imp: ImportedModel, tokenizer_source: str) -> dict:
 
 def _require_directory_tokenizer(fmt: str, src: Path) -> None:
     """Fail before any weight is read when an HF-directory source has no tokenizer and none was given."""
-    from rankserve.loaders.importers import BASE_ARCHITECTURES, _read_config, detect_format
+    from rankserve.config import SUPPORTED_MODEL_TYPES
+    from rankserve.importers.common import read_config
+    from rankserve.importers.detect import detect_format
 
     family = detect_format(src) if fmt == "auto" else fmt
     if family == "svd-llm":
         return  # the tokenizer is inside the pickle, if anywhere
     directory = src if src.is_dir() else src.parent
     try:
-        model_type = _read_config(directory).get("model_type")
+        model_type = read_config(directory).get("model_type")
     except (OSError, CheckpointImportError):
         return  # the reader names what is wrong with the config
-    if model_type not in BASE_ARCHITECTURES:
+    if model_type not in SUPPORTED_MODEL_TYPES:
         return  # "not supported" says more than "pass --tokenizer"
     if not any((directory / name).is_file() for name in _TOKENIZER_REQUIRED):
         raise CheckpointImportError(f"{src} carries no tokenizer files; {TOKENIZER_HINT}")
@@ -308,8 +283,10 @@ def import_checkpoint(
     """
     from rankserve.checkpoint import CheckpointError, build_manifest, check_out_dir, save_checkpoint
 
-    if dtype not in DTYPES:
-        raise CheckpointImportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    try:
+        torch_dtype = parse_dtype(dtype)
+    except SourceError as e:
+        raise CheckpointImportError(str(e)) from None
     try:
         out_dir = check_out_dir(out_dir, overwrite)
     except CheckpointError as e:
@@ -329,7 +306,7 @@ def import_checkpoint(
     try:
         if imp.tokenizer_dir is None:
             raise CheckpointImportError(f"{src} carries no usable tokenizer; {TOKENIZER_HINT}")
-        model = imported_to_model(imp, DTYPES[dtype])
+        model = imported_to_model(imp, torch_dtype)
         if check_finite:
             try:
                 check_weights_finite(model, os.fspath(src))

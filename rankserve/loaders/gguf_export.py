@@ -8,6 +8,7 @@ import tempfile
 import numpy as np
 import torch
 
+from rankserve.errors import InputError
 from rankserve.layers import DenseLinear, projections
 
 _HF_TO_GGUF = {
@@ -48,10 +49,10 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
     import gguf
 
     if dtype not in ("f32", "f16"):
-        raise ValueError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
+        raise InputError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
     bad = [n for n, p in projections(model).items() if not isinstance(p, DenseLinear)]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"GGUF export needs a dense model; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
         )
     cfg = model.config

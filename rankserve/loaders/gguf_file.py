@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rankserve.config import SUPPORTED_MODEL_TYPES, ModelConfig, model_type_for_gguf
+from rankserve.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ _BLOCK_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     pass
 
 

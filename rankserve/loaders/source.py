@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rankserve.config import ModelConfig
+from rankserve.errors import InputError
 from rankserve.tokenizer import Tokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ ALIASES = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A model source that cannot be opened, with what to do about it."""
 
 
@@ -107,18 +108,16 @@ def load_model(
     if kind == "gguf":
         from rankserve.loaders.gguf_file import read_gguf
 
-        cfg, tensors = read_gguf(path)
-        model = weights.build_model(cfg, tensors, dtype, device, source=path)
+        model = weights.build_model(*read_gguf(path), dtype, device, source=path)
     elif kind == "hf":
         from rankserve.loaders.hf_dir import read_hf_dir
 
-        cfg, tensors = read_hf_dir(path)
-        model = weights.build_model(cfg, tensors, dtype, device, source=path)
+        model = weights.build_model(*read_hf_dir(path), dtype, device, source=path)
     else:
         from rankserve.checkpoint import load_checkpoint
 
         model, manifest = load_checkpoint(path, dtype=dtype, device=device)
-        cfg = model.config
+    cfg = model.config  # build_model may have tied the embeddings (a source without lm_head.weight)
     if check_finite:  # before the tokenizer, which can take seconds
         weights.check_finite(model, path)
     if kind == "gguf":

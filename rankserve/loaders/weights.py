@@ -1,7 +1,8 @@
-"""Turn a name -> tensor mapping into a model: build on the meta device, check every shape, assign."""
+"""Turn a name -> tensor mapping into a model (:func:`build_model`), and refuse weights holding NaN or Inf."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 
@@ -9,12 +10,9 @@ import torch
 from torch import nn
 
 from rankserve.config import ModelConfig
-from rankserve.models import model_class
+from rankserve.io.assign import WeightError, assign, new_model
 
-
-class WeightError(ValueError):
-    """Checkpoint tensors that do not fit the model the config describes."""
-
+__all__ = ["NO_CHECK_FLAG", "WeightError", "build_model", "check_finite", "first_nonfinite", "new_model"]
 
 NO_CHECK_FLAG = "--no-check-finite"
 
@@ -46,58 +44,6 @@ def check_finite(model: nn.Module, source: str = "checkpoint") -> None:
         )
 
 
-def new_model(cfg: ModelConfig) -> nn.Module:
-    """The model skeleton on the meta device: no memory is allocated until weights are assigned."""
-    return model_class(cfg)(cfg, device="meta")
-
-
-def assign_weights(
-    model: nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    dtype: torch.dtype,
-    device="cpu",
-    source: str = "checkpoint",
-) -> nn.Module:
-    """Assign ``tensors`` to a meta ``model`` by name, after checking names and shapes.
-
-    Tensors are cast to ``dtype`` (a no-op for memory-mapped tensors already in that dtype, so nothing is copied).
-    A missing ``lm_head.weight`` means tied embeddings.
-    """
-    cfg = model.config
-    tensors = dict(tensors)
-    if "lm_head.weight" not in tensors:
-        cfg.tie_word_embeddings = True
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise WeightError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
-    unexpected = [k for k in tensors if k not in expected]
-    if unexpected:
-        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise WeightError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
-    state = {}
-    for name, ref in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise WeightError(
-                f"{source}: tensor {name} has shape {tuple(t.shape)}, the config expects {tuple(ref.shape)}"
-            )
-        state[name] = t.to(device=device, dtype=dtype)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    model.init_buffers(device)
-    return model.eval()
-
-
 def build_model(
     cfg: ModelConfig,
     tensors: Mapping[str, torch.Tensor],
@@ -105,5 +51,14 @@ def build_model(
     device="cpu",
     source: str = "checkpoint",
 ) -> nn.Module:
-    """A ready model from a config and HF-named tensors; the weights are never materialised twice."""
-    return assign_weights(new_model(cfg), tensors, dtype, device, source)
+    """A ready model from a config and HF-named tensors; the weights are never materialised twice.
+
+    A missing ``lm_head.weight`` means tied embeddings: the model gets a copy of ``cfg`` that says so (``cfg``
+    itself is not changed; read the model's ``config``).
+    """
+    if "lm_head.weight" not in tensors and not cfg.tie_word_embeddings:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    tensors = dict(tensors)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return assign(new_model(cfg), tensors, dtype, device, source)

@@ -311,7 +311,7 @@ class CompileCache:
     def __init__(self, cache_dir: str | None, signature: str):
         import hashlib
 
-        from rankserve.tokenizer import cache_dir as default_cache_dir
+        from rankserve.fsutil import cache_dir as default_cache_dir
 
         root = cache_dir or default_cache_dir("compiled")
         self.path = os.path.join(root, hashlib.sha256(signature.encode()).hexdigest()[:24] + ".bin")

@@ -1,4 +1,5 @@
-"""Zero-copy safetensors reading: tensors are views of a memory-mapped file, validated against its size."""
+"""safetensors files: zero-copy reading (tensors are views of a memory-mapped file, validated against its size)
+and writing."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import mmap
 import os
 import struct
 import warnings
+from collections.abc import Mapping
 
 import torch
+from safetensors.torch import save_file
+
+from rankserve.errors import InputError
 
 _DTYPES = {
     "F64": torch.float64,
@@ -25,8 +30,8 @@ _DTYPES = {
 }
 
 
-class SafetensorsError(ValueError):
-    pass
+class SafetensorsError(InputError):
+    """A safetensors file that is truncated or corrupt."""
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -114,3 +119,12 @@ def load_mmap(path: str) -> dict[str, torch.Tensor]:
             t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + start)
         out[name] = t.view(shape)
     return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file and fsync it (a rename into place relies on the bytes being on disk)."""
+    # safetensors >= 0.8 writes from the tensors' memory (measured: +1 MiB peak RSS for 384 MiB of tensors);
+    # older versions serialised the whole model to bytes first, hence the floor in pyproject.
+    save_file({k: t.detach().contiguous() for k, t in tensors.items()}, path, metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
