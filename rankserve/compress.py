@@ -4,10 +4,10 @@ The flow, for any registered family:
 
 1. The family cuts the decoder projections into slots (one matrix each, or one stacked group for Basis Sharing).
    The LM head and embeddings are never touched and never counted.
-2. Ranks are planned per slot. ``uniform``: ``r = floor(out*in*(1-ratio)/(out+in))`` (linalg.rank_for_ratio);
-   a slot stays dense where that rank would not save parameters (``r > linalg.max_useful_rank``).
+2. Ranks are planned per slot. ``uniform``: ``r = floor(out*in*(1-ratio)/(out+in))`` (ranks.rank_for_ratio);
+   a slot stays dense where that rank would not save parameters (``r > ranks.max_useful_rank``).
    ``adaptive``: the same parameter budget is spent greedily where each family's spectrum says truncation hurts
-   least (linalg.allocate_ranks). The layer-by-layer pipeline truncates each layer before it sees the next, so
+   least (ranks.allocate_ranks). The layer-by-layer pipeline truncates each layer before it sees the next, so
    adaptive ranks first run a statistics pass over the DENSE model to get every slot's spectrum, then the
    compressing pass. ``sensitivity``: the same budget spent where the calibration LOSS says truncation hurts
    least. One backward pass per sample over the first ``sensitivity_samples`` calibration samples gives each
@@ -15,7 +15,7 @@ The flow, for any registered family:
    gives its input moment ``E[x x^T]`` (and the family's statistics); the family's own expansion (e.g. SVD-LLM's whitened SVD) then yields the K-FAC
    second-order estimate of the loss increase at EVERY rank from one factorization
    (linalg.kfac_truncation_loss), and a global threshold on loss per parameter meets the budget
-   (linalg.allocate_ranks_by_loss). A Basis Sharing group is one item: its shared basis is truncated for the
+   (ranks.allocate_ranks_by_loss). A Basis Sharing group is one item: its shared basis is truncated for the
    whole group at once, at the stacked matrix's cost per rank. ``rank_overrides`` (exact name or regex) win
    over every mode.
 3. Families that read gradients (FWSVD) get them from one backward pass per sample over the dense model.
@@ -52,13 +52,8 @@ from rankserve.calibration import (
 from rankserve.errors import InputError
 from rankserve.families import RANK_RULE, RATIO_CONVENTION, FamilyConfig, Slot, SlotData, transform_for
 from rankserve.layers import DenseLinear, replace_module
-from rankserve.linalg import (
-    allocate_ranks,
-    allocate_ranks_by_loss,
-    kfac_truncation_loss,
-    max_useful_rank,
-    rank_for_ratio,
-)
+from rankserve.linalg import kfac_truncation_loss
+from rankserve.ranks import allocate_ranks, allocate_ranks_by_loss, max_useful_rank, rank_for_ratio
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from rankserve.families import (
     transform_for,
 )
 from rankserve.layers import DenseLinear, LowRankLinear, SharedBasisLinear
-from rankserve.linalg import max_useful_rank, rank_for_ratio
+from rankserve.ranks import max_useful_rank, rank_for_ratio
 
 FAMILIES = ["svd", "fwsvd", "asvd", "svd-llm", "basis-sharing"]
 

@@ -72,7 +72,7 @@ def random_model(name: str, dtype: torch.dtype, ratio: float | None, seed: int =
     from rankserve.config import ModelConfig
     from rankserve.io.assign import assign, meta_parameters, new_model
     from rankserve.layers import LowRankLinear, projections, replace_module
-    from rankserve.linalg import rank_for_ratio
+    from rankserve.ranks import rank_for_ratio
 
     if name not in RANDOM_CONFIGS:
         raise InputError(f"unknown random config {name!r}; choose from {', '.join(RANDOM_CONFIGS)}")
