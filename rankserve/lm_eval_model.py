@@ -224,7 +224,8 @@ class RankserveLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``) text until a stop string, EOS or ``max_gen_toks``."""
-        from rankserve.runtime.generate import complete, make_runner
+        from rankserve.runtime.generate import complete
+        from rankserve.runtime.runners import make_runner
 
         jobs = []
         for req in requests:

@@ -6,8 +6,8 @@ from tiny import tiny_model
 
 from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, replace_module
 from rankserve.linalg import truncated_svd
+from rankserve.runtime.eager import EagerRunner, padded_batch
 from rankserve.runtime.fast import FastRunner
-from rankserve.runtime.generate import EagerRunner, padded_batch
 from rankserve.runtime.native import ISAS, NativeKernels, compiler, cpu_runs, namespace
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.packing import apply_packed, pack_

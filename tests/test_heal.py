@@ -20,7 +20,7 @@ import rankserve.heal as heal_mod
 from rankserve.checkpoint import CheckpointError, validate_manifest
 from rankserve.heal import HealConfig, HealDiverged, heal_, kl_logits, lr_factor, trainable_parameters
 from rankserve.layers import SharedBasisLinear
-from rankserve.runtime.generate import EagerRunner
+from rankserve.runtime.eager import EagerRunner
 
 SMALL = dict(tokens=6 * 2 * 32, seq_len=32, batch=2, pool_tokens=256, eval_rows=2, lr=5e-3)
 

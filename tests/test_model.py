@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import TINY_VARIANTS, hf_model_from, tiny_model
 
-from rankserve.runtime.generate import EagerRunner, padded_batch
+from rankserve.runtime.eager import EagerRunner, padded_batch
 from rankserve.runtime.options import RuntimeOptions
 
 

@@ -17,10 +17,12 @@ from tiny_tok import tiny_tokenizer
 from rankserve.bench import BenchSpec
 from rankserve.layers import LowRankLinear, replace_module
 from rankserve.linalg import truncated_svd
+from rankserve.runtime.eager import EagerRunner
 from rankserve.runtime.fast import FastRunner
-from rankserve.runtime.generate import EagerRunner, complete, runner_cache, stream_generate
+from rankserve.runtime.generate import complete, stream_generate
 from rankserve.runtime.native import best_isa, compiler
 from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.runners import runner_cache
 from rankserve.runtime.sampling import SamplingParams
 from rankserve.tokenizer import Tokenizer
 

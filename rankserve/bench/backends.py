@@ -44,7 +44,8 @@ def bench_prompt(spec: BenchSpec, vocab: int) -> list[int]:
 
 def rankserve_backend(model, spec: BenchSpec, backend: str, res: BackendResult):
     """rankserve's generator over a fast runner (``fast``, ``fast-dense``) or the eager reference runner."""
-    from rankserve.runtime.generate import EagerRunner, generate_tokens
+    from rankserve.runtime.eager import EagerRunner
+    from rankserve.runtime.generate import generate_tokens
     from rankserve.runtime.options import RuntimeOptions
     from rankserve.runtime.sampling import SamplingParams
 

@@ -50,8 +50,9 @@ def check_utf8(flag: str, text: str | None) -> None:
 
 def run(args) -> int:
     from rankserve.loaders.source import load_model
-    from rankserve.runtime.generate import runner_cache, stream_generate
+    from rankserve.runtime.generate import stream_generate
     from rankserve.runtime.options import RuntimeOptions
+    from rankserve.runtime.runners import runner_cache
     from rankserve.runtime.sampling import SamplingParams
 
     if args.max_tokens < 1:

@@ -1,14 +1,14 @@
 """The fast runtime: a decode step built for one token at a time, captured as one compiled callable.
 
-What makes it fast (see ../shared/docs/MEASURED.md for why each piece is needed on CPU):
+What makes it fast:
 - packed projections: one first-stage GEMV for q/k/v and one for gate/up, then the small low-rank lifts;
 - native GEMV kernels (``rankserve.runtime.native``) where PyTorch's M=1 linear streams far below bandwidth;
 - one-token attention over the valid prefix of a dense, preallocated KV cache;
 - the whole step (all layers, norm, LM head, KV write) traced by ``torch.compile`` over static shapes, so
   per-op Python overhead disappears and elementwise work is fused.
 
-Prefill uses the model's own (GEMM-shaped, chunked) forward over the same cache. The eager runner in
-``generate.py`` stays the reference this runner is tested against.
+Prefill uses the model's own (GEMM-shaped, chunked) forward over the same cache. The eager runner
+(``eager.py``) stays the reference this runner is tested against.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankserve.models.llama import KVCache
+from rankserve.runtime.eager import chunked_prefill
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.packing import PackedGroup, float_matrix, pack_
 
@@ -264,17 +265,10 @@ class FastRunner:
         parts.append(f"{tuple(d.head.first.shape)}{d.head.first.dtype}")
         return "|".join(parts)
 
-    @torch.inference_mode()
-    def prefill(self, tokens, positions, valid_from, start: int = 0, cache=None) -> torch.Tensor:
-        from rankserve.runtime.generate import attention_mask
-
-        cache = cache if cache is not None else self.cache
-        P, chunk = tokens.shape[1], self.options.prefill_chunk
-        for s in range(0, P, chunk):
-            e = min(P, s + chunk)
-            mask = attention_mask(valid_from, start + s, e - s)
-            logits = self.model(tokens[:, s:e], positions[:, s:e], cache, start + s, mask, last_only=True)
-        return logits[:, -1]
+    def prefill(self, tokens, positions, valid_from, cache: KVCache | None = None) -> torch.Tensor:
+        """As :meth:`EagerRunner.prefill`: the model's own chunked forward (GEMM-shaped, nothing to compile)."""
+        cache = self.cache if cache is None else cache
+        return chunked_prefill(self.model, cache, tokens, positions, valid_from, self.options.prefill_chunk)
 
     @torch.inference_mode()
     def decode(self, tokens, positions, slot: int, valid_from) -> torch.Tensor:

@@ -1,154 +1,29 @@
 """Generation, layered: a token generator -> a streaming response -> a plain string.
 
-The CLI, the server and the benchmark all consume :func:`generate_tokens` or :func:`stream_generate`.
+Who consumes it: ``rankserve generate`` and the Python API (:func:`stream_generate`), ``rankserve demo`` and
+lm-eval's adapter (:func:`complete`), the bench and calibration's self-generated data (:func:`generate_tokens`).
+The server does not: its scheduler batches requests that join and leave at any step, so it drives a runner's
+``prefill``/``decode`` itself, with the same sampler (``sampling.py``) and text layer (``text.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from rankserve.models.llama import KVCache
+from rankserve.errors import InputError
+from rankserve.runtime.eager import padded_batch
 from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.runners import context_limit, runner_cache
 from rankserve.runtime.sampling import Sampler, SamplingParams
 from rankserve.runtime.text import TextStream
 
 
-class PromptTooLongError(ValueError):
-    pass
-
-
-def padded_batch(prompts: list[list[int]], pad_id: int, device="cpu"):
-    """Left-pad prompts: tokens [B, P], positions [B, P], pad lengths [B]."""
-    P = max(len(p) for p in prompts)
-    pads = torch.tensor([P - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
-    positions = (torch.arange(P, device=device)[None] - pads[:, None]).clamp(min=0)  # (B, P)
-    return tokens, positions, pads
-
-
-def attention_mask(valid_from: torch.Tensor, start: int, T: int) -> torch.Tensor | None:
-    """Bool mask [B, 1, T, start+T] for queries at slots [start, start+T): causal, and each row's slots before
-    ``valid_from[b]`` (left padding, or another request's stale keys) hidden.
-
-    A padded query would see nothing and SDPA would return NaN, so it is allowed its own slot; its output is
-    never read. Returns None when every row starts at slot 0 (plain causal attention is then exact and cheaper).
-    """
-    if not bool(valid_from.any()):
-        return None
-    q = torch.arange(start, start + T, device=valid_from.device)[None, :, None]  # (1, T, 1)
-    kv = torch.arange(start + T, device=valid_from.device)[None, None, :]  # (1, 1, S)
-    valid = (kv <= q) & (kv >= valid_from[:, None, None])  # (B, T, S)
-    valid |= kv == q
-    return valid[:, None]
-
-
-class EagerRunner:
-    """The reference execution path: the model's own forward over a preallocated dense KV cache."""
-
-    def __init__(self, model, batch: int, max_len: int, options: RuntimeOptions | None = None):
-        self.model = model
-        self.options = options or RuntimeOptions()
-        p = next(model.parameters())
-        self.cache = KVCache(model.config, batch, max_len, device=p.device, dtype=p.dtype)
-
-    @torch.inference_mode()
-    def prefill(self, tokens, positions, pads) -> torch.Tensor:
-        """Logits [B, V] of the last prompt token; k/v of all prompt tokens land in slots [0, P)."""
-        P, chunk = tokens.shape[1], self.options.prefill_chunk
-        for s in range(0, P, chunk):
-            e = min(P, s + chunk)
-            logits = self.model(
-                tokens[:, s:e],
-                positions[:, s:e],
-                self.cache,
-                s,
-                attention_mask(pads, s, e - s),
-                last_only=True,
-            )
-        return logits[:, -1]
-
-    @torch.inference_mode()
-    def decode(self, tokens, positions, slot: int, pads) -> torch.Tensor:
-        """Logits [B, V] for one new token per row [B, 1] written at ``slot``."""
-        return self.model(tokens, positions, self.cache, slot, attention_mask(pads, slot, 1))[:, -1]
-
-    def report(self) -> dict:
-        """Which kernels ran: the eager path is PyTorch's own."""
-        return {"native_kernels": False, "native_isa": None}
-
-
-def make_runner(model, batch: int, max_len: int, options: RuntimeOptions):
-    if options.backend == "fast":
-        from rankserve.runtime.fast import FastRunner
-
-        return FastRunner(model, batch, max_len, options)
-    return EagerRunner(model, batch, max_len, options)
-
-
-class RunnerCache:
-    """The runner a model last generated with, kept for the next call: the fast path packs and compiles once.
-
-    Owned by the model (:func:`runner_cache`); it holds one runner, so at most one KV cache stays allocated. A
-    runner is reused when batch, options and cache length match and the model's weights are the same tensors,
-    unchanged. It serves one generation at a time: the generation holds a :class:`Lease`, and while that lease
-    is alive (its generator not yet finished or collected) another generation gets a new, uncached runner.
-    """
-
-    def __init__(self):
-        self._key = None
-        self._runner = None
-        self._lease = None  # weakref to the live Lease of the cached runner
-        self.last = None  # the runner of the latest generation (for reports: which kernels ran)
-
-    def __reduce__(self):  # a copied or pickled model starts with an empty cache
-        return (RunnerCache, ())
-
-    def lease(self, model, batch: int, max_len: int, options: RuntimeOptions) -> Lease:
-        key = (batch, _cache_len(model, max_len, options), dataclasses.replace(options, max_len=None))
-        busy = self._lease is not None and self._lease() is not None
-        if busy:
-            runner = make_runner(model, batch, max_len, options)
-        else:
-            if self._key != (key, _weights_key(model)):
-                self._runner = None  # free the old KV cache before allocating the new one
-                self._runner = make_runner(model, batch, max_len, options)
-                self._key = (key, _weights_key(model))  # after the runner: packing moves the weights
-            runner = self._runner
-        self.last = runner
-        lease = Lease(runner)
-        if not busy:
-            self._lease = weakref.ref(lease)
-        return lease
-
-
-@dataclass
-class Lease:
-    runner: object
-
-
-def runner_cache(model) -> RunnerCache:
-    """The model's own :class:`RunnerCache` (created on first use)."""
-    return vars(model).setdefault("_rankserve_runners", RunnerCache())
-
-
-def _cache_len(model, max_len: int, options: RuntimeOptions) -> int:
-    """KV cache slots the runner for ``max_len`` allocates (the fast path rounds up to share compiled steps)."""
-    if options.backend != "fast":
-        return max_len
-    from rankserve.runtime.fast import bucketed_len
-
-    return bucketed_len(max_len, context_limit(model))
-
-
-def _weights_key(model) -> tuple:
-    """Identity and version of every weight: a replaced or modified weight makes a cached runner stale."""
-    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
+class PromptTooLongError(InputError):
+    """The prompt leaves no room to generate in the model's context or the cache."""
 
 
 @dataclass
@@ -158,10 +33,6 @@ class StepOutput:
     tokens: list[int]
     active: list[bool]  # rows whose token in ``tokens`` is real (a row's last real token is its stop token)
     prefill_s: float  # wall time of the prompt pass
-
-
-def context_limit(model) -> int:
-    return int(model.config.max_position_embeddings)
 
 
 def generate_tokens(
@@ -182,7 +53,7 @@ def generate_tokens(
     B = len(prompts)
     plist = [p.validate() for p in (params if isinstance(params, list) else [params] * B)]
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     P = max(len(p) for p in prompts)
     limit = context_limit(model)
     max_new = max(p.max_tokens for p in plist)
