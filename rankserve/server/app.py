@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rankserve.errors import InputError
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.server import protocol as P
 from rankserve.server.metrics import ServerMetrics
@@ -134,6 +135,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         err = P.APIError(400, f"invalid request: {e.errors()[0].get('msg')}", None, "invalid_value")
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request, e: InputError):  # bad input found below the protocol layer
+        err = P.APIError(400, str(e), None, "invalid_value")
         return JSONResponse(err.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -293,7 +299,7 @@ def _params(engine: Engine, body, ids: list[int], max_tokens, default: int | Non
         )
     try:
         return body.sampling_params(max_tokens)
-    except ValueError as e:
+    except InputError as e:
         name = str(e).split()[0]
         raise P.APIError(
             400, str(e), name if name in type(body).model_fields else None, "invalid_value"

@@ -9,13 +9,13 @@ the masks hide other slots exactly (-inf before the softmax). When there is no r
 run off the end of the cache) every row's KV is shifted by the same offset, which keeps that invariant.
 
 Idle rows decode a pad token with ``valid_from = s``: they see only their own slot and their output is ignored.
-On the eager path the step runs on a window of the cache: rows [0, last live row] (a new request takes the
-lowest free row) and slots from the lowest live ``valid_from`` on, so idle rows and dead slots cost nothing.
+The scheduler only drives the runner (the model's own, from its :class:`RunnerCache`): ``prefill`` of one
+row into a window of the runner's cache, ``decode`` of the whole batch. Text (detokenizing, stop strings) goes
+through :class:`~rankserve.runtime.text.TextStream`, as in ``stream_generate``.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rankserve.runtime.generate import EagerRunner, attention_mask, make_runner
+from rankserve.errors import InputError
 from rankserve.runtime.options import RuntimeOptions
+from rankserve.runtime.runners import runner_cache
 from rankserve.runtime.sampling import Sampler, SamplingParams, token_logprobs
 from rankserve.runtime.text import TextStream
 
@@ -64,13 +65,11 @@ class Event:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens sampled since the last event
 
 
-_ids = itertools.count()
-
-
 class Request:
     """A submitted generation. ``sink`` is called from the scheduler thread with each :class:`Event`.
 
-    ``logprobs``: None, or how many alternatives to report with each sampled token's log-probability.
+    ``logprobs``: None, or how many alternatives to report with each sampled token's log-probability. ``id`` is
+    given by the engine it is submitted to.
     """
 
     def __init__(
@@ -80,7 +79,7 @@ class Request:
         sink: Callable[[Event], None],
         logprobs: int | None = None,
     ):
-        self.id = next(_ids)
+        self.id: int | None = None
         self.prompt_ids = list(prompt_ids)
         self.params = params.validate()
         self.sink = sink
@@ -127,19 +126,19 @@ class Engine:
         max_queue: int = 64,
     ):
         if max_batch < 1 or max_context < 2 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1, max_context >= 2 and max_queue >= 0")
+            raise InputError("max_batch must be >= 1, max_context >= 2 and max_queue >= 0")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.options = (options or RuntimeOptions()).validate()
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-        self.runner = make_runner(model, max_batch, max_context, self.options)
+        # The model's own runner (packed and compiled once per model), leased while the engine lives.
+        self._lease = runner_cache(model).lease(model, max_batch, max_context, self.options)
+        self.runner = self._lease.runner
         self.cache = self.runner.cache
         self.device = next(model.parameters()).device
-        # Eager: the model's forward on cache windows (the reference math, idle rows skipped). Other runners
-        # decode the whole batch their own way, and prefill a row themselves if they can start at any slot.
-        self._eager = isinstance(self.runner, EagerRunner)
-        self._runner_prefills_rows = {"start", "cache"} <= set(
-            inspect.signature(self.runner.prefill).parameters
-        )
+        self._ids = itertools.count()  # request ids, per engine
+        self._zero = torch.zeros(
+            1, dtype=torch.long, device=self.device
+        )  # valid_from of a row prefilled alone
         if hasattr(self.runner, "warmup"):
             self.runner.warmup()  # compile before the first request, not during it
         self.rows: list[_Row | None] = [None] * max_batch
@@ -156,15 +155,15 @@ class Engine:
     # ---- the public, thread-safe side ----
 
     def check(self, n_prompt: int, max_tokens: int) -> None:
-        """Raise ValueError unless a request of this shape fits the cache (prompt + every generated token)."""
+        """Raise InputError unless a request of this shape fits the cache (prompt + every generated token)."""
         if n_prompt < 1:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         if n_prompt >= self.max_context:
-            raise ValueError(
+            raise InputError(
                 f"the prompt has {n_prompt} tokens but the context is {self.max_context}; shorten the prompt"
             )
         if n_prompt + max_tokens > self.max_context:
-            raise ValueError(
+            raise InputError(
                 f"the context is {self.max_context} tokens: {n_prompt} in the prompt leave room for "
                 f"{self.max_context - n_prompt} new tokens, but max_tokens is {max_tokens}"
             )
@@ -175,7 +174,7 @@ class Engine:
         return len(self.live) >= self.max_batch + self.max_queue
 
     def submit(self, req: Request) -> Request:
-        """Queue a request; ValueError if it cannot fit the cache, QueueFullError / EngineClosedError if the
+        """Queue a request; InputError if it cannot fit the cache, QueueFullError / EngineClosedError if the
         engine cannot take it now."""
         self.check(len(req.prompt_ids), req.params.max_tokens)
         with self.cond:
@@ -186,6 +185,7 @@ class Engine:
                     f"the server is at capacity ({self.max_batch} running, {len(self.pending)} waiting); "
                     "retry later"
                 )
+            req.id = next(self._ids)
             self.live.add(req)
             self.pending.append(req)
             self._gauges()
@@ -219,6 +219,7 @@ class Engine:
             self.cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._lease = None  # the model's runner is free for other generations again
         for b, row in enumerate(self.rows):
             if row is not None:
                 self._finish(b, "cancelled")
@@ -321,17 +322,9 @@ class Engine:
         ids, L, s = req.prompt_ids, len(req.prompt_ids), self.slot
         tokens = torch.tensor([ids], device=self.device)  # (1, L)
         positions = torch.arange(L, device=self.device)[None]  # (1, L)
-        if self._runner_prefills_rows and not self._eager:
-            vf = torch.tensor([s - L], device=self.device)
-            logits = self.runner.prefill(tokens, positions, vf, start=s - L, cache=self.cache.row_view(b))[0]
-        else:
-            # Row b from slot s-L on: the prompt lands at window slots [0, L), exactly as in a solo run.
-            window = self.cache.window(b, b + 1, s - L)
-            chunk = self.options.prefill_chunk
-            for c in range(0, L, chunk):
-                e = min(L, c + chunk)
-                out = self.model(tokens[:, c:e], positions[:, c:e], window, c, None, last_only=True)
-            logits = out[0, -1]
+        # Row b from slot s-L on: the prompt lands at window slots [0, L), exactly as in a solo run.
+        window = self.cache.window(b, b + 1, s - L)
+        logits = self.runner.prefill(tokens, positions, self._zero, cache=window)[0]  # (V,)
         self.valid_from[b] = s - L
         params = req.params
         self.rows[b] = _Row(
@@ -380,15 +373,7 @@ class Engine:
                 toks.append(row.last_token)
         positions = (s - vf)[:, None]  # (B, 1): a row's position is its slot minus where it starts
         tokens = torch.tensor(toks, device=self.device)[:, None]  # (B, 1)
-        if self._eager:
-            live = [b for b, r in enumerate(self.rows) if r is not None]
-            hi, lo = live[-1] + 1, int(vf[live].min())
-            window = self.cache.window(0, hi, lo)  # rows [0, hi), slots [lo, max_len)
-            wvf = vf[:hi] - lo
-            mask = attention_mask(wvf, s - lo, 1)  # (hi, 1, 1, s-lo+1)
-            logits = self.model(tokens[:hi], positions[:hi], window, s - lo, mask)[:, -1]  # (hi, V)
-        else:
-            logits = self.runner.decode(tokens, positions, s, vf)  # (B, V)
+        logits = self.runner.decode(tokens, positions, s, vf)  # (B, V)
         self.slot = s + 1
         self.stats["steps"] += 1
         for b, row in enumerate(self.rows):
