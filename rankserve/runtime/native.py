@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rankserve.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
@@ -82,7 +84,7 @@ def compiler() -> str | None:
 def cpu_runs(isa: str) -> bool:
     """True when this CPU can run the ``isa`` build (it has every instruction set that path uses)."""
     if isa not in ISAS:
-        raise ValueError(f"unknown native ISA {isa!r}; choose from {', '.join(ISAS)} or 'auto'")
+        raise InputError(f"unknown native ISA {isa!r}; choose from {', '.join(ISAS)} or 'auto'")
     if not _X86:
         return isa == "scalar"
     flags = set(_cpu_flags().split())
@@ -108,7 +110,7 @@ def _flags(isa: str) -> list[str]:
     elif isa == "scalar":
         target = ()
     else:
-        raise ValueError(f"the {isa} path exists only on x86 CPUs; this is {platform.machine()}")
+        raise InputError(f"the {isa} path exists only on x86 CPUs; this is {platform.machine()}")
     return [*_BASE_FLAGS, *target, f"-DRANKSERVE_OPS={namespace(isa)}"]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rankserve.errors import InputError
+
 
 @dataclass
 class RuntimeOptions:
@@ -19,13 +21,13 @@ class RuntimeOptions:
 
     def validate(self) -> RuntimeOptions:
         if self.backend not in ("eager", "fast"):
-            raise ValueError(f"unknown backend {self.backend!r}; use 'eager' or 'fast'")
+            raise InputError(f"unknown backend {self.backend!r}; use 'eager' or 'fast'")
         from rankserve.runtime.native import ISAS
 
         if self.native_isa != "auto" and self.native_isa not in ISAS:
-            raise ValueError(
+            raise InputError(
                 f"unknown native_isa {self.native_isa!r}; use 'auto' or one of {', '.join(ISAS)}"
             )
         if self.prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be >= 1")
+            raise InputError("prefill_chunk must be >= 1")
         return self

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rankserve.errors import InputError
+
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
@@ -24,31 +26,31 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> SamplingParams:
-        """Raise ValueError naming the first bad parameter (the message starts with its name).
+        """Raise InputError naming the first bad parameter (the message starts with its name).
 
         The one check behind the CLI's flags and the server's fields: NaN and infinities are refused here,
         since every comparison with NaN is false and a NaN temperature would sample garbage.
         """
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not _is_finite(self.temperature) or self.temperature < 0:
-            raise ValueError(
+            raise InputError(
                 f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
             )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_finite(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_finite(self.min_p) or not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p!r}")
+            raise InputError(f"min_p must be in [0, 1), got {self.min_p!r}")
         if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(
+            raise InputError(
                 f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"
             )
         if self.seed is not None and (
             not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]
         ):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         return self
@@ -103,7 +105,10 @@ class Sampler:
         self.gen = None
         if not params.greedy:
             self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is None:
+                self.gen.seed()  # a fresh nondeterministic seed for this row only; torch's global RNG untouched
+            else:
+                self.gen.manual_seed(params.seed)
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
         """Next token id from logits [V]; ``seen`` are the prompt and generated ids (for the penalty)."""
