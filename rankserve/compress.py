@@ -28,13 +28,11 @@ The flow, for any registered family:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +52,7 @@ from rankserve.families import RANK_RULE, RATIO_CONVENTION, FamilyConfig, Slot, 
 from rankserve.layers import DenseLinear, replace_module
 from rankserve.linalg import kfac_truncation_loss
 from rankserve.ranks import allocate_ranks, allocate_ranks_by_loss, max_useful_rank, rank_for_ratio
+from rankserve.threads import num_threads
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +273,7 @@ def compress_(
     if config.ratio == 0 and not config.rank_overrides:  # nothing to truncate: no data pass needed
         wanted = frozenset()
     if wanted and tokens is None:
-        raise ValueError(f"family {config.name} needs calibration data (calibration=None was given)")
+        raise InputError(f"family {config.name} needs calibration data (calibration=None was given)")
 
     projs = projection_names(model)
     int8 = [n for n, m in projs.items() if m.is_int8()]
@@ -284,7 +283,7 @@ def compress_(
         )
     not_dense = [n for n, m in projs.items() if not isinstance(m, DenseLinear)]
     if not_dense:
-        raise ValueError(
+        raise InputError(
             f"model is already compressed ({not_dense[0]} is {type(projs[not_dense[0]]).__name__})"
         )
     n_layers = len(model.model.layers)
@@ -330,7 +329,7 @@ def compress_(
             stats = pipe.collect(unit, advance=True) if pipe else None
             for s in by_unit.get(k, []):
                 weights = [projs[m].weight.detach() for m in s.members]
-                with _threads(linalg_threads):
+                with num_threads(linalg_threads):
                     spectra[s.name] = transform.spectrum(config, s, weights, slot_data(s, stats)).cpu()
         del pipe
     losses = allocation = None
@@ -347,7 +346,7 @@ def compress_(
             stats = pipe.collect(unit, advance=True)
             for s in by_unit.get(k, []):
                 weights = [projs[m].weight.detach() for m in s.members]
-                with _threads(linalg_threads):
+                with num_threads(linalg_threads):
                     expansions = transform.expansion(config, s, weights, slot_data(s, stats))
                     moments = [stats[m].xtx / stats[m].tokens for m in s.members]
                     losses[s.name] = kfac_truncation_loss(
@@ -380,7 +379,7 @@ def compress_(
             before = sum(m.param_count() for m in modules)
             info: dict[str, Any] = {}
             if rank is not None:
-                with _threads(linalg_threads):
+                with num_threads(linalg_threads):
                     res = transform.factorize(config, s, modules, slot_data(s, stats), rank)
                 for name, new in zip(s.members, res.modules, strict=True):
                     replace_module(model, name, new)
@@ -422,18 +421,6 @@ def compress_(
 def _at(curve: Tensor, rank: int | None) -> Tensor:
     """A loss curve's value at ``rank`` (None = dense: no loss; past its end: its last value)."""
     return curve.new_zeros(()) if rank is None else curve[min(rank, curve.numel() - 1)]
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _unique_params(modules: list[nn.Module]) -> int:

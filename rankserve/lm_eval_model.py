@@ -18,6 +18,7 @@ the prefix of an empty context), so both models score the same token ids.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import defaultdict
 
@@ -27,9 +28,24 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from rankserve.errors import InputError
 from rankserve.eval import document_nll, target_logprobs, tokenize
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import SamplingParams
+from rankserve.threads import num_threads
+
+
+def _own_threads(method):
+    """Run one of lm-eval's calls with the adapter's ``threads``, then give the caller's setting back: lm-eval's
+    process is not ours to change."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with num_threads(self.threads):
+            return method(self, *args, **kwargs)
+
+    return run
+
 
 _PAD_SEGMENT = -2  # segment id of right padding in a packed row
 _CONTEXT_SEGMENT = -1  # segment id of the shared context; choice i is segment i
@@ -84,20 +100,19 @@ class RankserveLM(TemplateLM):
         from rankserve.loaders.source import load_model
 
         if device not in (None, "cpu"):
-            raise ValueError(f"rankserve runs on the CPU; got device={device!r}")
+            raise InputError(f"rankserve runs on the CPU; got device={device!r}")
         if batch_size is None:
             batch_size = 8
         if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if int(seq_len) < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        if threads is not None:
-            if int(threads) < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(int(threads))
+            raise InputError(f"seq_len must be at least 2, got {seq_len}")
+        if threads is not None and int(threads) < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        self.threads = None if threads is None else int(threads)  # set around each call (see _own_threads)
         if loaded is None:
             if pretrained is None:
-                raise ValueError("pass pretrained=MODEL (a model directory, .gguf file, checkpoint or alias)")
+                raise InputError("pass pretrained=MODEL (a model directory, .gguf file, checkpoint or alias)")
             loaded = load_model(pretrained, dtype=dtype)
         self.loaded = loaded
         self.model = loaded.model
@@ -134,6 +149,7 @@ class RankserveLM(TemplateLM):
         return self.tok.decode(tokens)
 
     # -- loglikelihood ---------------------------------------------------------------------------------------
+    @_own_threads
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
@@ -142,9 +158,9 @@ class RankserveLM(TemplateLM):
         conts = []
         for i, (_, ctx, cont) in enumerate(requests):
             if not cont:
-                raise ValueError("lm-eval sent an empty continuation to score")
+                raise InputError("lm-eval sent an empty continuation to score")
             if len(cont) > self.max_length:
-                raise ValueError(
+                raise InputError(
                     f"a continuation of {len(cont)} tokens exceeds the model context {self.max_length}"
                 )
             keep = self.max_length + 1 - len(cont)  # left-truncate the context as lm-eval's hf model does
@@ -197,6 +213,7 @@ class RankserveLM(TemplateLM):
         ]
 
     # -- rolling loglikelihood -------------------------------------------------------------------------------
+    @_own_threads
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Summed log-likelihood of each document under ``rankserve eval --data``'s windows of ``seq_len``."""
         out = []
@@ -222,6 +239,7 @@ class RankserveLM(TemplateLM):
             stop=until,
         ).validate()
 
+    @_own_threads
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``) text until a stop string, EOS or ``max_gen_toks``."""
         from rankserve.runtime.generate import complete
@@ -232,7 +250,7 @@ class RankserveLM(TemplateLM):
             context, gen_kwargs = req.args
             params = self._sampling(gen_kwargs)
             if params.max_tokens >= self.max_length:
-                raise ValueError(
+                raise InputError(
                     f"max_gen_toks {params.max_tokens} leaves no room for a prompt in the model context "
                     f"{self.max_length}"
                 )
