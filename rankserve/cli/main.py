@@ -1,4 +1,8 @@
-"""``rankserve``: dispatch to one module per subcommand; turn expected errors into one line on stderr."""
+"""``rankserve``: dispatch to one module per subcommand; turn bad input into one line on stderr (exit 2).
+
+Bad input is :class:`~rankserve.errors.InputError` (a bad argument, file content, config or request) and the
+OS errors that mean a bad path. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,17 @@ import logging
 import sys
 
 from rankserve.errors import InputError
+
+# The errors that mean the user's input is wrong, not the program: a file that is missing, unreadable, a
+# directory where a file was expected (or the reverse), or already there.
+BAD_INPUT = (
+    InputError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "heal", "bench", "serve", "import"]
 
@@ -53,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(_module_name(cmd))
-        except ModuleNotFoundError as e:
-            if e.name == _module_name(cmd):
-                continue  # a subcommand not built yet
-            raise
+        mod = importlib.import_module(_module_name(cmd))  # a missing module is a broken install: fail loudly
         p = sub.add_parser(cmd, help=mod.__doc__.strip().splitlines()[0] if mod.__doc__ else None)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -77,23 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rankserve: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError, KeyError) as e:
+    except BAD_INPUT as e:
         if args.debug:
             raise
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"rankserve {args.command}: error: {msg}", file=sys.stderr)
+        print(f"rankserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """transformers logs progress bars and deprecation notes while loading GGUF tokenizers; the CLI owns stderr."""
+    """transformers logs progress bars and deprecation notes while loading GGUF tokenizers; the CLI owns stderr.
+
+    Only the HF libraries' own warnings and deprecation notices (addressed to developers, not users) are
+    silenced; any other warning, rankserve's and torch's included, still shows.
+    """
     import os
     import warnings
 
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("ignore", module=r"(transformers|huggingface_hub|tokenizers|gguf)(\.|$)")
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 if __name__ == "__main__":
