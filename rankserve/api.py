@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from rankserve.compress import CompressionReport, compress_, compression_manifest
+from rankserve.errors import InputError
 from rankserve.families import config_from_dict
 from rankserve.loaders.source import LoadedModel, load_model
 from rankserve.quantize import quantize_
@@ -33,22 +34,22 @@ def _prompt_ids(tokenizer, prompt: str | list[int], chat: bool) -> list[int]:
             return tokenizer.chat([{"role": "user", "content": prompt}])
         return tokenizer.encode(prompt)
     if chat:
-        raise ValueError("chat=True needs the prompt as text, not token ids")
+        raise InputError("chat=True needs the prompt as text, not token ids")
     if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise ValueError("prompt must be text or a non-empty list of token ids")
+        raise InputError("prompt must be text or a non-empty list of token ids")
     return list(prompt)
 
 
 def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
     if params is not None and sampling:
-        raise ValueError(f"pass either params or sampling keywords ({', '.join(sampling)}), not both")
+        raise InputError(f"pass either params or sampling keywords ({', '.join(sampling)}), not both")
     if params is not None:
         return params
     try:
         return SamplingParams(**sampling)
     except TypeError:
         known = ", ".join(SamplingParams.__dataclass_fields__)
-        raise ValueError(f"unknown sampling keyword in {sorted(sampling)}; known: {known}") from None
+        raise InputError(f"unknown sampling keyword in {sorted(sampling)}; known: {known}") from None
 
 
 def stream_generate(
@@ -105,7 +106,7 @@ def save(
         config = config_from_dict({"family": report.family, **report.config})
         manifest = compression_manifest(model, config, report, source)
     elif any(not isinstance(p, DenseLinear) for p in projections(model).values()):
-        raise ValueError(
+        raise InputError(
             "the model is compressed: pass report=<what compress_ returned> so the manifest says how"
         )
     else:

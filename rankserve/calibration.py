@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rankserve.errors import InputError
 from rankserve.families.base import SAME_INPUT, short_name
 from rankserve.hashing import file_sha256
 from rankserve.layers import Projection, projections
@@ -65,9 +66,9 @@ class Calibration:
 
 def _check_sizes(n_samples: int, seq_len: int) -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"calibration samples must be a positive integer, got {n_samples!r}")
+        raise InputError(f"calibration samples must be a positive integer, got {n_samples!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"calibration sequence length must be an integer >= 2, got {seq_len!r}")
+        raise InputError(f"calibration sequence length must be an integer >= 2, got {seq_len!r}")
 
 
 def text_calibration(path: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> Calibration:
@@ -83,7 +84,7 @@ def text_calibration(path: str, tokenizer, n_samples: int, seq_len: int, seed: i
         text = f.read()
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
     if ids.numel() < seq_len:
-        raise ValueError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise InputError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
     tokens = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # (N, L)
@@ -116,10 +117,10 @@ def self_calibration(
     _check_sizes(n_samples, seq_len)
     limit = int(model.config.max_position_embeddings)
     if seq_len > limit:
-        raise ValueError(f"calibration sequence length {seq_len} exceeds the model context {limit}")
+        raise InputError(f"calibration sequence length {seq_len} exceeds the model context {limit}")
     prompts = prompts or [[bos_id]]
     if any(not 1 <= len(p) < seq_len for p in prompts):
-        raise ValueError(f"every prompt must have between 1 and {seq_len - 1} tokens")
+        raise InputError(f"every prompt must have between 1 and {seq_len - 1} tokens")
     row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)

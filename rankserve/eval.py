@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankserve.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # Positions of the LM head evaluated at once: bounds the fp32 logits to chunk × vocab (512 × 49152 = 100 MB)
@@ -32,12 +34,12 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [W, seq_len] of ids [N]; the remainder (N mod seq_len) is dropped."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
     if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+        raise InputError(f"max_windows must be at least 1, got {max_windows}")
     n = ids.numel() // seq_len
     if n == 0:
-        raise ValueError(
+        raise InputError(
             f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
             "pass a longer text or a smaller seq_len"
         )
@@ -125,7 +127,7 @@ def perplexity(
     from tqdm import tqdm
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
     ids = tokenize(tokenizer, text)
     batches = windows(ids, seq_len, max_windows)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -143,7 +145,7 @@ def perplexity(
             chunk = batches[start : start + batch_size].to(device)  # (b, seq_len)
             nll = window_nll(model, chunk).item()
             if not math.isfinite(nll):  # the papers' scripts silently skip such windows; a number would lie
-                raise ValueError(
+                raise InputError(
                     f"windows {start}..{start + len(chunk) - 1} give a non-finite loss ({nll}): the model "
                     "computes NaN or Inf logits; its weights or its dtype are broken"
                 )
@@ -153,7 +155,7 @@ def perplexity(
     scored = len(batches) * (seq_len - 1)
     nll = total / scored
     if not math.isfinite(_exp(nll)):
-        raise ValueError(f"mean loss {nll:.1f} nats per token: the perplexity overflows; the model is broken")
+        raise InputError(f"mean loss {nll:.1f} nats per token: the perplexity overflows; the model is broken")
     log.info("perplexity %.4f over %d windows of %d tokens", _exp(nll), len(batches), seq_len)
     return {
         "perplexity": _exp(nll),

@@ -73,7 +73,7 @@ CHAT_PROMPTS = (
 )
 
 
-class HealDiverged(ValueError):
+class HealDiverged(InputError):
     """The loss became non-finite or diverged; the message says where and what is kept."""
 
 

@@ -13,6 +13,8 @@ import copy
 import logging
 import os
 
+from rankserve.errors import InputError
+
 log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'rankserve[eval]'"
@@ -20,7 +22,7 @@ INSTALL = "pip install 'rankserve[eval]'"
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}
 
 
-class TaskError(ValueError):
+class TaskError(InputError):
     """A task that cannot be found or loaded, with what to do about it."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from rankserve.config import ModelConfig
+from rankserve.errors import InputError
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -13,4 +14,4 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
         from rankserve.models.llama import LlamaForCausalLM
 
         return LlamaForCausalLM
-    raise ValueError(f"not supported: model family {cfg.family!r}")
+    raise InputError(f"not supported: model family {cfg.family!r}")
