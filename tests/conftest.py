@@ -6,8 +6,17 @@ import pytest
 # tests import their shared helpers (tiny.py, ...) as top-level modules
 sys.path.insert(0, os.path.dirname(__file__))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random HF model directory (config, safetensors, tokenizer) for CLI and server tests."""
+    from test_loaders import write_hf_dir
+    from tiny_tok import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    write_hf_dir(path, max_position_embeddings=64)
+    tiny_tokenizer().save(str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -357,7 +357,7 @@ def write_svd_llm(
 ) -> Fixture:
     """``torch.save({'model': model, 'tokenizer': tokenizer})`` as SVD-LLM's whitening step writes it.
 
-    Factors fp32, embeddings/norms/lm_head fp16 (FORMATS.md §1, mixed dtype after step 1). ``tensor_attrs`` are
+    Factors fp32, embeddings/norms/lm_head fp16 (mixed, as the public SVD-LLM pickles). ``tensor_attrs`` are
     set as Python attributes on every parameter and buffer (as transformers sets ``_is_hf_initialized``), which
     makes torch pickle them through ``_rebuild_from_type_v2`` / ``_rebuild_parameter_with_state``. ``sp_proto``
     replaces the slow tokenizer's SentencePiece model.

@@ -11,8 +11,6 @@ import time
 
 import httpx
 import pytest
-from test_loaders import write_hf_dir
-from tiny_tok import tiny_tokenizer
 
 
 def rankserve(*args):
@@ -20,14 +18,6 @@ def rankserve(*args):
     return subprocess.run(
         [sys.executable, "-m", "rankserve", *args], capture_output=True, text=True, timeout=300, env=env
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_hf_dir(path, max_position_embeddings=64)
-    tiny_tokenizer().save(str(path))
-    return str(path)
 
 
 def assert_one_line_error(r, pattern):

@@ -308,7 +308,8 @@ def test_fwsvd_leaves_no_gradients_behind():
 
 @pytest.mark.parametrize("family", ["svd-llm", "basis-sharing"])
 def test_compress_save_load_gives_identical_logits(family, tmp_path):
-    ckpt = pytest.importorskip("rankserve.checkpoint")
+    from rankserve import checkpoint as ckpt
+
     model = tiny_model()
     cfg = config_class(family)(ratio=0.4)
     rep = compress_(model, cfg, calib(), progress=False)
@@ -360,7 +361,6 @@ def test_cli_refuses_an_existing_out(tmp_path, capsys):
 
 
 def test_cli_compresses_a_tiny_model_directory(tmp_path, capsys):
-    pytest.importorskip("rankserve.checkpoint")
     from test_loaders import write_hf_dir
     from tiny_tok import tiny_tokenizer
 

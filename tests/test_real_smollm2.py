@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from rankserve.runtime.generate import complete
 from rankserve.runtime.sampling import SamplingParams
@@ -19,7 +20,6 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2):
-    transformers = pytest.importorskip("transformers")
     path = smollm2.source
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32

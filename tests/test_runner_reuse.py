@@ -10,9 +10,7 @@ import pytest
 import torch
 from test_cli import rankserve
 from test_generation import CharHF
-from test_loaders import write_hf_dir
 from tiny import tiny_model
-from tiny_tok import tiny_tokenizer
 
 from rankserve.bench import BenchSpec
 from rankserve.layers import LowRankLinear, replace_module
@@ -119,18 +117,10 @@ def test_fast_serving_peak_rss_is_one_copy_of_the_weights():
     assert grown >= 0.9 * m["weight_mb"], m  # the weights were really resident (the measurement works)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_hf_dir(path, max_position_embeddings=64)
-    tiny_tokenizer().save(str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("backend", ["eager", "fast"])
-def test_generate_json_says_which_kernels_ran(model_dir, backend):
+def test_generate_json_says_which_kernels_ran(tiny_dir, backend):
     r = rankserve(
-        "generate", model_dir, "--prompt", "hello", "--max-tokens", "4", "--backend", backend, "--json"
+        "generate", tiny_dir, "--prompt", "hello", "--max-tokens", "4", "--backend", backend, "--json"
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
