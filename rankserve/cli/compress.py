@@ -74,7 +74,10 @@ def family_config(args):
             if field not in cls.__dataclass_fields__:
                 raise CLIError(f"{flag} does not apply to family {args.family}")
             fields[field] = v
-    return cls(**fields).validate()
+    try:
+        return cls(**fields).validate()
+    except ValueError as e:  # the config holds only what the flags gave: its complaint is about them
+        raise CLIError(str(e)) from None
 
 
 def run(args) -> int:
