@@ -66,7 +66,10 @@ def family_config(args):
     """The family config from the flags; flags that the family does not have are an error."""
     from rankserve.families import config_class
 
-    cls = config_class(args.family)
+    try:
+        cls = config_class(args.family)
+    except ValueError as e:  # an unknown --family: the message lists the known ones
+        raise CLIError(str(e)) from None
     fields = {"ratio": args.ratio, "ranks": args.ranks}
     for field, flag in FAMILY_FLAGS.items():
         v = getattr(args, field)
