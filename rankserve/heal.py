@@ -111,33 +111,33 @@ class HealConfig:
         def pos_int(name: str, low: int = 1) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"heal {name} must be an integer >= {low}, got {v!r}")
+                raise InputError(f"heal {name} must be an integer >= {low}, got {v!r}")
 
         for name, low in (("tokens", 1), ("seq_len", 2), ("batch", 1), ("pool_tokens", 2), ("eval_rows", 1)):
             pos_int(name, low)
         for name in ("eval_every", "checkpoint_every", "seed"):
             pos_int(name, 0)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"heal lr must be a positive number, got {self.lr!r}")
+            raise InputError(f"heal lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"heal warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+            raise InputError(f"heal warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"heal schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise InputError(f"heal schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.min_lr <= 1:
-            raise ValueError(f"heal min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
+            raise InputError(f"heal min_lr is a fraction of lr in [0, 1], got {self.min_lr!r}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0 or self.diverge_factor <= 1:
-            raise ValueError("heal weight_decay must be >= 0, max_grad_norm > 0 and diverge_factor > 1")
+            raise InputError("heal weight_decay must be >= 0, max_grad_norm > 0 and diverge_factor > 1")
         if self.autocast not in AUTOCAST:
-            raise ValueError(f"heal autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
+            raise InputError(f"heal autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
         if not 0 <= self.self_share <= 1:
-            raise ValueError(f"heal self_share must be in [0, 1], got {self.self_share!r}")
+            raise InputError(f"heal self_share must be in [0, 1], got {self.self_share!r}")
         if self.self_share < 1 and not self.data:
-            raise ValueError("heal self_share < 1 needs text files in data")
+            raise InputError("heal self_share < 1 needs text files in data")
         if self.self_share == 0 and not self.data:
-            raise ValueError("heal needs data: self-generated text or text files")
+            raise InputError("heal needs data: self-generated text or text files")
         for p in self.data:
             if not os.path.isfile(p):
-                raise ValueError(f"heal data file not found: {p}")
+                raise InputError(f"heal data file not found: {p}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,20 +376,20 @@ def heal_(
     """
     config.validate()
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"teacher vocabulary {teacher.config.vocab_size} differs from the student's "
             f"{student.config.vocab_size}; heal with the dense model the student was compressed from"
         )
     limit = int(student.config.max_position_embeddings)
     if config.seq_len > limit:
-        raise ValueError(f"heal seq_len {config.seq_len} exceeds the model context {limit}")
+        raise InputError(f"heal seq_len {config.seq_len} exceeds the model context {limit}")
     if any(p.is_int8() for p in projections(student).values()):
         raise InputError(
             "the student holds int8 weights, which healing cannot train; heal its float source, then quantize"
         )
     params = trainable_parameters(student, config.train_norms)
     if not params:
-        raise ValueError("the student has no low-rank or shared-basis factors to train; compress it first")
+        raise InputError("the student has no low-rank or shared-basis factors to train; compress it first")
     device = next(student.parameters()).device
     amp = autocast_dtype(config.autocast, device)
     steps = config.steps
@@ -402,12 +402,12 @@ def heal_(
     state = None
     if resume:
         if not state_path or not os.path.isfile(state_path):
-            raise ValueError(f"nothing to resume: no {STATE_NAME} in {state_dir}")
+            raise InputError(f"nothing to resume: no {STATE_NAME} in {state_dir}")
         state = torch.load(state_path, weights_only=True)
         saved = state["config"]
         for k, v in config.to_dict().items():
             if k not in ("eval_every", "checkpoint_every") and saved.get(k) != v:
-                raise ValueError(
+                raise InputError(
                     f"cannot resume: the saved run has {k}={saved.get(k)!r}, this one {v!r}; "
                     "resume with the same settings"
                 )
