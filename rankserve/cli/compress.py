@@ -66,10 +66,7 @@ def family_config(args):
     """The family config from the flags; flags that the family does not have are an error."""
     from rankserve.families import config_class
 
-    try:
-        cls = config_class(args.family)
-    except ValueError as e:  # an unknown --family: the message lists the known ones
-        raise CLIError(str(e)) from None
+    cls = config_class(args.family)  # an unknown --family: InputError listing the known ones
     fields = {"ratio": args.ratio, "ranks": args.ranks}
     for field, flag in FAMILY_FLAGS.items():
         v = getattr(args, field)
@@ -77,10 +74,7 @@ def family_config(args):
             if field not in cls.__dataclass_fields__:
                 raise CLIError(f"{flag} does not apply to family {args.family}")
             fields[field] = v
-    try:
-        return cls(**fields).validate()
-    except ValueError as e:  # the config holds only what the flags gave: its complaint is about them
-        raise CLIError(str(e)) from None
+    return cls(**fields).validate()  # InputError naming the bad field
 
 
 def run(args) -> int:

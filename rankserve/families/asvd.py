@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from rankserve.errors import InputError
 from rankserve.families.base import (
     FamilyConfig,
     Slot,
@@ -41,7 +42,7 @@ class ASVDConfig(FamilyConfig):
     def validate(self) -> ASVDConfig:
         super().validate()
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+            raise InputError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         return self
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from rankserve.errors import InputError
 from rankserve.layers import DenseLinear, LowRankLinear, Projection
 from rankserve.linalg import Expansion
 
@@ -61,24 +62,24 @@ class FamilyConfig:
     supports_adaptive: ClassVar[bool] = True
 
     def validate(self) -> FamilyConfig:
-        """Raise ValueError naming the first bad field; return self."""
+        """Raise InputError naming the first bad field; return self."""
         r = self.ratio
         if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or not 0 <= r < 1:
-            raise ValueError(
+            raise InputError(
                 f"ratio is the fraction of parameters removed and must satisfy 0 <= ratio < 1, got {r!r}"
             )
         if self.ranks not in RANK_MODES:
-            raise ValueError(f"ranks must be one of {', '.join(RANK_MODES)}, got {self.ranks!r}")
+            raise InputError(f"ranks must be one of {', '.join(RANK_MODES)}, got {self.ranks!r}")
         n = self.sensitivity_samples
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"sensitivity_samples must be an int >= 1, got {n!r}")
+            raise InputError(f"sensitivity_samples must be an int >= 1, got {n!r}")
         for k, v in self.rank_overrides.items():
             if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"rank_overrides maps names to ranks >= 1, got {k!r}: {v!r}")
+                raise InputError(f"rank_overrides maps names to ranks >= 1, got {k!r}: {v!r}")
             try:
                 re.compile(k)
             except re.error as e:
-                raise ValueError(f"rank_overrides key {k!r} is not a valid regex: {e}") from None
+                raise InputError(f"rank_overrides key {k!r} is not a valid regex: {e}") from None
         return self
 
     def wanted_stats(self) -> frozenset[str]:
@@ -103,16 +104,16 @@ class FamilyConfig:
         d = dict(d)
         fam = d.pop("family", cls.name)
         if fam != cls.name:
-            raise ValueError(f"config is for family {fam!r}, not {cls.name!r}")
+            raise InputError(f"config is for family {fam!r}, not {cls.name!r}")
         version = d.pop("version", cls.version)
         if version != cls.version:
-            raise ValueError(
+            raise InputError(
                 f"{cls.name} config version {version!r} is not supported (this is {cls.version})"
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(fields))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown field(s) for family {cls.name}: {', '.join(unknown)} (known: {', '.join(fields)})"
             )
         kwargs = {k: _coerce(cls.name, k, v, _default(fields[k])) for k, v in d.items()}
@@ -125,7 +126,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _coerce(family: str, key: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of the field's default (JSON gives lists for tuples, ints for floats)."""
-    bad = ValueError(f"{family} field {key!r} expects {type(default).__name__}, got {value!r}")
+    bad = InputError(f"{family} field {key!r} expects {type(default).__name__}, got {value!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad
@@ -225,13 +226,13 @@ def short_name(name: str) -> str:
 def layer_index(name: str) -> int:
     m = re.search(r"\.layers\.(\d+)\.", name)
     if m is None:
-        raise ValueError(f"{name} is not a decoder-layer projection")
+        raise InputError(f"{name} is not a decoder-layer projection")
     return int(m.group(1))
 
 
 def dense_weight(module: Projection) -> Tensor:
     if not isinstance(module, DenseLinear):
-        raise ValueError(f"expected a dense projection, got {type(module).__name__} (already compressed?)")
+        raise InputError(f"expected a dense projection, got {type(module).__name__} (already compressed?)")
     return module.weight.detach()
 
 
@@ -245,7 +246,7 @@ def low_rank(module: Projection, U: Tensor, V: Tensor) -> LowRankLinear:
 def need(data: SlotData, what: str, family: str) -> Any:
     v = getattr(data, what)
     if v is None:
-        raise ValueError(f"family {family} needs calibration statistic {what!r}, none was collected")
+        raise InputError(f"family {family} needs calibration statistic {what!r}, none was collected")
     return v
 
 
@@ -268,9 +269,9 @@ def family_names() -> list[str]:
 
 
 def config_class(name: str) -> type[FamilyConfig]:
-    """The config class of a family by name; ValueError listing the known names otherwise."""
+    """The config class of a family by name; InputError listing the known names otherwise."""
     if name not in _FAMILIES:
-        raise ValueError(f"unknown family {name!r}; known families: {', '.join(_FAMILIES)}")
+        raise InputError(f"unknown family {name!r}; known families: {', '.join(_FAMILIES)}")
     return _FAMILIES[name][0]
 
 
@@ -285,7 +286,7 @@ def transform_for(cfg: FamilyConfig) -> Transform:
 def config_from_dict(d: dict[str, Any]) -> FamilyConfig:
     """Rebuild any family's config from its :meth:`FamilyConfig.to_dict` form."""
     if "family" not in d:
-        raise ValueError("config dict has no 'family' key")
+        raise InputError("config dict has no 'family' key")
     return config_class(d["family"]).from_dict(d)
 
 

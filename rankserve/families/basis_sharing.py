@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from rankserve.errors import InputError
 from rankserve.families.base import (
     FamilyConfig,
     Slot,
@@ -62,10 +63,10 @@ class BasisSharingConfig(FamilyConfig):
     def validate(self) -> BasisSharingConfig:
         super().validate()
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
+            raise InputError(f"group_size must be an int >= 1, got {self.group_size!r}")
         bad = [k for k in self.shared if k not in KINDS]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"shared projection types must be among {', '.join(KINDS)}, got {', '.join(bad)}"
             )
         self.shared = tuple(self.shared)
