@@ -103,12 +103,14 @@ def self_calibration(
     batch_size: int = 8,
     progress: bool = False,
     prompts: list[list[int]] | None = None,
+    options=None,
 ) -> Calibration:
     """``n_samples`` sequences of ``seq_len`` tokens sampled by the dense model itself from ``[bos_id]``.
 
     Temperature 1, no top-k/p, EOS ignored so every sample has the full length. Sample i uses its own sampler
     seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. ``prompts``: sample
     i starts from ``prompts[i % len(prompts)]`` instead (each shorter than ``seq_len``; healing uses chat prompts).
+    ``options``: the runtime that generates (default: the eager reference path).
     """
     from rankserve.runtime.generate import generate_tokens
     from rankserve.runtime.sampling import SamplingParams
@@ -131,7 +133,7 @@ def self_calibration(
             for p, r in zip(starts, seeds, strict=True)
         ]
         out = [list(p) for p in starts]
-        for step in generate_tokens(model, starts, params, [], pad_id):
+        for step in generate_tokens(model, starts, params, [], pad_id, options):
             for b, tok in enumerate(step.tokens):
                 if step.active[b]:  # rows with longer prompts stop earlier
                     out[b].append(tok)
