@@ -27,6 +27,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -249,6 +250,36 @@ def _config_line(c: dict) -> str:
     )
 
 
+TARGETS = {0.2: 1.5, 0.4: 2.5}  # issue 11: perplexity at most this x dense on both texts, with <= 1M tokens
+BUDGET = 1 << 20
+
+
+def gap(rec: dict, row: dict) -> list[str]:
+    """Lines on the distance to #11's target at the last point, and a power-law extrapolation of the curve
+    (log(ppl / dense) linear in log(tokens), fitted to the last two healed points) to 1M tokens."""
+    target = TARGETS.get(rec["ratio"])
+    pts = [p for p in row["points"] if p["tokens"] > 0]
+    if target is None or not pts:
+        return []
+    d, last = rec["dense"], pts[-1]
+    out = []
+    for text in TEXTS:
+        x = last["ppl_texts"][text] / d[text]
+        line = f"- {text}: {x:.2f}x dense after {last['tokens']:,} tokens, target {target}x ({x / target:.1f}x off)"
+        if len(pts) >= 2:
+            (t0, y0), (t1, y1) = [(p["tokens"], math.log(p["ppl_texts"][text] / d[text])) for p in pts[-2:]]
+            slope = (y1 - y0) / (math.log(t1) - math.log(t0))
+            at_budget = math.exp(y1 + slope * (math.log(BUDGET) - math.log(t1)))
+            line += (
+                f"; the last two points fall by {1 - math.exp(slope * math.log(2)):.1%} per doubling of the tokens, "
+                f"which would give {at_budget:.2f}x at 1M tokens if the power law held"
+            )
+        else:
+            line += "; one healed point: too few to extrapolate"
+        out.append(line)
+    return out
+
+
 def healed_rows(results: str) -> list[dict]:
     """One row per (record, arm): the last measured point, for docs/RESULTS.md and the report."""
     recs = json.load(open(results)) if os.path.exists(results) else []
@@ -336,7 +367,9 @@ def report(results: str, out: str) -> None:
         f"Perplexity: first {MAX_WINDOWS} windows of {SEQ_LEN} tokens; cells are "
         "`WikiText-2 test / Lee background` perplexity (and x dense). Neither text is used for calibration or "
         "healing. SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32). Wall times and tokens/s ran on a "
-        "shared machine under the load average shown: they are not speed measurements.",
+        "shared machine under the load average shown: they are not speed measurements. The extrapolations "
+        "assume the last two points' power law holds for a whole run; the learning rate there is still in its "
+        "warm-up or high part of the cosine, and a ratio cannot fall below 1, so read them as optimistic.",
         "",
         "![perplexity vs healing tokens](heal_curve.png)",
         "",
@@ -374,6 +407,7 @@ def report(results: str, out: str) -> None:
             ]
             for p in row["points"]:
                 lines.append(f"| {p['tokens']:,} | {p['kl']:.4f} | {ratio_of(p['ppl_texts'], d)} |")
+            lines += ["", *gap(r, row)]
         lines.append("")
     with open(out, "w") as f:
         f.write("\n".join(lines))

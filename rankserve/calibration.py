@@ -16,6 +16,7 @@ Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
 
 SELF = "self"
+GENERATE_BATCH = 64  # most rows self-generated in one batch
 
 
 @dataclass
@@ -100,7 +102,7 @@ def self_calibration(
     *,
     bos_id: int,
     pad_id: int = 0,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = False,
     prompts: list[list[int]] | None = None,
     options=None,
@@ -108,7 +110,9 @@ def self_calibration(
     """``n_samples`` sequences of ``seq_len`` tokens sampled by the dense model itself from ``[bos_id]``.
 
     Temperature 1, no top-k/p, EOS ignored so every sample has the full length. Sample i uses its own sampler
-    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. ``prompts``: sample
+    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. By default
+    (``batch_size=None``) as few batches of equal size as :data:`GENERATE_BATCH` allows: a decode step reads
+    every weight once whatever the batch, so on a CPU many rows cost little more per step than one. ``prompts``: sample
     i starts from ``prompts[i % len(prompts)]`` instead (each shorter than ``seq_len``; healing uses chat prompts).
     ``options``: the runtime that generates (default: the eager reference path).
     """
@@ -122,6 +126,7 @@ def self_calibration(
     prompts = prompts or [[bos_id]]
     if any(not 1 <= len(p) < seq_len for p in prompts):
         raise ValueError(f"every prompt must have between 1 and {seq_len - 1} tokens")
+    batch_size = batch_size or math.ceil(n_samples / math.ceil(n_samples / GENERATE_BATCH))
     row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)

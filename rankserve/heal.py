@@ -42,7 +42,6 @@ STATE_NAME, DATA_NAME = "state.pt", "data.pt"
 SCHEDULES = ("cosine", "constant")
 AUTOCAST = ("auto", "fp32", "bf16")
 SELF_GENERATED = "self-generated"
-GENERATE_BATCH = 64  # most rows self-generated in one batch
 
 # Chat prompts for self-generated data: generic instructions across many registers, so the student sees the
 # teacher answering in chat form, not only continuing prose. None is a question any evaluation asks.
@@ -268,9 +267,6 @@ def self_generated_rows(
         seed,
         bos_id=bos,
         pad_id=tokenizer.pad_id,
-        # Decoding reads every weight once per step whatever the batch, so a CPU generates many rows in
-        # one batch almost as fast as one row: as few batches as GENERATE_BATCH allows, of equal size.
-        batch_size=math.ceil(n_rows / math.ceil(n_rows / GENERATE_BATCH)),
         progress=progress,
         prompts=prompts,
     )

@@ -289,3 +289,12 @@ def test_bf16_autocast_only_where_the_cpu_has_bf16(monkeypatch, flags, native):
     assert heal_mod.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
     assert heal_mod.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always
     assert heal_mod.autocast_dtype("fp32", cpu) is None
+
+
+def test_chat_prompts_do_not_teach_the_demo_question():
+    """The demo asks for the capital of France: no healing or calibration prompt may touch it."""
+    from rankserve.cli.demo import QUESTIONS
+
+    banned = ("france", "paris", "capital", "french")
+    assert any(b in QUESTIONS[0].lower() for b in banned)
+    assert not [p for p in heal_mod.CHAT_PROMPTS if any(b in p.lower() for b in banned)]
