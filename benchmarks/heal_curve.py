@@ -333,6 +333,7 @@ def plot(results: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from results import finish_panel, save_figure  # benchmarks/results.py, next to this file
 
     recs = json.load(open(results)) if os.path.exists(results) else []
     fig, axes = plt.subplots(1, len(TEXTS), figsize=(6 * len(TEXTS), 4.5), squeeze=False)
@@ -346,16 +347,13 @@ def plot(results: str, path: str) -> None:
                     ax.plot(xs, ys, marker="o", label=label)
         for target, style in ((1.5, "--"), (2.5, ":")):
             ax.axhline(target, color="gray", lw=0.8, ls=style, label=f"#11 target {target}x")
-        ax.set_yscale("log")
-        ax.set_xlabel("healing tokens")
-        ax.set_ylabel("perplexity / dense perplexity (log)")
-        ax.set_title(f"{text}, first {MAX_WINDOWS} windows of {SEQ_LEN}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M compressed, then healed by distillation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        finish_panel(
+            ax,
+            "healing tokens",
+            "perplexity / dense perplexity (log)",
+            f"{text}, first {MAX_WINDOWS} windows of {SEQ_LEN}",
+        )
+    save_figure(fig, path, "SmolLM2-135M compressed, then healed by distillation")
 
 
 def report(results: str, out: str) -> None:

@@ -567,13 +567,29 @@ def _plot(path: str, tables) -> None:
             ax.plot(xs, ys, marker="o", color=colors[fam], ls=styles[mode], label=f"{fam} ({mode})")
         if dense_ppl:
             ax.axhline(dense_ppl, color="gray", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
-        ax.set_yscale("log")
-        ax.set_xlabel("ratio = fraction of linear-layer parameters removed")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(f"{corpus}, first {proto[1] or 'all'} windows of {proto[0]}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M compressed")
+        finish_panel(
+            ax,
+            "ratio = fraction of linear-layer parameters removed",
+            "perplexity (log scale)",
+            f"{corpus}, first {proto[1] or 'all'} windows of {proto[0]}",
+        )
+    save_figure(fig, path, "SmolLM2-135M compressed")
+
+
+def finish_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The docs' plot style: log y, labels, a small title, grid and legend."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
