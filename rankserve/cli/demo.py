@@ -81,12 +81,12 @@ def run(args) -> int:
     if args.heal_tokens < 0:
         raise CLIError(f"--heal-tokens must be >= 0, got {args.heal_tokens}")
     say(f"[1/4] loading {name}")
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     stages = {}  # wall seconds per stage, printed at the end
     lm = load_model(name)
-    stages["load"] = time.perf_counter() - t0
+    stages["load"] = time.perf_counter() - start
     dense = _answer(lm, "eager", args.max_tokens)
-    stages["dense answers"] = time.perf_counter() - t0 - stages["load"]
+    stages["dense answers"] = time.perf_counter() - start - stages["load"]
 
     from rankserve.heal import heal_rows, self_generated_rows
 
@@ -138,6 +138,7 @@ def run(args) -> int:
     stages["reload and compile"] = time.perf_counter() - t1
     fast = _answer(small, "fast", args.max_tokens)
     stages["compressed answers"] = time.perf_counter() - t1 - stages["reload and compile"]
+    total_s = time.perf_counter() - start
 
     print(report.table())
     print()
@@ -150,6 +151,7 @@ def run(args) -> int:
             f"healing: KL to the dense model {healing.initial_kl:.3f} -> {healing.final_kl:.3f} on held-back "
             f"text, {healing.tokens:,} tokens in {healing.wall_time_s:.0f} s"
         )
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + f", total {total_s:.0f} s")
     print(
         f"\ncompressed checkpoint: {out} (generating calibration text and compressing took {compress_s:.0f} s)"
     )
