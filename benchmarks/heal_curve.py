@@ -4,16 +4,20 @@ Perplexity uses the SVD papers' protocol (``rankserve.eval.perplexity``: non-ove
 the first 8) on two texts that are never used for calibration or healing: WikiText-2 raw test, and the Lee
 background corpus (ABC news prose; ``gensim/test/test_data/lee_background.cor`` in the gensim==4.4.0 wheel).
 
-Experiments (each appends its record to ``--results`` as it finishes; ``--report-only`` rewrites the report):
+Experiments (each rewrites its record in ``--results`` as it goes; ``--report-only`` rewrites the report):
 
-* ``curve``: compress at ``--ratio`` with self-generated calibration, then heal (``rankserve.heal.heal_`` with
-  its defaults unless given) and score both texts at every ``--eval-tokens`` step of the run. Before healing,
-  a few steps with fp32 and with bf16 autocast give each one's training tokens/s on this CPU.
-* ``calib``: compress at ``--ratio`` calibrated on self-generated text, on WikiText-2 validation, and on half of
-  each; score both texts, then after a short heal.
+* ``curve``: compress at ``--ratio`` calibrated on ``--arm`` data (default: self-generated), then heal with
+  ``rankserve.heal.heal_``'s defaults unless given, and score both texts every ``--eval-tokens`` healing tokens.
+  ``--speed`` first times a few training steps in fp32, and with bf16 autocast where the CPU has native bf16
+  (``rankserve.heal.cpu_has_native_bf16``; elsewhere bf16 is emulated and cannot pay).
+* ``data``: each arm (self-generated text, WikiText-2 validation, half of each) is used both to calibrate the
+  compression and to heal; both texts are scored after compressing and after a short heal.
 
-    python benchmarks/heal_curve.py curve --ratio 0.2 --tokens 131072 --eval-tokens 32768
-    python benchmarks/heal_curve.py calib --ratio 0.2 --tokens 16384
+Self-generated rows (the teacher's prose and chat answers, ``rankserve.heal.self_generated_rows``) are generated
+once per run and shared by calibration and healing.
+
+    python benchmarks/heal_curve.py data --ratio 0.2 --tokens 8192
+    python benchmarks/heal_curve.py curve --ratio 0.2 --tokens 65536 --eval-tokens 16384
     python benchmarks/heal_curve.py --report-only
 """
 
@@ -23,6 +27,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,31 +37,32 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
-TEXTS = {
-    "wikitext2-test": os.path.join(WIKI, "test.txt"),
-    "lee-background": "/work/corpora/lee_background.txt",
-}
+TEXTS = ("wikitext2-test", "lee-background")  # the two evaluation texts, in table order
 CALIB_TEXT = os.path.join(WIKI, "valid.tokens.txt")
 SEQ_LEN, MAX_WINDOWS = 512, 8
+ARMS = ("self-generated", "wikitext-valid", "mix")  # calibration and healing data of the `data` experiment
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", nargs="?", choices=["curve", "calib"])
+    p.add_argument("experiment", nargs="?", choices=["curve", "data"])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--family", default="svd-llm", help="compression family (svd-llm, basis-sharing, ...)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters REMOVED")
     p.add_argument("--tokens", type=int, default=131072, help="healing tokens")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="score the texts every N healing tokens")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="score the texts every N healing tokens")
+    p.add_argument(
+        "--compare-tokens", type=int, default=8192, help="data: healing tokens at which the arms are compared"
+    )
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="healing rows' length")
     p.add_argument("--pool-tokens", type=int, default=None, help="distinct self-generated healing tokens")
-    p.add_argument("--calib-data", default=None, help="calibration text file (default: self-generated)")
+    p.add_argument("--arm", choices=ARMS, default=ARMS[0], help="curve: calibration and healing data")
+    p.add_argument("--arms", default=",".join(ARMS), help="data: the arms compared, comma-separated")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration rows (of the healing length)")
     p.add_argument(
-        "--heal-data", action="append", default=[], help="healing text file (repeatable; see --self-share)"
+        "--speed", action="store_true", help="curve: probe training tokens/s first (quiet machine)"
     )
-    p.add_argument("--self-share", type=float, default=None, help="self-generated share of the healing pool")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=os.path.join(REPO, "docs", "healing.json"))
     p.add_argument("--report", default=os.path.join(REPO, "docs", "HEALING.md"))
@@ -64,14 +70,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-
-
 def load_texts() -> dict[str, str]:
+    from corpora import fetch  # benchmarks/corpora.py, next to this file
+
     out = {}
-    for name, path in TEXTS.items():
+    for name, path in zip(TEXTS, (os.path.join(WIKI, "test.txt"), fetch()), strict=True):
         with open(path, encoding="utf-8") as f:
             out[name] = f.read()
     return out
@@ -94,12 +97,12 @@ def append(path: str, rec: dict) -> None:
         json.dump(recs, f, indent=1)
 
 
-def compress(lm, ratio: float, calib):
+def compress(lm, family: str, ratio: float, calib):
     from rankserve.compress import compress_
     from rankserve.families import config_class
 
     model = copy.deepcopy(lm.model)
-    compress_(model, config_class("svd-llm")(ratio=ratio), calib, progress=False)
+    compress_(model, config_class(family)(ratio=ratio), calib, progress=False)
     return model
 
 
@@ -113,86 +116,118 @@ def heal_config(args, **over):
         fields["seq_len"] = args.seq_len
     if args.pool_tokens is not None:
         fields["pool_tokens"] = args.pool_tokens
-    if args.heal_data:
-        fields["data"] = args.heal_data
-        fields["self_share"] = 0.5 if args.self_share is None else args.self_share
     fields.update(over)
     return HealConfig(**fields).validate()
 
 
-def run_curve(args, lm, texts, base) -> None:
-    from rankserve.calibration import make_calibration
-    from rankserve.heal import heal_
+def generate(args, lm, n_rows: int):
+    """``n_rows`` self-generated rows of the healing length (prose and chat answers), shared by calibration
+    and healing: generating text is the expensive part on a CPU, so it is done once per run."""
+    from rankserve.heal import self_generated_rows
 
-    t0 = time.perf_counter()
-    calib = make_calibration(
-        args.calib_data, lm.model, lm.tokenizer, args.calib_samples, args.calib_seq_len, 0
-    )
-    student = compress(lm, args.ratio, calib)
-    compress_s = time.perf_counter() - t0
-    dense = score(lm.model, lm.tokenizer, texts)
+    return self_generated_rows(lm.model, lm.tokenizer, n_rows, args.seq_len or 256, 0, progress=True)
+
+
+def calibration(args, lm, arm: str, generated):
+    """The arm's calibration rows: self-generated, WikiText-2 validation windows, or half of each."""
+    from rankserve.calibration import Calibration, make_calibration
+
+    n, L = args.calib_samples, args.seq_len or 256
+    own = Calibration(generated[0][:n], "self", 0) if arm != "wikitext-valid" else None
+    wiki = make_calibration(CALIB_TEXT, lm.model, lm.tokenizer, n, L, 0) if arm != "self-generated" else None
+    if own is None or wiki is None:
+        return own or wiki
+    return Calibration(torch.cat([own.tokens[: n // 2], wiki.tokens[: n - n // 2]]), "mix", 0)
+
+
+def arm_heal(args, arm: str, **over):
+    """The arm's healing config: self-generated pool, WikiText-2 validation windows, or half of each."""
+    data = {"self-generated": {}, "wikitext-valid": {"data": [CALIB_TEXT], "self_share": 0.0}}
+    return heal_config(args, **data.get(arm, {"data": [CALIB_TEXT], "self_share": 0.5}), **over)
+
+
+def speed_probe(args, lm, student, generated) -> dict[str, float]:
+    """Training tokens/s over 3 steps of 4x256, fp32 and (only where it can pay) bf16 autocast."""
+    from rankserve.heal import cpu_has_native_bf16, heal_
+
     speed = {}
-    for amp in ("fp32", "bf16"):  # a few steps each: training tokens/s with and without autocast
+    for amp in ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",):
         probe = copy.deepcopy(student)
         cfg = heal_config(args, tokens=3 * 4 * 256, seq_len=256, pool_tokens=1024, eval_rows=1, autocast=amp)
-        speed[amp] = heal_(probe, lm.model, lm.tokenizer, cfg, progress=False).tokens_per_s
+        speed[amp] = heal_(
+            probe, lm.model, lm.tokenizer, cfg, progress=False, generated=generated
+        ).tokens_per_s
         del probe
-    cfg = heal_config(args, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
-    rec = {
-        **base,
-        "experiment": "curve",
-        "ratio": args.ratio,
-        "calibration": f"{args.calib_data or 'self-generated'} {args.calib_samples}x{args.calib_seq_len}",
-        "compress_s": round(compress_s, 1),
-        "dense": dense,
-        "train_tokens_per_s": speed,
-        "points": [],
-        "heal": {"config": cfg.to_dict(), "finished": False},
-    }
+    return speed
+
+
+class _Enough(Exception):
+    """Raised from the evaluation callback to stop an arm at ``--compare-tokens``."""
+
+
+def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None) -> None:
+    """Compress calibrated on ``arm``'s data, heal on it, and score both texts at every evaluation point.
+
+    Every arm is planned for ``--tokens`` (same schedule); ``stop_at`` ends an arm after that many tokens, so
+    arms compared at a small token count saw exactly the same learning rates.
+    """
+    from rankserve.heal import heal_
+
+    cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
+    t0 = time.perf_counter()
+    student = compress(lm, args.family, args.ratio, calibration(args, lm, arm, generated))
+    row = {"arm": arm, "compress_s": round(time.perf_counter() - t0, 1), "points": []}
+    row["heal"] = {"config": cfg.to_dict(), "finished": False}
+    rec["rows"].append(row)
+    t1 = time.perf_counter()
 
     def on_eval(pt):  # the record is rewritten at every point, so a stopped run keeps its curve
-        rec["points"].append({**pt, "ppl_texts": score(student, lm.tokenizer, texts)})
-        rec["heal_total_s"] = round(time.perf_counter() - t1, 1)
+        row["points"].append({**pt, "ppl_texts": score(student, lm.tokenizer, texts)})
+        row["heal_total_s"] = round(time.perf_counter() - t1, 1)
+        rec["load_now"] = os.getloadavg()[0]
         append(args.results, rec)
-        print(json.dumps(rec["points"][-1]), file=sys.stderr, flush=True)
+        print(arm, json.dumps(row["points"][-1]), file=sys.stderr, flush=True)
+        if stop_at is not None and pt["tokens"] >= stop_at:
+            raise _Enough
 
-    t1 = time.perf_counter()
-    report = heal_(student, lm.model, lm.tokenizer, cfg, progress=True, on_eval=on_eval)
-    rec["heal"] = {**{k: v for k, v in report.to_dict().items() if k != "curve"}, "finished": True}
-    rec["heal_total_s"] = round(time.perf_counter() - t1, 1)
+    try:
+        report = heal_(
+            student, lm.model, lm.tokenizer, cfg, progress=True, on_eval=on_eval, generated=generated
+        )
+        row["heal"] = {**{k: v for k, v in report.to_dict().items() if k != "curve"}, "finished": True}
+    except _Enough:
+        row["heal"]["stopped_at"] = row["points"][-1]["tokens"]
+    row["heal_total_s"] = round(time.perf_counter() - t1, 1)
     append(args.results, rec)
 
 
-def run_calib(args, lm, texts, base) -> None:
-    from rankserve.calibration import Calibration, make_calibration
-    from rankserve.heal import heal_
+def run(args, lm, texts, base) -> None:
+    """``curve``: one arm healed for ``--tokens``. ``data``: every arm to ``--compare-tokens``, then the
+    first arm (``--arm``) on to ``--tokens`` as the curve."""
+    from rankserve.heal import heal_rows
 
-    n, L = args.calib_samples, args.calib_seq_len
-    own = make_calibration(None, lm.model, lm.tokenizer, n, L, 0)
-    wiki = make_calibration(CALIB_TEXT, lm.model, lm.tokenizer, n, L, 0)
-    half = n // 2
-    mix = Calibration(torch.cat([own.tokens[:half], wiki.tokens[: n - half]]), "mix", 0)
-    dense = score(lm.model, lm.tokenizer, texts)
-    rows = []
-    for name, calib in (("self-generated", own), ("wikitext-valid", wiki), ("mix", mix)):
-        student = compress(lm, args.ratio, calib)
-        row = {"calibration": name, "compressed": score(student, lm.tokenizer, texts)}
-        r = heal_(student, lm.model, lm.tokenizer, heal_config(args), progress=True)
-        row.update(healed=score(student, lm.tokenizer, texts), heal_tokens=r.tokens, final_kl=r.final_kl)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+    arms = [args.arm] if args.experiment == "curve" else args.arms.split(",")
+    need = max(heal_rows(arm_heal(args, ARMS[0]))[1], args.calib_samples) if set(arms) - {ARMS[1]} else 0
+    t0 = time.perf_counter()
+    generated = generate(args, lm, need) if need else None
+    rec = {
+        **base,
+        "experiment": args.experiment,
+        "family": args.family,
+        "ratio": args.ratio,
+        "calibration_rows": f"{args.calib_samples}x{args.seq_len or 256}",
+        "generate_s": round(time.perf_counter() - t0, 1),
+        "dense": score(lm.model, lm.tokenizer, texts),
+        "rows": [],
+    }
+    if args.speed:
+        student = compress(lm, args.family, args.ratio, calibration(args, lm, arms[0], generated))
+        rec["train_tokens_per_s"] = speed_probe(args, lm, student, generated)
         del student
-    append(
-        args.results,
-        {
-            **base,
-            "experiment": "calib",
-            "ratio": args.ratio,
-            "samples": f"{n}x{L}",
-            "dense": dense,
-            "rows": rows,
-        },
-    )
+    # the curve's arm last, so the comparison is complete before the long run
+    for arm in sorted(arms, key=lambda a: a == args.arm):
+        last = arm == args.arm
+        run_arm(args, lm, texts, rec, arm, generated, None if last else args.compare_tokens)
 
 
 def _pool(c: dict) -> str:
@@ -206,6 +241,121 @@ def ratio_of(ppl: dict, dense: dict) -> str:
     return " / ".join(f"{ppl[k]:.1f} ({ppl[k] / dense[k]:.2f}x)" for k in TEXTS)
 
 
+def _config_line(c: dict) -> str:
+    return (
+        f"{c['tokens']:,} tokens planned, lr {c['lr']:g} {c['schedule']} (warm-up {c['warmup']:g} of the steps, "
+        f"at least 10), {c['batch']}x{c['seq_len']} tokens per step, "
+        f"{'factors and norms' if c['train_norms'] else 'factors only'}, autocast {c['autocast']}, "
+        f"pool of {c['pool_tokens']:,} tokens ({_pool(c)})"
+    )
+
+
+TARGETS = {0.2: 1.5, 0.4: 2.5}  # issue 11: perplexity at most this x dense on both texts, with <= 1M tokens
+BUDGET = 1 << 20
+
+
+def gap(rec: dict, row: dict) -> list[str]:
+    """Lines on the distance to #11's target at the last point, and a power-law extrapolation of the curve
+    (log(ppl / dense) linear in log(tokens), fitted to the last two healed points) to 1M tokens."""
+    target = TARGETS.get(rec["ratio"])
+    pts = [p for p in row["points"] if p["tokens"] > 0]
+    if target is None or not pts:
+        return []
+    d, last = rec["dense"], pts[-1]
+    out = []
+    for text in TEXTS:
+        x = last["ppl_texts"][text] / d[text]
+        line = f"- {text}: {x:.2f}x dense after {last['tokens']:,} tokens, target {target}x ({x / target:.1f}x off)"
+        if len(pts) >= 2:
+            (t0, y0), (t1, y1) = [(p["tokens"], math.log(p["ppl_texts"][text] / d[text])) for p in pts[-2:]]
+            slope = (y1 - y0) / (math.log(t1) - math.log(t0))
+            at_budget = math.exp(y1 + slope * (math.log(BUDGET) - math.log(t1)))
+            line += (
+                f"; the last two points fall by {1 - math.exp(slope * math.log(2)):.1%} per doubling of the tokens, "
+                f"which would give {at_budget:.2f}x at 1M tokens if the power law held"
+            )
+        else:
+            line += "; one healed point: too few to extrapolate"
+        out.append(line)
+    return out
+
+
+def healed_rows(results: str) -> list[dict]:
+    """One row per (record, arm): the last measured point, for docs/RESULTS.md and the report."""
+    recs = json.load(open(results)) if os.path.exists(results) else []
+    out = []
+    for r in recs:
+        for row in r["rows"]:
+            if row["points"]:
+                first, last = row["points"][0], row["points"][-1]
+                h = row["heal"]
+                out.append(
+                    {
+                        "family": r["family"],
+                        "ratio": r["ratio"],
+                        "arm": row["arm"],
+                        "dense": r["dense"],
+                        "compressed": first["ppl_texts"],
+                        "healed": last["ppl_texts"],
+                        "tokens": last["tokens"],
+                        "heal_s": row.get("heal_total_s"),
+                        "tokens_per_s": h.get("tokens_per_s"),
+                        "load": r.get("load_now", r["load"]),
+                        "command": r["command"],
+                        "cpu": r["cpu"],
+                    }
+                )
+    return out
+
+
+def healed_table(results: str) -> list[str]:
+    """Markdown lines: the healed rows (for docs/RESULTS.md, which calls this)."""
+    rows = healed_rows(results)
+    if not rows:
+        return []
+    lines = [
+        "| family | ratio | calibration and healing data | healing tokens | compressed | healed | "
+        "heal wall s (load avg) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for h in rows:
+        lines.append(
+            f"| {h['family']} | {h['ratio']:g} | {h['arm']} | {h['tokens']:,} | "
+            f"{ratio_of(h['compressed'], h['dense'])} | {ratio_of(h['healed'], h['dense'])} | "
+            f"{h['heal_s']:.0f} ({h['load']:.1f}) |"
+        )
+    return lines
+
+
+def plot(results: str, path: str) -> None:
+    """Perplexity (x dense) against healing tokens, one panel per text, a line per run and arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from results import finish_panel, save_figure  # benchmarks/results.py, next to this file
+
+    recs = json.load(open(results)) if os.path.exists(results) else []
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(6 * len(TEXTS), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], TEXTS, strict=True):
+        for r in recs:
+            for row in r["rows"]:
+                pts = [(p["tokens"], p["ppl_texts"][text] / r["dense"][text]) for p in row["points"]]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    label = f"{r['family']} {r['ratio']:g}, {row['arm']}"
+                    ax.plot(xs, ys, marker="o", label=label)
+        for target, style in ((1.5, "--"), (2.5, ":")):
+            ax.axhline(target, color="gray", lw=0.8, ls=style, label=f"#11 target {target}x")
+        finish_panel(
+            ax,
+            "healing tokens",
+            "perplexity / dense perplexity (log)",
+            f"{text}, first {MAX_WINDOWS} windows of {SEQ_LEN}",
+        )
+    save_figure(fig, path, "SmolLM2-135M compressed, then healed by distillation")
+
+
 def report(results: str, out: str) -> None:
     recs = json.load(open(results)) if os.path.exists(results) else []
     lines = [
@@ -213,61 +363,63 @@ def report(results: str, out: str) -> None:
         "",
         "Generated by `benchmarks/heal_curve.py` from `docs/healing.json`; every figure with its command.",
         f"Perplexity: first {MAX_WINDOWS} windows of {SEQ_LEN} tokens; cells are "
-        "`WikiText-2 test / Lee background` perplexity (and × dense). Neither text is used for calibration or",
-        "healing. SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32).",
+        "`WikiText-2 test / Lee background` perplexity (and x dense). Neither text is used for calibration or "
+        "healing. SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32). Wall times and tokens/s ran on a "
+        "shared machine under the load average shown: they are not speed measurements. The extrapolations "
+        "assume the last two points' power law holds for a whole run; the learning rate there is still in its "
+        "warm-up or high part of the cosine, and a ratio cannot fall below 1, so read them as optimistic.",
+        "",
+        "![perplexity vs healing tokens](heal_curve.png)",
         "",
     ]
     for r in recs:
-        lines += [f"## {r['experiment']} at ratio {r['ratio']} ({r['date']})", ""]
-        lines += [f"CPU: {r['cpu']}; threads {r['threads']}; load average at start {r['load']}", ""]
+        lines += [f"## {r['experiment']}: {r['family']} at ratio {r['ratio']} ({r['date']})", ""]
+        lines += [f"CPU: {r['cpu']}; threads {r['threads']}; `uptime` at start: {r['uptime']}", ""]
         lines += [f"    {r['command']}", ""]
         d = r["dense"]
         lines.append(f"dense: {ratio_of(d, d)}")
         lines.append("")
-        if r["experiment"] == "curve":
-            h, c = r["heal"], r["heal"]["config"]
-            lines.append(
-                f"compression ({r['calibration']} calibration): {r['compress_s']:.0f} s. Training tokens/s "
-                f"over 3 steps of 4x256: fp32 {r['train_tokens_per_s']['fp32']:.0f}, "
-                f"bf16 autocast {r['train_tokens_per_s']['bf16']:.0f}."
-            )
-            lines.append(
-                f"healing: {c['tokens']:,} tokens planned, lr {c['lr']:g} {c['schedule']} (warm-up "
-                f"{c['warmup']:g} of the steps), {c['batch']}x{c['seq_len']} tokens per step, "
-                f"{'factors and norms' if c['train_norms'] else 'factors only'}, autocast {c['autocast']}, "
-                f"pool of {c['pool_tokens']:,} tokens ({_pool(c)}); "
-                + (
-                    f"{h['tokens_per_s']:.0f} training tokens/s, {r['heal_total_s']:.0f} s in all "
-                    "(data generation and evaluations included)."
-                    if h["finished"]
-                    else f"STOPPED after {r['points'][-1]['tokens']:,} tokens ({r['heal_total_s']:.0f} s)."
-                )
+        lines.append(
+            f"calibration: {r['calibration_rows']} tokens of each arm's data; self-generated rows took "
+            f"{r['generate_s']:.0f} s to write."
+        )
+        if r.get("train_tokens_per_s"):
+            speed = ", ".join(f"{k} {v:.0f}" for k, v in r["train_tokens_per_s"].items())
+            lines.append(f"training tokens/s over 3 steps of 4x256: {speed}.")
+        for row in r["rows"]:
+            h, c = row["heal"], row["heal"]["config"]
+            state = (
+                f"{h['tokens_per_s']:.0f} training tokens/s"
+                if h["finished"]
+                else f"stopped after {row['points'][-1]['tokens']:,} tokens"
+                if row["points"]
+                else "no point yet"
             )
             lines += [
+                "",
+                f"### {row['arm']}: compress {row['compress_s']:.0f} s; healing {_config_line(c)}; {state}, "
+                f"{row.get('heal_total_s', 0):.0f} s with evaluations",
                 "",
                 "| healing tokens | held-back KL | WikiText-2 test / Lee background |",
                 "|---|---|---|",
             ]
-            for p in r["points"]:
+            for p in row["points"]:
                 lines.append(f"| {p['tokens']:,} | {p['kl']:.4f} | {ratio_of(p['ppl_texts'], d)} |")
-        else:
-            lines += ["| calibration | compressed | after healing |", "|---|---|---|"]
-            for row in r["rows"]:
-                lines.append(
-                    f"| {row['calibration']} ({r['samples']}) | {ratio_of(row['compressed'], d)} | "
-                    f"{ratio_of(row['healed'], d)} ({row['heal_tokens']:,} tokens) |"
-                )
+            lines += ["", *gap(r, row)]
         lines.append("")
     with open(out, "w") as f:
         f.write("\n".join(lines))
+    plot(results, os.path.join(os.path.dirname(out), "heal_curve.png"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.report_only:
         if args.experiment is None:
-            sys.exit("choose an experiment: curve or calib (or --report-only)")
+            sys.exit("choose an experiment: curve or data (or --report-only)")
         sys.path.insert(0, REPO)
+        from results import cpu_model  # benchmarks/results.py, next to this file
+
         from rankserve.loaders.source import load_model
 
         if args.threads:
@@ -275,6 +427,7 @@ def main(argv=None) -> int:
         base = {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": cpu_model(),
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
             "threads": torch.get_num_threads(),
             "load": os.getloadavg()[0],
             "command": "python benchmarks/heal_curve.py " + " ".join(sys.argv[1:]),
@@ -282,7 +435,7 @@ def main(argv=None) -> int:
         }
         lm = load_model(args.model)
         texts = load_texts()
-        (run_curve if args.experiment == "curve" else run_calib)(args, lm, texts, base)
+        run(args, lm, texts, base)
     report(args.results, args.report)
     return 0
 

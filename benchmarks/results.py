@@ -66,6 +66,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--md", default=os.path.join(REPO, "docs", "RESULTS.md"))
     p.add_argument("--png", default=os.path.join(REPO, "docs", "ppl_vs_ratio.png"))
+    p.add_argument(
+        "--healing",
+        default=os.path.join(REPO, "docs", "healing.json"),
+        help="healed rows measured by benchmarks/heal_curve.py (their own protocol: 8 windows of 512)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--progress", action="store_true", help="show progress bars (stderr)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the docs from the cache")
@@ -346,6 +351,7 @@ def write_report(args, cache: dict) -> None:
     ]
     for proto in order:
         lines += _table(tables[proto], proto, rows.get(row_key("dense", 0, "-", *proto)))
+    lines += _healed(args.healing)
     lines.append(
         f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, {platform.machine()}, "
         f"torch {torch.__version__}."
@@ -357,6 +363,25 @@ def write_report(args, cache: dict) -> None:
         f.write("\n".join(lines) + "\n")
     _plot(args.png, [(p, tables[p], rows.get(row_key("dense", 0, "-", *p))) for p in order])
     print(f"wrote {args.md} and {args.png} ({len(rows)} rows)", flush=True)
+
+
+def _healed(path: str) -> list[str]:
+    """The healed rows section, from benchmarks/heal_curve.py's results (empty when none were measured)."""
+    from heal_curve import healed_table  # benchmarks/heal_curve.py, next to this file
+
+    table = healed_table(path)
+    if not table:
+        return []
+    return [
+        "## Healed by distillation (`rankserve heal`)",
+        "",
+        "Perplexity `WikiText-2 test / Lee` (x dense) with 512-token windows, the first 8, after compressing and "
+        "after healing; the exact commands, CPU and load are in [HEALING.md](HEALING.md) and the curve in "
+        "[heal_curve.png](heal_curve.png). Wall times ran on the shared machine under the load average shown.",
+        "",
+        *table,
+        "",
+    ]
 
 
 def _table(have: list[tuple[str, dict]], proto: tuple[int, int | None], dense: dict | None) -> list[str]:
@@ -542,13 +567,29 @@ def _plot(path: str, tables) -> None:
             ax.plot(xs, ys, marker="o", color=colors[fam], ls=styles[mode], label=f"{fam} ({mode})")
         if dense_ppl:
             ax.axhline(dense_ppl, color="gray", lw=0.8, ls=":", label=f"dense ({dense_ppl:.1f})")
-        ax.set_yscale("log")
-        ax.set_xlabel("ratio = fraction of linear-layer parameters removed")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(f"{corpus}, first {proto[1] or 'all'} windows of {proto[0]}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M compressed")
+        finish_panel(
+            ax,
+            "ratio = fraction of linear-layer parameters removed",
+            "perplexity (log scale)",
+            f"{corpus}, first {proto[1] or 'all'} windows of {proto[0]}",
+        )
+    save_figure(fig, path, "SmolLM2-135M compressed")
+
+
+def finish_panel(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """The docs' plot style: log y, labels, a small title, grid and legend."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

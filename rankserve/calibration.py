@@ -16,6 +16,7 @@ Everything is deterministic for a given seed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
 
 SELF = "self"
+GENERATE_BATCH = 64  # most rows self-generated in one batch
 
 
 @dataclass
@@ -101,15 +103,19 @@ def self_calibration(
     *,
     bos_id: int,
     pad_id: int = 0,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = False,
     prompts: list[list[int]] | None = None,
+    options=None,
 ) -> Calibration:
     """``n_samples`` sequences of ``seq_len`` tokens sampled by the dense model itself from ``[bos_id]``.
 
     Temperature 1, no top-k/p, EOS ignored so every sample has the full length. Sample i uses its own sampler
-    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. ``prompts``: sample
+    seeded from ``seed``; batches have a fixed size so the same seed gives the same tokens. By default
+    (``batch_size=None``) as few batches of equal size as :data:`GENERATE_BATCH` allows: a decode step reads
+    every weight once whatever the batch, so on a CPU many rows cost little more per step than one. ``prompts``: sample
     i starts from ``prompts[i % len(prompts)]`` instead (each shorter than ``seq_len``; healing uses chat prompts).
+    ``options``: the runtime that generates (default: the eager reference path).
     """
     from rankserve.runtime.generate import generate_tokens
     from rankserve.runtime.sampling import SamplingParams
@@ -121,6 +127,7 @@ def self_calibration(
     prompts = prompts or [[bos_id]]
     if any(not 1 <= len(p) < seq_len for p in prompts):
         raise InputError(f"every prompt must have between 1 and {seq_len - 1} tokens")
+    batch_size = batch_size or math.ceil(n_samples / math.ceil(n_samples / GENERATE_BATCH))
     row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)
@@ -132,7 +139,7 @@ def self_calibration(
             for p, r in zip(starts, seeds, strict=True)
         ]
         out = [list(p) for p in starts]
-        for step in generate_tokens(model, starts, params, [], pad_id):
+        for step in generate_tokens(model, starts, params, [], pad_id, options):
             for b, tok in enumerate(step.tokens):
                 if step.active[b]:  # rows with longer prompts stop earlier
                     out[b].append(tok)

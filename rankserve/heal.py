@@ -196,17 +196,25 @@ def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[st
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
 
+# /proc/cpuinfo flags of the instructions that make bf16 matmuls faster than fp32 (Intel AMX, AVX512-BF16).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX), the only CPUs where bf16 autocast pays."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
+    """True where the CPU has bf16 instructions (AVX512-BF16 or AMX): the only CPUs where bf16 autocast pays.
+
+    Elsewhere (e.g. Zen 3: AVX2 only) PyTorch emulates bf16 by converting to fp32 and back, which is slower
+    than plain fp32. The one rule behind ``autocast="auto"`` and the benchmark's bf16 speed probe.
+    """
+    from rankserve.runtime.native import cpu_flags
+
+    return not set(NATIVE_BF16_FLAGS).isdisjoint(cpu_flags().split())
 
 
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``choice`` on ``device`` (None = plain fp32).
 
-    ``auto`` picks bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere: on this project's Zen 3 (AVX2, no
-    bf16 instructions) bf16 autocast was measured slower than fp32 (docs/HEALING.md).
+    ``auto`` picks bf16 on CUDA and where :func:`cpu_has_native_bf16`, fp32 elsewhere.
     """
     if choice == "fp32":
         return None
@@ -259,7 +267,6 @@ def self_generated_rows(
         seed,
         bos_id=bos,
         pad_id=tokenizer.pad_id,
-        batch_size=16,
         progress=progress,
         prompts=prompts,
     )
@@ -274,15 +281,37 @@ def self_generated_rows(
     return calib.tokens, record
 
 
-def make_heal_data(teacher: nn.Module, tokenizer, config: HealConfig, progress: bool = False) -> HealData:
-    """The training pool and held-back rows for ``config`` (deterministic for its seed)."""
+def heal_rows(config: HealConfig) -> tuple[int, int]:
+    """(all rows, self-generated rows) of the pool ``config`` asks for, held-back rows included."""
+    rows = max(math.ceil(min(config.tokens, config.pool_tokens) / config.seq_len), 1) + config.eval_rows
+    return rows, (round(rows * config.self_share) if config.data else rows)
+
+
+def make_heal_data(
+    teacher: nn.Module,
+    tokenizer,
+    config: HealConfig,
+    progress: bool = False,
+    generated: tuple[Tensor, dict[str, Any]] | None = None,
+) -> HealData:
+    """The training pool and held-back rows for ``config`` (deterministic for its seed).
+
+    ``generated``: rows :func:`self_generated_rows` already wrote for this seed and length (e.g. the ones the
+    compression calibrated on), of which the first ones are used instead of generating new ones.
+    """
     from rankserve.calibration import text_calibration
 
-    rows = max(math.ceil(min(config.tokens, config.pool_tokens) / config.seq_len), 1) + config.eval_rows
-    n_self = round(rows * config.self_share) if config.data else rows
+    rows, n_self = heal_rows(config)
     parts, sources = [], []
     if n_self:
-        t, rec = self_generated_rows(teacher, tokenizer, n_self, config.seq_len, config.seed, progress)
+        if generated is not None and generated[0].shape[0] >= n_self:
+            if generated[0].shape[1] != config.seq_len:
+                raise ValueError(
+                    f"generated rows have {generated[0].shape[1]} tokens, heal seq_len is {config.seq_len}"
+                )
+            t, rec = generated[0][:n_self], {**generated[1], "samples": n_self}
+        else:
+            t, rec = self_generated_rows(teacher, tokenizer, n_self, config.seq_len, config.seed, progress)
         parts.append(t)
         sources.append(rec)
     n_files = rows - n_self
@@ -367,12 +396,14 @@ def heal_(
     resume: bool = False,
     progress: bool = True,
     on_eval: Callable[[dict[str, float]], None] | None = None,
+    generated: tuple[Tensor, dict[str, Any]] | None = None,
 ) -> HealReport:
     """Distil ``teacher`` into ``student`` in place (see the module docstring); return what was done.
 
     Both models must share the tokenizer and live on the same device; the student's trainable parameters are
     left with ``requires_grad=False`` afterwards, as loading makes them. ``on_eval`` is called with each
     point of the evaluation curve (step, tokens, held-back KL and perplexity), e.g. to score other texts.
+    ``generated``: self-generated rows to reuse (see :func:`make_heal_data`).
     """
     config.validate()
     if student.config.vocab_size != teacher.config.vocab_size:
@@ -413,7 +444,7 @@ def heal_(
                 )
         data = HealData(**torch.load(data_path, weights_only=True))
     else:
-        data = make_heal_data(teacher, tokenizer, config, progress)
+        data = make_heal_data(teacher, tokenizer, config, progress, generated)
 
     was_training = student.training, teacher.training
     student.eval(), teacher.eval()  # no dropout in these models; eval() keeps any future one off

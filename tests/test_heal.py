@@ -258,3 +258,43 @@ def test_student_logits_move_toward_teacher():
     before = soft_ce()
     heal_(student, teacher, tiny_tokenizer(), HealConfig(**{**SMALL, "tokens": 20 * 64}), progress=False)
     assert soft_ce() < before
+
+
+def test_generated_rows_are_reused_not_regenerated(monkeypatch):
+    teacher, tok = tiny_model(), tiny_tokenizer()
+    cfg = HealConfig(**SMALL)
+    rows, n_self = heal_mod.heal_rows(cfg)
+    assert rows == n_self == cfg.pool_tokens // cfg.seq_len + cfg.eval_rows
+    gen = torch.randint(0, 50, (n_self + 3, cfg.seq_len))
+    monkeypatch.setattr(heal_mod, "self_generated_rows", lambda *a, **k: pytest.fail("generated again"))
+    data = heal_mod.make_heal_data(teacher, tok, cfg, generated=(gen, {"source": "self-generated"}))
+    pool = torch.cat([data.held, data.train])
+    # the first n_self given rows, shuffled: the same multiset of rows
+    assert sorted(map(tuple, pool.tolist())) == sorted(map(tuple, gen[:n_self].tolist()))
+    assert data.sources[0]["samples"] == n_self
+    with pytest.raises(ValueError, match="seq_len"):
+        heal_mod.make_heal_data(teacher, tok, cfg, generated=(gen[:, :-1], {}))
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)],
+)
+def test_bf16_autocast_only_where_the_cpu_has_bf16(monkeypatch, flags, native):
+    import rankserve.runtime.native as native_mod
+
+    monkeypatch.setattr(native_mod, "cpu_flags", lambda: flags)
+    assert heal_mod.cpu_has_native_bf16() is native
+    cpu = torch.device("cpu")
+    assert heal_mod.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert heal_mod.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always
+    assert heal_mod.autocast_dtype("fp32", cpu) is None
+
+
+def test_chat_prompts_do_not_teach_the_demo_question():
+    """The demo asks for the capital of France: no healing or calibration prompt may touch it."""
+    from rankserve.cli.demo import QUESTIONS
+
+    banned = ("france", "paris", "capital", "french")
+    assert any(b in QUESTIONS[0].lower() for b in banned)
+    assert not [p for p in heal_mod.CHAT_PROMPTS if any(b in p.lower() for b in banned)]

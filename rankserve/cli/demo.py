@@ -13,17 +13,22 @@ from rankserve.cli.main import CLIError, apply_threads
 from rankserve.heal import HealConfig
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
-# A short heal that keeps the demo within minutes: generating the rows costs more than training on them, so a
-# small pool of short self-generated rows is seen three times, at a higher lr than a long run's.
-DEMO_HEAL = HealConfig(tokens=12288, seq_len=128, batch=8, pool_tokens=4096, lr=5e-4, eval_rows=4)
+# A short heal that keeps the demo within minutes. The model writes one pool of short rows (prose and chat
+# answers) that serves as calibration AND as healing data, since generating text costs a CPU about as much
+# per token as training on it. Small batches give more optimizer steps for the same tokens.
+DEMO_HEAL = HealConfig(tokens=8192, seq_len=128, batch=4, pool_tokens=2048, lr=5e-4, eval_rows=4)
 
 
 def add_arguments(p):
     p.add_argument("--model", default=None, help="model to use (default: smollm2-135m)")
     p.add_argument("--family", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters removed")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=16,
+        help=f"calibration rows of {DEMO_HEAL.seq_len} self-generated tokens (shared with healing)",
+    )
     p.add_argument(
         "--heal-tokens",
         type=int,
@@ -58,7 +63,7 @@ def _answer(lm, backend: str, max_tokens: int) -> list:
 
 
 def run(args) -> int:
-    from rankserve.calibration import make_calibration
+    from rankserve.calibration import Calibration
     from rankserve.checkpoint import save_checkpoint
     from rankserve.compress import compress_, compression_manifest
     from rankserve.families import config_class
@@ -76,24 +81,34 @@ def run(args) -> int:
     if args.heal_tokens < 0:
         raise CLIError(f"--heal-tokens must be >= 0, got {args.heal_tokens}")
     say(f"[1/4] loading {name}")
+    start = time.perf_counter()
+    stages = {}  # wall seconds per stage, printed at the end
     lm = load_model(name)
+    stages["load"] = time.perf_counter() - start
     dense = _answer(lm, "eager", args.max_tokens)
+    stages["dense answers"] = time.perf_counter() - start - stages["load"]
+
+    from rankserve.heal import heal_rows, self_generated_rows
 
     say(
         f"[2/4] compressing with {cfg.name}, ratio {cfg.ratio} (fraction of linear-layer parameters removed), "
-        f"calibration: {args.calib_samples} x {args.calib_seq_len} tokens the model generates itself"
+        f"calibration: {args.calib_samples} x {DEMO_HEAL.seq_len} tokens the model generates itself"
     )
+    heal_cfg = dataclasses.replace(DEMO_HEAL, tokens=max(args.heal_tokens, 1))
     t0 = time.perf_counter()
-    calib = (
-        make_calibration(
-            None, lm.model, lm.tokenizer, args.calib_samples, args.calib_seq_len, 0, progress=True
-        )
-        if cfg.wanted_stats()
+    n_calib = args.calib_samples if cfg.wanted_stats() else 0
+    n_rows = max(n_calib, heal_rows(heal_cfg)[1] if args.heal_tokens else 0)
+    generated = (
+        self_generated_rows(lm.model, lm.tokenizer, n_rows, heal_cfg.seq_len, 0, progress=True)
+        if n_rows
         else None
     )
+    stages["generate"] = time.perf_counter() - t0
+    calib = Calibration(generated[0][:n_calib], "self", 0) if n_calib else None
     teacher = copy.deepcopy(lm.model) if args.heal_tokens else None
     report = compress_(lm.model, cfg, calib)
     compress_s = time.perf_counter() - t0
+    stages["compress"] = compress_s - stages["generate"]
     healing = None
     if teacher is not None:
         from rankserve.heal import heal_
@@ -101,8 +116,8 @@ def run(args) -> int:
         say(
             f"      healing: distilling the dense model into the compressed one on {args.heal_tokens:,} tokens"
         )
-        heal_cfg = dataclasses.replace(DEMO_HEAL, tokens=args.heal_tokens)
-        healing = heal_(lm.model, teacher, lm.tokenizer, heal_cfg)
+        healing = heal_(lm.model, teacher, lm.tokenizer, heal_cfg, generated=generated)
+        stages["heal"] = healing.wall_time_s
         del teacher
 
     out = args.out or os.path.join(
@@ -117,9 +132,13 @@ def run(args) -> int:
     save_checkpoint(lm.model, out, tokenizer=lm.tokenizer, manifest=manifest)
 
     say("[4/4] reloading it and answering with the fast runtime (the first call compiles the decode step)")
+    t1 = time.perf_counter()
     small = load_model(out)
     _answer(small, "fast", 4)  # compile once, outside the timings below
+    stages["reload and compile"] = time.perf_counter() - t1
     fast = _answer(small, "fast", args.max_tokens)
+    stages["compressed answers"] = time.perf_counter() - t1 - stages["reload and compile"]
+    total_s = time.perf_counter() - start
 
     print(report.table())
     print()
@@ -132,7 +151,10 @@ def run(args) -> int:
             f"healing: KL to the dense model {healing.initial_kl:.3f} -> {healing.final_kl:.3f} on held-back "
             f"text, {healing.tokens:,} tokens in {healing.wall_time_s:.0f} s"
         )
-    print(f"\ncompressed checkpoint: {out} (compression took {compress_s:.0f} s)")
+    print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()) + f", total {total_s:.0f} s")
+    print(
+        f"\ncompressed checkpoint: {out} (generating calibration text and compressing took {compress_s:.0f} s)"
+    )
     print(
         f"next: rankserve generate {out} --chat --backend fast --prompt '...'   |   rankserve inspect {out}"
     )

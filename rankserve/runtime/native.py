@@ -65,8 +65,8 @@ class NativeBuildError(RuntimeError):
     """The extension did not compile or load (the message ends with the compiler's last lines)."""
 
 
-def _cpu_flags() -> str:
-    """The CPU feature flags, which decide what ``-march=native`` compiles to."""
+def cpu_flags() -> str:
+    """The CPU feature flags (``/proc/cpuinfo``), which decide what ``-march=native`` compiles to."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -87,7 +87,7 @@ def cpu_runs(isa: str) -> bool:
         raise InputError(f"unknown native ISA {isa!r}; choose from {', '.join(ISAS)} or 'auto'")
     if not _X86:
         return isa == "scalar"
-    flags = set(_cpu_flags().split())
+    flags = set(cpu_flags().split())
     return all(f in flags for f in _ISA_NEEDS[isa])
 
 
@@ -132,7 +132,7 @@ def _build_key(flags: list[str]) -> str:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (
         torch.__version__.encode(),
-        _cpu_flags().encode(),
+        cpu_flags().encode(),
         " ".join(flags).encode(),
     ):
         h.update(part)
