@@ -5,7 +5,8 @@ Layout of a checkpoint directory::
     config.json         the base model's HF config (``ModelConfig.to_hf()``)
     rankserve.json      the manifest (:mod:`rankserve.checkpoint.manifest`)
     model.safetensors   dense tensors by HF name; ``<m>.U``/``<m>.V`` (low-rank), ``<m>.coeff`` (shared basis),
-                        each shared basis once as ``shared_bases.<group>``; ``<m>.bias``; a tied LM head omitted
+                        each shared basis once as ``shared_bases.<group>``; ``<m>.bias``; a tied LM head omitted;
+                        int8 matrices (format 2) as int8 with fp32 ``<name>_scale`` (rankserve.checkpoint.int8)
     tokenizer files     whatever ``tokenizer.save(dir)`` writes
 
 The loader builds the model from ``config.json`` and the manifest, then checks every tensor against it. Golden
@@ -25,10 +26,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rankserve import fsutil
+from rankserve.checkpoint import int8
 from rankserve.checkpoint.manifest import (
     BASIS_PREFIX,
     CONFIG_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -40,6 +41,7 @@ from rankserve.checkpoint.manifest import (
 )
 from rankserve.config import ConfigError, ModelConfig
 from rankserve.layers import (
+    SCALE_SUFFIX,
     DenseLinear,
     LowRankLinear,
     Projection,
@@ -60,8 +62,9 @@ _TMP_PREFIX = r"\..+\.tmp-"
 
 
 def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to write, by checkpoint name: shared bases once, a tied LM head omitted."""
-    tied = model.config.tie_word_embeddings
+    """The tensors to write, by checkpoint name: shared bases once, a tied LM head omitted unless it is int8
+    (then it is its own matrix; the embedding stays float)."""
+    tied = model.config.tie_word_embeddings and not model.lm_head.is_int8()
     projs = projections(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
@@ -74,8 +77,9 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 raise CheckpointError("the config ties embeddings but lm_head is not the embedding matrix")
             continue
         p = projs.get(module)
-        if isinstance(p, SharedBasisLinear) and leaf == "basis":
-            out.setdefault(BASIS_PREFIX + p.group, t)  # every member holds the same Parameter
+        if isinstance(p, SharedBasisLinear) and leaf in ("basis", "basis" + SCALE_SUFFIX):
+            # every member holds the same basis (and int8 scales): stored once, as shared_bases.<group>[_scale]
+            out.setdefault(BASIS_PREFIX + p.group + leaf.removeprefix("basis"), t)
             continue
         out[key] = t
     return out
@@ -150,7 +154,7 @@ def save_checkpoint(
             log.warning("saving %s without a tokenizer", out_dir)
         fsutil.write_json(os.path.join(tmp, CONFIG_NAME), model.config.to_hf())
         fsutil.write_json(os.path.join(tmp, MANIFEST_NAME), manifest)
-        meta = {"format": "pt", "rankserve_format_version": str(FORMAT_VERSION)}
+        meta = {"format": "pt", "rankserve_format_version": str(manifest["format_version"])}
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), tensors, meta)
         try:
             fsutil.replace_dir(tmp, out_dir, overwrite)
@@ -209,8 +213,8 @@ def _skeleton(cfg: ModelConfig, manifest: dict, where: str) -> nn.Module:
 
 
 def _expected_tensors(model: nn.Module, manifest: dict) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape for the skeleton."""
-    tied = model.config.tie_word_embeddings
+    """Checkpoint tensor name -> shape for the skeleton (and the scales of its int8 tensors)."""
+    tied = model.config.tie_word_embeddings and "lm_head.weight" not in int8.groups(manifest)
     expected = {}
     projs = projections(model)
     for key, p in model.state_dict(keep_vars=True).items():
@@ -222,6 +226,7 @@ def _expected_tensors(model: nn.Module, manifest: dict) -> dict[str, tuple[int, 
         expected[key] = tuple(p.shape)
     for g, b in manifest["shared_bases"].items():
         expected[BASIS_PREFIX + g] = tuple(b["shape"])
+    expected.update(int8.expected_scales(expected, manifest))
     return expected
 
 
@@ -236,10 +241,15 @@ def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: s
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor(s) {listed(unexpected)}")
+    quantized = int8.groups(manifest)
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) == shape:
-            if not t.is_floating_point():
+            if name in quantized and t.dtype != torch.int8:
+                raise CheckpointError(
+                    f"{where}: tensor {name} has dtype {t.dtype}, but the manifest says int8"
+                )
+            if name not in quantized and not t.is_floating_point():
                 raise CheckpointError(f"{where}: tensor {name} has dtype {t.dtype}, expected floating point")
             continue
         module, _, leaf = name.rpartition(".")
@@ -256,6 +266,7 @@ def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: s
                 f"{list(t.shape)} (expected {list(shape)})"
             )
         raise CheckpointError(f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    int8.check_pairs(tensors, manifest, where)
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, dict]:
@@ -290,21 +301,31 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
 
     # Assign by hand rather than load_state_dict(assign=True): that would wrap a shared basis in a new
     # Parameter per member, and model.parameters() would then count it once per member.
+    # An int8 matrix stays int8 with fp32 scales whatever ``dtype``; set_int8 makes it a buffer pair, the same
+    # tensor objects for every member of a shared basis.
+    quantized = int8.groups(manifest)
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in quantized
     bases = {
         g: nn.Parameter(tensors[BASIS_PREFIX + g].to(device=device, dtype=dtype), requires_grad=False)
         for g in manifest["shared_bases"]
+        if BASIS_PREFIX + g not in quantized
     }
     for mod_name, mod in model.named_modules():
         for pname, _ in list(mod.named_parameters(recurse=False)):
             key = f"{mod_name}.{pname}" if mod_name else pname
-            if cfg.tie_word_embeddings and key == "lm_head.weight":
+            if tied and key == "lm_head.weight":
                 continue
             if isinstance(mod, SharedBasisLinear) and pname == "basis":
-                param = bases[mod.group]
+                key = BASIS_PREFIX + mod.group
+            if key in quantized:
+                q, s = (tensors[k].to(device) for k in (key, key + SCALE_SUFFIX))
+                mod.set_int8(pname, q, s, dtype)
+            elif isinstance(mod, SharedBasisLinear) and pname == "basis":
+                setattr(mod, pname, bases[mod.group])
             else:
                 param = nn.Parameter(tensors[key].to(device=device, dtype=dtype), requires_grad=False)
-            setattr(mod, pname, param)
-    if cfg.tie_word_embeddings:
+                setattr(mod, pname, param)
+    if tied:
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # a bug, not a bad file: every parameter was checked above

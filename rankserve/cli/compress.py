@@ -9,6 +9,7 @@ import time
 
 from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
+from rankserve.cli.quantize import add_quant_arguments, quant_config
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
 FAMILY_FLAGS = {
@@ -59,6 +60,13 @@ def add_arguments(p):
         help="then heal by distillation from the dense model on N tokens (default 0: no healing)",
     )
     add_heal_arguments(p, prefix="heal-")
+    p.add_argument(
+        "--quant",
+        choices=["int8"],
+        default=None,
+        help="then quantize the weights (as rankserve quantize --int8)",
+    )
+    add_quant_arguments(p, prefix="quant-")
     p.add_argument("--json", action="store_true", help="print the compression report as JSON")
 
 
@@ -98,6 +106,9 @@ def run(args) -> int:
     hcfg = heal_config(args, args.heal_tokens, prefix="heal-") if args.heal_tokens else None
     if hcfg is not None and args.dtype != "fp32":
         raise CLIError("--heal-tokens trains fp32 factors; drop --dtype or compress and heal separately")
+    qcfg = quant_config(args, "quant-") if args.quant else None
+    if qcfg is None and (args.quant_group_size is not None or args.quant_lm_head):
+        raise CLIError("--quant-group-size and --quant-lm-head need --quant int8")
     from rankserve.calibration import make_calibration
     from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model
@@ -135,6 +146,12 @@ def run(args) -> int:
         healing = heal_(lm.model, teacher.model, lm.tokenizer, hcfg)
         manifest = healed_manifest(manifest, healing, lm.source)
         del teacher
+    if qcfg is not None:
+        from rankserve.checkpoint import with_quantization
+        from rankserve.quantize import quantize_
+
+        qreport = quantize_(lm.model, qcfg)
+        manifest = with_quantization(manifest, lm.model, qreport)
     path = save_checkpoint(
         lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
     )
@@ -142,6 +159,8 @@ def run(args) -> int:
         print(json.dumps({"checkpoint": path, **manifest}))
     else:
         print(report.table())
+        if qcfg is not None:
+            print(qreport.table())
         print(f"checkpoint: {path}")
         sys.stdout.flush()
     return 0

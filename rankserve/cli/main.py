@@ -9,7 +9,18 @@ import sys
 
 from rankserve.errors import InputError
 
-SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "heal", "bench", "serve", "import"]
+SUBCOMMANDS = [
+    "generate",
+    "inspect",
+    "demo",
+    "eval",
+    "compress",
+    "quantize",
+    "heal",
+    "bench",
+    "serve",
+    "import",
+]
 
 
 class CLIError(InputError):

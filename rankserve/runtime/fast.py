@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankserve.errors import InputError
+from rankserve.layers import projections
 from rankserve.models.llama import KVCache
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.packing import PackedGroup, pack_
@@ -209,6 +211,10 @@ class FastRunner:
     def __init__(self, model, batch: int, max_len: int, options: RuntimeOptions | None = None):
         from rankserve.runtime.native import NativeKernels
 
+        if any(
+            p.is_int8() for p in projections(model).values()
+        ):  # before the native build, which takes minutes
+            raise InputError("the fast backend cannot run int8 weights yet; use --backend eager")
         self.model = model
         self.options = options or RuntimeOptions(backend="fast")
         p = next(model.parameters())
