@@ -115,7 +115,9 @@ def run(args) -> int:
 
     apply_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
-    if lm.kind == "rankserve" and lm.manifest.get("family"):
+    if "quantization" in lm.manifest:
+        raise CLIError(f"{args.model} holds int8 weights; compress the float model, then quantize")
+    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
         raise CLIError(
             f"{args.model} is already compressed ({lm.manifest['family']}); start from a dense model"
         )
