@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
 from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
-from rankserve.cli.quantize import add_quant_arguments, quant_config
+from rankserve.cli.quantize import add_quant_arguments, quant_config, write_checkpoint
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
 FAMILY_FLAGS = {
@@ -92,7 +90,7 @@ def run(args) -> int:
             f"--ratio is the fraction of parameters removed and must be in [0, 1), got {args.ratio}"
         )
     cfg = family_config(args)
-    from rankserve.checkpoint import check_out_dir, save_checkpoint
+    from rankserve.checkpoint import check_out_dir
 
     check_out_dir(args.out, args.overwrite)
     if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
@@ -148,21 +146,12 @@ def run(args) -> int:
         healing = heal_(lm.model, teacher.model, lm.tokenizer, hcfg)
         manifest = healed_manifest(manifest, healing, lm.source)
         del teacher
+    tables = [report.table()]
     if qcfg is not None:
         from rankserve.checkpoint import with_quantization
         from rankserve.quantize import quantize_
 
         qreport = quantize_(lm.model, qcfg)
         manifest = with_quantization(manifest, lm.model, qreport)
-    path = save_checkpoint(
-        lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
-    )
-    if args.json:
-        print(json.dumps({"checkpoint": path, **manifest}))
-    else:
-        print(report.table())
-        if qcfg is not None:
-            print(qreport.table())
-        print(f"checkpoint: {path}")
-        sys.stdout.flush()
-    return 0
+        tables.append(qreport.table())
+    return write_checkpoint(lm, manifest, args, tables)

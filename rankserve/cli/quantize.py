@@ -41,7 +41,7 @@ def run(args) -> int:
     if not args.int8:
         raise CLIError("choose the format: --int8 (symmetric int8 weights, the only one so far)")
     cfg = quant_config(args)  # bad flags fail before anything is loaded or written
-    from rankserve.checkpoint import build_manifest, check_out_dir, save_checkpoint, with_quantization
+    from rankserve.checkpoint import build_manifest, check_out_dir, with_quantization
     from rankserve.loaders.source import load_model
     from rankserve.quantize import quantize_
 
@@ -54,12 +54,18 @@ def run(args) -> int:
     # A rankserve checkpoint keeps its record (family, ranks, calibration, healing); anything else is dense.
     manifest = lm.manifest or build_manifest(lm.model, source_path=lm.source)
     manifest = with_quantization(manifest, lm.model, report)
+    return write_checkpoint(lm, manifest, args, [report.table()])
+
+
+def write_checkpoint(lm, manifest: dict, args, tables: list[str]) -> int:
+    """Save ``lm`` at ``args.out`` atomically, then print the manifest (``--json``) or the tables and the path."""
+    from rankserve.checkpoint import save_checkpoint
+
     path = save_checkpoint(
         lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
     )
     if args.json:
         print(json.dumps({"checkpoint": path, **manifest}))
     else:
-        print(report.table())
-        print(f"checkpoint: {path}")
+        print("\n".join([*tables, f"checkpoint: {path}"]), flush=True)
     return 0

@@ -95,16 +95,19 @@ def write(name: str, model: torch.nn.Module, manifest: dict) -> None:
     )
 
 
-def v1() -> None:
-    model = golden_model()
-    manifest = build_manifest(
+def golden_manifest(model: torch.nn.Module, what: str) -> dict:
+    return build_manifest(
         model,
         family="golden-test",
         family_config={"note": "hand-built: shared q/k bases, low-rank v and MLP"},
         ratio=0.5,
-        extra={"notes": "golden file for format version 1; do not regenerate"},
+        extra={"notes": f"golden file for {what}; do not regenerate"},
     )
-    write("v1_tiny", model, manifest)
+
+
+def v1() -> None:
+    model = golden_model()
+    write("v1_tiny", model, golden_manifest(model, "format version 1"))
 
 
 def v2() -> None:
@@ -114,13 +117,7 @@ def v2() -> None:
     from rankserve.quantize import Int8Config, quantize_
 
     model = golden_model()
-    manifest = build_manifest(
-        model,
-        family="golden-test",
-        family_config={"note": "hand-built: shared q/k bases, low-rank v and MLP"},
-        ratio=0.5,
-        extra={"notes": "golden file for format version 2 (int8); do not regenerate"},
-    )
+    manifest = golden_manifest(model, "format version 2 (int8)")
     report = quantize_(model, Int8Config(group_size=8, lm_head=True))
     write("v2_int8_tiny", model, with_quantization(manifest, model, report))
 
