@@ -57,9 +57,9 @@ class QuantConfig:
 class Int8Config(QuantConfig):
     """Symmetric int8 weights (``quant.SCHEME``): fp32 scales per output channel, or per ``group_size`` inputs.
 
-    Per channel is the default: it is the layout of PyTorch's own int8 weight matmul
-    (``torch._weight_int8pack_mm``, for prefill) and the decode GEMV loads one scale per row instead of one per
-    group; docs/INT8.md has the perplexities that decide it. ``lm_head``: quantize the LM head too (a tied head is
+    Per channel is the default: on SmolLM2-135M it moves dense perplexity by -0.03% (docs/INT8.md), it is the
+    only layout PyTorch's own int8 weight matmul takes (``torch._weight_int8pack_mm``, for prefill), and the
+    decode GEMV loads one scale per row instead of one per group. ``lm_head``: quantize the LM head too (a tied head is
     then stored apart from the embedding, which stays in the working dtype). A group size that does not divide
     a matrix's columns gives that matrix per-channel scales (see ``QuantReport.per_channel``).
     """
