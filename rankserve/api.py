@@ -12,7 +12,7 @@ from rankserve.compress import CompressionReport, compress_, compression_manifes
 from rankserve.errors import InputError
 from rankserve.families import config_from_dict
 from rankserve.loaders.source import LoadedModel, load_model
-from rankserve.quantize import quantize_
+from rankserve.quantize import QuantReport, quantize_
 from rankserve.runtime import generate as _gen
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.sampling import SamplingParams
@@ -91,15 +91,17 @@ def save(
     tokenizer,
     *,
     report: CompressionReport | None = None,
+    quant: QuantReport | None = None,
     source: str | None = None,
     overwrite: bool = False,
 ) -> str:
     """Write ``model`` as a rankserve checkpoint directory, atomically; return its path.
 
     A model compressed by :func:`compress_` needs the ``report`` that call returned (the manifest records the
-    family, its config and the calibration); ``source`` is the path it came from (hashed into the manifest).
+    family, its config and the calibration); a model quantized by :func:`quantize_` needs the ``quant`` report
+    that call returned. ``source`` is the path it came from (hashed into the manifest).
     """
-    from rankserve.checkpoint import build_manifest, save_checkpoint
+    from rankserve.checkpoint import build_manifest, save_checkpoint, with_quantization
     from rankserve.layers import DenseLinear, projections
 
     if report is not None:
@@ -111,4 +113,6 @@ def save(
         )
     else:
         manifest = build_manifest(model, source_path=source)
+    if quant is not None:
+        manifest = with_quantization(manifest, model, quant)
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, manifest=manifest, overwrite=overwrite)

@@ -258,7 +258,7 @@ def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendRe
             once = rankserve_backend(model, spec, backend, res)
     stats = model_stats(model)
     res.weight_bytes_per_token = stats.bytes_per_token
-    res.weight_mb = stats.params_total * next(model.parameters()).element_size() / 2**20
+    res.weight_mb = stats.weight_bytes / 2**20
     once()  # warm-up: the fast path compiles on its first decode
     res.load_s = time.perf_counter() - t0
     return res, once

@@ -1,9 +1,11 @@
 """The rankserve checkpoint: a self-describing, versioned HF-style directory for compressed models.
 
 :mod:`~rankserve.checkpoint.manifest` holds the manifest's schema, build and validation (and the one
-``RATIO_CONVENTION``); :mod:`~rankserve.checkpoint.io` the atomic save and the checked load.
+``RATIO_CONVENTION``); :mod:`~rankserve.checkpoint.io` the atomic save and the checked load;
+:mod:`~rankserve.checkpoint.int8` the int8 record (format version 2).
 """
 
+from rankserve.checkpoint.int8 import INT8_FORMAT_VERSION, with_quantization
 from rankserve.checkpoint.io import (
     check_out_dir,
     load_checkpoint,
@@ -29,6 +31,7 @@ __all__ = [
     "BASIS_PREFIX",
     "CONFIG_NAME",
     "FORMAT_VERSION",
+    "INT8_FORMAT_VERSION",
     "MANIFEST_NAME",
     "RATIO_CONVENTION",
     "SUPPORTED_VERSIONS",
@@ -41,5 +44,6 @@ __all__ = [
     "recover_leftovers",
     "save_checkpoint",
     "validate_manifest",
+    "with_quantization",
     "write_safetensors",
 ]

@@ -5,7 +5,8 @@ Layout of a checkpoint directory::
     config.json         the base model's HF config (``ModelConfig.to_hf()``)
     rankserve.json      the manifest (:mod:`rankserve.checkpoint.manifest`)
     model.safetensors   dense tensors by HF name; ``<m>.U``/``<m>.V`` (low-rank), ``<m>.coeff`` (shared basis),
-                        each shared basis once as ``shared_bases.<group>``; ``<m>.bias``; a tied LM head omitted
+                        each shared basis once as ``shared_bases.<group>``; ``<m>.bias``; a tied LM head omitted;
+                        int8 matrices (format 2) as int8 with fp32 ``<name>_scale`` (rankserve.checkpoint.int8)
     tokenizer files     whatever ``tokenizer.save(dir)`` writes
 
 The loader builds the model from ``config.json`` and the manifest, then checks every tensor against it. Golden
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 from rankserve import fsutil
+from rankserve.checkpoint import int8
 from rankserve.checkpoint.manifest import (
     BASIS_PREFIX,
     CONFIG_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -41,6 +42,7 @@ from rankserve.config import ConfigError, ModelConfig
 from rankserve.io.assign import assign, check_names, meta_parameters, new_model
 from rankserve.io.safetensors import SafetensorsError, load_mmap, write_safetensors
 from rankserve.layers import (
+    SCALE_SUFFIX,
     DenseLinear,
     LowRankLinear,
     Projection,
@@ -61,8 +63,9 @@ _TMP_PREFIX = r"\..+\.tmp-"
 
 
 def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to write, by checkpoint name: shared bases once, a tied LM head omitted."""
-    tied = model.config.tie_word_embeddings
+    """The tensors to write, by checkpoint name: shared bases once, a tied LM head omitted unless it is int8
+    (then it is its own matrix; the embedding stays float)."""
+    tied = model.config.tie_word_embeddings and not model.lm_head.is_int8()
     projs = projections(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
@@ -75,8 +78,9 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 raise CheckpointError("the config ties embeddings but lm_head is not the embedding matrix")
             continue
         p = projs.get(module)
-        if isinstance(p, SharedBasisLinear) and leaf == "basis":
-            out.setdefault(BASIS_PREFIX + p.group, t)  # every member holds the same Parameter
+        if isinstance(p, SharedBasisLinear) and leaf in ("basis", "basis" + SCALE_SUFFIX):
+            # every member holds the same basis (and int8 scales): stored once, as shared_bases.<group>[_scale]
+            out.setdefault(BASIS_PREFIX + p.group + leaf.removeprefix("basis"), t)
             continue
         out[key] = t
     return out
@@ -142,7 +146,7 @@ def save_checkpoint(
             log.warning("saving %s without a tokenizer", out_dir)
         fsutil.write_json(os.path.join(tmp, CONFIG_NAME), model.config.to_hf())
         fsutil.write_json(os.path.join(tmp, MANIFEST_NAME), manifest)
-        meta = {"format": "pt", "rankserve_format_version": str(FORMAT_VERSION)}
+        meta = {"format": "pt", "rankserve_format_version": str(manifest["format_version"])}
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), tensors, meta)
         try:
             fsutil.replace_dir(tmp, out_dir, overwrite)
@@ -206,20 +210,28 @@ def _checkpoint_name(projs: Mapping[str, Projection], key: str) -> str:
 
 
 def _expected_tensors(model: nn.Module, manifest: dict) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape for the skeleton."""
+    """Checkpoint tensor name -> shape for the skeleton (and the scales of its int8 tensors)."""
     projs = projections(model)
     expected = {_checkpoint_name(projs, k): s for k, s in meta_parameters(model).items()}
+    if model.config.tie_word_embeddings and "lm_head.weight" in int8.groups(manifest):
+        expected["lm_head.weight"] = tuple(model.lm_head.weight.shape)  # stored on its own, int8
     for g, b in manifest["shared_bases"].items():
         expected[BASIS_PREFIX + g] = tuple(b["shape"])
+    expected.update(int8.expected_scales(expected, manifest))
     return expected
 
 
 def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: str) -> None:
     check_names(tensors, expected, where, CheckpointError)
+    quantized = int8.groups(manifest)
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) == shape:
-            if not t.is_floating_point():
+            if name in quantized and t.dtype != torch.int8:
+                raise CheckpointError(
+                    f"{where}: tensor {name} has dtype {t.dtype}, but the manifest says int8"
+                )
+            if name not in quantized and not t.is_floating_point():
                 raise CheckpointError(f"{where}: tensor {name} has dtype {t.dtype}, expected floating point")
             continue
         module, _, leaf = name.rpartition(".")
@@ -236,6 +248,7 @@ def _check_tensors(tensors: Mapping, expected: Mapping, manifest: dict, where: s
                 f"{list(t.shape)} (expected {list(shape)})"
             )
         raise CheckpointError(f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    int8.check_pairs(tensors, manifest, where)
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, dict]:
@@ -266,9 +279,21 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu")
         raise CheckpointError(f"{e}") from None  # names the file and says truncated/corrupt
     _check_tensors(tensors, _expected_tensors(model, manifest), manifest, weights)
 
+    # An int8 matrix stays int8 with fp32 scales whatever ``dtype``: set_int8 makes it a buffer pair (one pair
+    # object for every member of a shared basis), which takes it off the meta parameters that assign() fills.
     projs = projections(model)
+    quantized = int8.groups(manifest)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for mod_name, mod in projs.items():
+        for pname in mod.matrices:
+            key = _checkpoint_name(projs, f"{mod_name}.{pname}")
+            if key in quantized:
+                if key not in pairs:
+                    pairs[key] = (tensors[key].to(device), tensors[key + SCALE_SUFFIX].to(device))
+                mod.set_int8(pname, *pairs[key], dtype)
     named = {k: tensors[_checkpoint_name(projs, k)] for k in meta_parameters(model)}
-    assign(model, named, dtype, device, source=weights)
+    # a tied head quantized on its own (--lm-head) is no longer the embedding
+    assign(model, named, dtype, device, source=weights, tie="lm_head.weight" not in quantized)
     log.info(
         "loaded checkpoint %s (family %s, format %d)", path, manifest["family"], manifest["format_version"]
     )

@@ -21,7 +21,7 @@ from rankserve.hashing import source_fingerprint
 from rankserve.layers import SharedBasisLinear, projections
 
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)  # 2: int8 weights (rankserve.checkpoint.int8)
 MANIFEST_NAME = "rankserve.json"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -250,6 +250,9 @@ def validate_manifest(m: object, where: str = "manifest") -> dict:
                 fail(f"shared basis {g}: member {member} is not a shared projection of this group")
     if "healing" in m:
         _validate_healing(m["healing"], fail)
+    from rankserve.checkpoint.int8 import validate_record  # int8 builds on this module: imported here
+
+    validate_record(m, fail)
     return m
 
 
@@ -305,4 +308,11 @@ def check_manifest_matches(model: nn.Module, manifest: dict) -> None:
         raise CheckpointError(
             "the manifest does not describe this model (differs at "
             f"{', '.join(diff[:3]) or 'shared_bases'}); build it with build_manifest(model)"
+        )
+    from rankserve.checkpoint.int8 import groups, groups_of
+
+    if groups_of(model) != groups(manifest):
+        raise CheckpointError(
+            "the manifest's int8 record does not describe this model's int8 weights; "
+            "build it with rankserve.checkpoint.int8.with_quantization(manifest, model, report)"
         )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
 from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
+from rankserve.cli.quantize import add_quant_arguments, quant_config, write_checkpoint
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
 FAMILY_FLAGS = {
@@ -59,6 +58,13 @@ def add_arguments(p):
         help="then heal by distillation from the dense model on N tokens (default 0: no healing)",
     )
     add_heal_arguments(p, prefix="heal-")
+    p.add_argument(
+        "--quant",
+        choices=["int8"],
+        default=None,
+        help="then quantize the weights (as rankserve quantize --int8)",
+    )
+    add_quant_arguments(p, prefix="quant-")
     p.add_argument("--json", action="store_true", help="print the compression report as JSON")
 
 
@@ -84,7 +90,7 @@ def run(args) -> int:
             f"--ratio is the fraction of parameters removed and must be in [0, 1), got {args.ratio}"
         )
     cfg = family_config(args)
-    from rankserve.checkpoint import check_out_dir, save_checkpoint
+    from rankserve.checkpoint import check_out_dir
 
     check_out_dir(args.out, args.overwrite)
     if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
@@ -98,13 +104,18 @@ def run(args) -> int:
     hcfg = heal_config(args, args.heal_tokens, prefix="heal-") if args.heal_tokens else None
     if hcfg is not None and args.dtype != "fp32":
         raise CLIError("--heal-tokens trains fp32 factors; drop --dtype or compress and heal separately")
+    qcfg = quant_config(args, "quant-") if args.quant else None
+    if qcfg is None and (args.quant_group_size is not None or args.quant_lm_head):
+        raise CLIError("--quant-group-size and --quant-lm-head need --quant int8")
     from rankserve.calibration import make_calibration
     from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model
 
     apply_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
-    if lm.kind == "rankserve" and lm.manifest.get("family"):
+    if "quantization" in lm.manifest:
+        raise CLIError(f"{args.model} holds int8 weights; compress the float model, then quantize")
+    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
         raise CLIError(
             f"{args.model} is already compressed ({lm.manifest['family']}); start from a dense model"
         )
@@ -135,13 +146,12 @@ def run(args) -> int:
         healing = heal_(lm.model, teacher.model, lm.tokenizer, hcfg)
         manifest = healed_manifest(manifest, healing, lm.source)
         del teacher
-    path = save_checkpoint(
-        lm.model, args.out, tokenizer=lm.tokenizer, manifest=manifest, overwrite=args.overwrite
-    )
-    if args.json:
-        print(json.dumps({"checkpoint": path, **manifest}))
-    else:
-        print(report.table())
-        print(f"checkpoint: {path}")
-        sys.stdout.flush()
-    return 0
+    tables = [report.table()]
+    if qcfg is not None:
+        from rankserve.checkpoint import with_quantization
+        from rankserve.quantize import quantize_
+
+        qreport = quantize_(lm.model, qcfg)
+        manifest = with_quantization(manifest, lm.model, qreport)
+        tables.append(qreport.table())
+    return write_checkpoint(lm, manifest, args, tables)

@@ -28,6 +28,7 @@ def describe(lm) -> dict:
                 "out": proj.out_features,
                 "rank": proj.rank(),
                 "params": proj.param_count(count_shared=False),
+                "int8": proj.is_int8(),
             }
         )
     m = lm.manifest or {}
@@ -53,6 +54,8 @@ def describe(lm) -> dict:
         "family": m.get("family"),
         "ratio": m.get("ratio"),
         "ratio_convention": m.get("ratio_convention"),
+        "quantization": m.get("quantization"),
+        "weight_bytes": st.weight_bytes,
         "projections": layers,
     }
 
@@ -76,12 +79,20 @@ def run(args) -> int:
     print(
         f"  weight bytes read per token {d['bytes_per_token'] / 1e6:.1f} MB (LM head {d['lm_head_bytes'] / 1e6:.1f} MB)"
     )
-    if d["family"]:
+    if d["family"] and d["family"] != "dense":
         print(f"  compressed: family {d['family']}, ratio {d['ratio']} ({d['ratio_convention']})")
+    q = d["quantization"]
+    if q:
+        g = q["config"]["group_size"]
+        print(
+            f"  quantized: {q['scheme']}, {'per channel' if g is None else f'groups of {g}'}, "
+            f"LM head {'int8' if q['config']['lm_head'] else 'float'}; weights {d['weight_bytes'] / 1e6:.1f} MB"
+        )
     print(f"  {'projection':44s} {'kind':8s} {'out x in':>12s} {'rank':>6s} {'params':>10s}")
     for L in d["projections"]:
         rank = "-" if L["rank"] is None else str(L["rank"])
+        int8 = " int8" if L["int8"] else ""
         print(
-            f"  {L['name']:44s} {L['kind']:8s} {L['out']:>5d} x {L['in']:<5d} {rank:>6s} {L['params']:>10,d}"
+            f"  {L['name']:44s} {L['kind']:8s} {L['out']:>5d} x {L['in']:<5d} {rank:>6s} {L['params']:>10,d}{int8}"
         )
     return 0

@@ -24,7 +24,7 @@ BAD_INPUT = (
     FileExistsError,
 )
 
-SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "heal", "bench", "serve", "import"]
+SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "quantize", "heal", "bench", "serve", "import"]
 
 
 class CLIError(InputError):

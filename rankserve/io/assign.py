@@ -60,11 +60,13 @@ def assign(
     dtype: torch.dtype,
     device="cpu",
     source: str = "checkpoint",
+    tie: bool = True,
 ) -> nn.Module:
     """Assign ``tensors`` to the parameters of ``model`` that are still on the meta device, by name, after
     checking that the names are exactly those parameters' and every shape matches; return the model in eval
     mode. Parameters already materialised are kept. One tensor object given under several names (a shared
-    basis) becomes one Parameter. Tensors are cast to ``dtype`` (a no-op when they already are).
+    basis) becomes one Parameter. Tensors are cast to ``dtype`` (a no-op when they already are). A config with
+    tied embeddings ties the LM head to them unless ``tie`` is False (an int8 head of its own).
     """
     expected = meta_parameters(model)
     check_names(tensors, expected, source)
@@ -83,7 +85,7 @@ def assign(
             if id(t) not in made:
                 made[id(t)] = nn.Parameter(t.detach().to(device=device, dtype=dtype), requires_grad=False)
             setattr(mod, pname, made[id(t)])
-    if model.config.tie_word_embeddings:
+    if tie and model.config.tie_word_embeddings:
         model.tie_weights()
     model.init_buffers(device)
     return model.eval()

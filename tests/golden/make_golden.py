@@ -1,8 +1,8 @@
-"""Write the golden format-v1 checkpoint ``v1_tiny/`` and its expected logits ``v1_tiny.expected.safetensors``.
+"""Write a golden checkpoint (``v1_tiny/``, ``v2_int8_tiny/``) and its logits (``<name>.expected.safetensors``).
 
-Run once per format version (``python tests/golden/make_golden.py``) and commit the output; never regenerate
-an existing version's files: ``test_golden_v1_checkpoint_still_loads`` exists so that later code keeps reading
-them. The model is self-contained (its own config and seeded weights): a Qwen2-style body (q/k/v biases), tied
+Run once per format version (``python tests/golden/make_golden.py VERSION``) and commit the output; never
+regenerate an existing version's files: the golden tests (test_checkpoint, test_int8_checkpoint) exist so that
+later code keeps reading them. The model is self-contained (its own config and seeded weights): a Qwen2-style body (q/k/v biases), tied
 embeddings stored in fp16, q_proj and k_proj of both layers sharing one basis each, v_proj and the MLP low-rank,
 o_proj dense. About 30 KB in all.
 """
@@ -10,7 +10,6 @@ o_proj dense. About 30 KB in all.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import torch
@@ -79,18 +78,11 @@ def golden_model() -> torch.nn.Module:
     return model.half()
 
 
-def main() -> None:
-    out = os.path.join(HERE, "v1_tiny")
+def write(name: str, model: torch.nn.Module, manifest: dict) -> None:
+    """Save ``model`` as golden/<name>/ and its fp32 logits on TOKENS as golden/<name>.expected.safetensors."""
+    out = os.path.join(HERE, name)
     if os.path.exists(out):
-        shutil.rmtree(out)
-    model = golden_model()
-    manifest = build_manifest(
-        model,
-        family="golden-test",
-        family_config={"note": "hand-built: shared q/k bases, low-rank v and MLP"},
-        ratio=0.5,
-        extra={"notes": "golden file for format version 1; do not regenerate"},
-    )
+        raise SystemExit(f"{out} exists: golden files are never regenerated")
     save_checkpoint(model, out, tokenizer=tiny_tokenizer(), manifest=manifest)
     # Expected logits come from the saved file loaded in fp32, the path the test takes.
     from rankserve.checkpoint import load_checkpoint
@@ -99,9 +91,37 @@ def main() -> None:
     with torch.inference_mode():
         logits = loaded(TOKENS)
     save_file(
-        {"tokens": TOKENS, "logits": logits.contiguous()}, os.path.join(HERE, "v1_tiny.expected.safetensors")
+        {"tokens": TOKENS, "logits": logits.contiguous()}, os.path.join(HERE, f"{name}.expected.safetensors")
     )
 
 
+def golden_manifest(model: torch.nn.Module, what: str) -> dict:
+    return build_manifest(
+        model,
+        family="golden-test",
+        family_config={"note": "hand-built: shared q/k bases, low-rank v and MLP"},
+        ratio=0.5,
+        extra={"notes": f"golden file for {what}; do not regenerate"},
+    )
+
+
+def v1() -> None:
+    model = golden_model()
+    write("v1_tiny", model, golden_manifest(model, "format version 1"))
+
+
+def v2() -> None:
+    """Format 2: the v1 model quantized to int8 in groups of 8 with its tied LM head (a rank of 4, 5 or 6 is
+    not a multiple of 8, so the lifts fall back to per-channel scales)."""
+    from rankserve.checkpoint import with_quantization
+    from rankserve.quantize import Int8Config, quantize_
+
+    model = golden_model()
+    manifest = golden_manifest(model, "format version 2 (int8)")
+    report = quantize_(model, Int8Config(group_size=8, lm_head=True))
+    write("v2_int8_tiny", model, with_quantization(manifest, model, report))
+
+
 if __name__ == "__main__":
-    main()
+    # python tests/golden/make_golden.py 2   (writes one version's files, once)
+    {"1": v1, "2": v2}[sys.argv[1]]()
