@@ -82,7 +82,8 @@ def _write_2d(w, name: str, arr: np.ndarray, qtype) -> None:
 
 def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None = None) -> str:
     """Write ``model`` (dense projections only) to ``path`` atomically as F32, F16 or Q8_0 (``dtype``);
-    ``tokenizer_from`` is a GGUF whose ``tokenizer.*`` metadata is copied so that llama.cpp can tokenize."""
+    ``tokenizer_from`` is a GGUF whose ``tokenizer.*`` metadata is copied so that llama.cpp can tokenize
+    (without it the file says ``no_vocab``: llama.cpp runs token ids only)."""
     import gguf
 
     if dtype not in WRITTEN_TYPES:
@@ -112,7 +113,10 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_key_value(f"{arch.gguf_arch}.vocab_size", cfg.vocab_size, gguf.GGUFValueType.UINT32)
         w.add_file_type(file_type)
-        if tokenizer_from:
+        if not tokenizer_from:
+            # no vocabulary to copy: llama.cpp then loads the model with dummy tokens and runs token ids
+            w.add_tokenizer_model("no_vocab")
+        else:
             reader = gguf.GGUFReader(tokenizer_from)
             for key, field in reader.fields.items():
                 if key.startswith("tokenizer."):
@@ -179,8 +183,8 @@ def cached_gguf(source: str, ftype: str) -> str:
     """The dense model ``source`` as a GGUF of ``ftype`` (one of :data:`FILE_TYPES`) in rankserve's cache,
     written on first use, keyed by the source's name, size and mtime. A Q4_K_M file is quantized from the
     cached F32 one. The tokenizer metadata is copied when the source is a GGUF."""
+    from rankserve.fsutil import cache_dir
     from rankserve.loaders.source import load_model, resolve
-    from rankserve.tokenizer import cache_dir
 
     if ftype not in FILE_TYPES:
         raise InputError(f"GGUF type must be one of {', '.join(FILE_TYPES)}, got {ftype!r}")
@@ -195,7 +199,7 @@ def cached_gguf(source: str, ftype: str) -> str:
     if ftype in LLAMA_QUANTIZED:
         return quantize_gguf(cached_gguf(source, "f32"), out, ftype)
     lm = load_model(source, dtype="fp32")
-    if lm.kind == "rankserve" and lm.manifest.get("family"):
+    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
         raise InputError(f"{source} is compressed ({lm.manifest['family']}); llama.cpp runs its dense source")
     export_gguf(lm.model, out, ftype, tokenizer_from=path if kind == "gguf" else None)
     return out
