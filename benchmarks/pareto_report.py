@@ -192,7 +192,9 @@ def plot(run: dict, path: str) -> None:
     for engine, color in colors.items():
         ax.scatter([], [], color=color, label=engine)
     if ax.collections and any(len(col.get_offsets()) for col in ax.collections):
-        ax.set_yscale("log")  # (an empty log axis is an error: a run without timed rows still gets its figure)
+        ax.set_yscale(
+            "log"
+        )  # (an empty log axis is an error: a run without timed rows still gets its figure)
     ax.set_xlabel("decode tok/s (batch 1)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(f"{run['settings']['model']}: perplexity against decode speed ({cpu_model()})", fontsize=10)

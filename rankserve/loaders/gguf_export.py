@@ -8,9 +8,11 @@ quantizer that llama.cpp's own converter uses); Q4_K_M is made from the F32 file
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -57,6 +59,19 @@ LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 FILE_TYPES = (*WRITTEN_TYPES, *LLAMA_QUANTIZED)
 
 
+@contextlib.contextmanager
+def _atomic(path: str) -> Iterator[str]:
+    """A temporary file next to ``path`` to write; it becomes ``path`` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _tensor_type(ftype: str):
     import gguf
 
@@ -96,10 +111,7 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
     cfg = model.config
     arch = cfg.architecture  # the GGUF arch name and Q/K order llama.cpp's converter would write
     qtype, file_type = _tensor_type(dtype)
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=parent)
-    os.close(fd)
-    try:
+    with _atomic(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch.gguf_arch)
         w.add_name("rankserve export")
         w.add_block_count(cfg.num_hidden_layers)
@@ -139,11 +151,6 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -161,21 +168,13 @@ def quantize_gguf(src: str, dst: str, ftype: str = "q4_k_m", threads: int = 0) -
         raise InputError(
             f"GGUF {ftype.upper()} is made by llama.cpp's quantizer: pip install 'rankserve[llamacpp]'"
         ) from None
-    parent = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=parent)
-    os.close(fd)
-    try:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[ftype])
-        params.nthread = threads
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[ftype])
+    params.nthread = threads
+    with _atomic(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst
 
 
