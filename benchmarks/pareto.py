@@ -322,8 +322,8 @@ def main(argv=None) -> int:
     import torch
 
     from rankserve.bench.harness import bandwidth_probe
+    from rankserve.fsutil import cache_dir
     from rankserve.hashing import file_sha256
-    from rankserve.tokenizer import cache_dir
 
     dtypes = [d for d in args.dtypes.split(",") if d]
     if "int8" in dtypes and not args.skip_int8 and not int8_available():
