@@ -128,18 +128,22 @@ def test_converted_gguf_greedy_equals_transformers(converted, variant, outtype):
         assert ours == ref, f"{variant} {outtype} prompt {prompt}"
 
 
+@pytest.mark.parametrize("outtype", list(BOUNDS))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_exporter_writes_the_converters_tensors(converted, variant, tmp_path):
-    """rankserve's exporter (the llama.cpp bench baseline) writes the converter's names, Q/K order and values."""
+def test_exporter_writes_the_converters_tensors(converted, variant, outtype, tmp_path):
+    """rankserve's exporter (the llama.cpp bench baselines) writes the converter's names, Q/K order, tensor
+    types and bytes: F32, F16 and Q8_0 (with its F16 fallback for rows that are not whole blocks)."""
     import gguf
 
     dirs, files = converted
     model = build_model(*read_hf_dir(dirs[variant]))  # independent of rankserve's GGUF reader
-    ours = export_gguf(model, str(tmp_path / "ours.gguf"), "f32")
+    ours = export_gguf(model, str(tmp_path / "ours.gguf"), outtype)
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(files[variant, "f32"]).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(files[variant, outtype]).tensors}
     assert sorted(a) == sorted(b)
     for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
         assert np.array_equal(a[name].data, b[name].data), name
-    arch = lambda p: gguf.GGUFReader(p).fields["general.architecture"].contents()  # noqa: E731
-    assert arch(ours) == arch(files[variant, "f32"])
+    fields = lambda p: gguf.GGUFReader(p).fields  # noqa: E731
+    for key in ("general.architecture", "general.file_type"):
+        assert fields(ours)[key].contents() == fields(files[variant, outtype])[key].contents(), key

@@ -6,18 +6,23 @@ the first *sampled* token (TTFT: prefill, then sampling) and the decode rate of 
 - ``fast`` / ``fast-dense`` / ``eager``: rankserve's own generator (``generate_tokens``) over a fast or eager
   runner, greedy, EOS ignored: what ``rankserve generate`` runs;
 - ``hf`` / ``hf-naive``: HF transformers' ``generate``, greedy;
-- ``llama.cpp``: llama-cpp-python's ``eval`` and a greedy pick over its logits.
+- ``llama.cpp``, ``llama.cpp-TYPE``: llama-cpp-python's ``eval`` and a greedy pick over its logits, on the dense
+  source as a GGUF (F32, F16, Q8_0 or Q4_K_M).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 
 import torch
 
 from rankserve.bench.models import random_model
-from rankserve.bench.spec import BackendResult, BenchSpec, Timing
+from rankserve.bench.spec import LLAMA_CPP_BACKENDS, BackendResult, BenchSpec, Timing
 from rankserve.errors import InputError
 
 
@@ -155,55 +160,101 @@ def hf_backend(hf, spec: BenchSpec, vocab: int):
     return once
 
 
-def llama_cpp_backend(source: str, spec: BenchSpec, res: BackendResult):
-    """llama-cpp-python on MODEL's dense source exported as an F32 (fp32) or F16 (bf16) GGUF (cached); None
-    when llama-cpp-python is not installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    from rankserve.fsutil import cache_dir
-    from rankserve.loaders.gguf_export import export_gguf
-    from rankserve.loaders.source import load_model, resolve
+def llama_cpp_type(backend: str, spec: BenchSpec) -> str:
+    """The GGUF type a llama.cpp backend runs: its suffix, or F32 for fp32 and F16 for bf16 (plain ``llama.cpp``)."""
+    if backend == "llama.cpp":
+        return "f32" if spec.dtype == "fp32" else "f16"
+    return backend.removeprefix("llama.cpp-")
 
-    kind, path = resolve(source)
-    gdtype = "f32" if spec.dtype == "fp32" else "f16"
-    st = os.stat(path)
-    # "v2": exports since the per-architecture Q/K order (Qwen2 is no longer permuted, Mistral is a "llama")
-    out = cache_dir(
-        "gguf", f"{os.path.basename(path.rstrip('/'))}-{st.st_size}-{int(st.st_mtime)}-{gdtype}-v2.gguf"
-    )
-    if not os.path.exists(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        lm = load_model(source, dtype="fp32")
-        export_gguf(lm.model, out, gdtype, tokenizer_from=path if kind == "gguf" else None)
-        del lm
-    llm = llama_cpp.Llama(
-        model_path=out,
+
+def _llama(path: str, spec: BenchSpec, batch: int | None):
+    """llama-cpp-python on ``path`` sized for the bench; ``batch`` 1 forces one token per graph (n_batch and
+    n_ubatch), None keeps llama.cpp's default batching."""
+    import llama_cpp
+
+    kw = {} if batch is None else dict(n_batch=batch, n_ubatch=batch)
+    return llama_cpp.Llama(
+        model_path=path,
         n_threads=spec.threads,
         n_threads_batch=spec.threads,
         n_ctx=spec.prompt_len + spec.new_tokens + 8,
         verbose=False,
         logits_all=False,
+        **kw,
     )
-    res.note = f"{gdtype.upper()} GGUF {out}"
+
+
+def llama_cpp_prompt_probe(path: str, spec: BenchSpec) -> None:
+    """Evaluate the bench prompt once with llama.cpp's default batching (run in a throw-away process: with
+    llama-cpp-python 0.3.36 on an AMX CPU, a batched Q8_0 prompt segfaulted, issue #12)."""
+    llm = _llama(path, spec, None)
+    llm.eval(bench_prompt(spec, llm.n_vocab()))
+
+
+def llama_cpp_batching_works(path: str, spec: BenchSpec) -> tuple[bool, str]:
+    """(whether a batched prompt runs, why not): :func:`llama_cpp_prompt_probe` in a child process, so a
+    crash there costs nothing here."""
+    cmd = [sys.executable, "-m", "rankserve.bench", "llama-prompt-probe", path, json.dumps(asdict(spec))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return True, ""
+    why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return False, f"{why}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
+
+
+def llama_cpp_backend(source: str, spec: BenchSpec, res: BackendResult, ftype: str):
+    """llama-cpp-python on MODEL's dense source as a GGUF of ``ftype`` (cached, see ``cached_gguf``); None when
+    llama-cpp-python is not installed.
+
+    The prompt runs batched unless a probe process shows that batching crashes here; then every graph is one
+    token (``n_batch=n_ubatch=1``), which makes prefill one decode step per prompt token (the note says so).
+    Decode speed is the difference of two runs of the same prompt, one new token and ``new_tokens``:
+    (new_tokens - 1) / (t_N - t_1), so no prompt time is counted whatever the batching.
+    """
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    import gguf
+
+    from rankserve.loaders.gguf_export import cached_gguf
+    from rankserve.loaders.gguf_file import gguf_config, gguf_weight_bytes
+
+    path = cached_gguf(source, ftype)
+    batched, why = llama_cpp_batching_works(path, spec)
+    llm = _llama(path, spec, None if batched else 1)
+    res.note = f"{ftype.upper()} GGUF {path}" + ("" if batched else f"; n_batch=1 (batched prompt: {why})")
+    total, res.weight_bytes_per_token = gguf_weight_bytes(path)
+    res.weight_mb = total / 2**20
+    cfg = gguf_config(gguf.GGUFReader(path))
+    # llama.cpp's default KV cache: K and V in F16 for every context slot of every layer
+    res.kv_mb = 2 * 2 * llm.n_ctx() * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim / 2**20
     prompt = bench_prompt(spec, llm.n_vocab())
 
     def greedy() -> int:
         return int(llm.scores[llm.n_tokens - 1].argmax())  # the last row holds the newest logits
 
-    def once() -> Timing:
+    def run(new_tokens: int) -> tuple[float, float, float, float]:
+        """(prefill s, first token s, whole run s, decode loop s) of the prompt and ``new_tokens`` greedy
+        tokens."""
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
         tok = greedy()
         t2 = time.perf_counter()
-        for _ in range(spec.new_tokens - 1):
+        for _ in range(new_tokens - 1):
             llm.eval([tok])
             tok = greedy()
         t3 = time.perf_counter()
-        return Timing(t1 - t0, t2 - t0, (spec.new_tokens - 1) / (t3 - t2))
+        return t1 - t0, t2 - t0, t3 - t0, t3 - t2
+
+    def once() -> Timing:
+        prefill, ttft, short, _ = run(1)
+        *_, long, loop = run(spec.new_tokens)
+        # A difference within timing noise (a tiny model, a few tokens) is no rate: then the loop's own time.
+        decode_s = long - short if long > short else loop
+        return Timing(prefill, ttft, (spec.new_tokens - 1) / decode_s)
 
     return once
 
@@ -235,18 +286,16 @@ def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendRe
         main_src = dense_src if spec.random_ratio is None else f"{dense_src}@{spec.random_ratio}"
     else:
         dense_src, main_src = dense_source(spec.model), spec.model
-    src = dense_src if backend in ("fast-dense", "hf", "llama.cpp") else main_src
+    src = dense_src if backend in ("fast-dense", "hf", *LLAMA_CPP_BACKENDS) else main_src
     res.model = src
-    once = None
-    if backend == "llama.cpp":
+    if backend in LLAMA_CPP_BACKENDS:  # weight bytes and KV cache from the GGUF itself
         if spec.random_config:
             res.ok, res.note = False, "llama.cpp needs a GGUF source, not a random model"
             return res, None
-        once = llama_cpp_backend(src, spec, res)
+        once = llama_cpp_backend(src, spec, res, llama_cpp_type(backend, spec))
         if once is None:
-            res.ok, res.note = False, "llama-cpp-python is not installed (pip install llama-cpp-python)"
+            res.ok, res.note = False, "llama-cpp-python is not installed (pip install 'rankserve[llamacpp]')"
             return res, None
-        model = get(src)
     else:
         model = get(src)
         if backend == "hf":
@@ -256,9 +305,9 @@ def setup_backend(spec: BenchSpec, backend: str, cache: dict) -> tuple[BackendRe
             once = hf_backend(hf_from_rankserve(model), spec, model.config.vocab_size)
         else:
             once = rankserve_backend(model, spec, backend, res)
-    stats = model_stats(model)
-    res.weight_bytes_per_token = stats.bytes_per_token
-    res.weight_mb = stats.weight_bytes / 2**20
+        stats = model_stats(model)
+        res.weight_bytes_per_token = stats.bytes_per_token
+        res.weight_mb = stats.weight_bytes / 2**20
     once()  # warm-up: the fast path compiles on its first decode
     res.load_s = time.perf_counter() - t0
     return res, once

@@ -3,7 +3,8 @@
 All backends run in one worker subprocess (``python -m rankserve.bench worker ...``): each is set up and
 warmed up once (compile time and the RSS it adds are recorded), then the timed runs go in interleaved rounds
 (A, B, C, A, B, C, ...) so that bandwidth drift on a shared machine does not bias the ratios. The median of
-``runs`` rounds is reported. Memory is measured apart, one fresh worker per rankserve backend (``memory.py``).
+``runs`` rounds is reported. Memory is measured apart, one fresh worker per rankserve or llama.cpp backend
+(``memory.py``).
 
 Backends (``backends.py``):
 - ``fast``: the fast runtime (packed, compiled, native kernels) on MODEL;
@@ -11,7 +12,8 @@ Backends (``backends.py``):
 - ``eager``: the rankserve reference path on MODEL;
 - ``hf``: HF transformers running the dense source model;
 - ``hf-naive``: HF transformers with every factorized projection as two ``nn.Linear`` (FlashSVD's baseline);
-- ``llama.cpp``: llama-cpp-python on the dense source written as an F32 (fp32) or F16 (bf16) GGUF.
+- ``llama.cpp``: llama-cpp-python on the dense source written as an F32 (fp32) or F16 (bf16) GGUF;
+  ``llama.cpp-f32``, ``-f16``, ``-q8_0``, ``-q4_k_m``: one GGUF type whatever the dtype.
 """
 
 from __future__ import annotations

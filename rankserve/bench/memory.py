@@ -10,10 +10,11 @@ from __future__ import annotations
 import resource
 
 from rankserve.bench.backends import setup_backend
-from rankserve.bench.spec import BenchSpec
+from rankserve.bench.spec import LLAMA_CPP_BACKENDS, BenchSpec
 
-# Backends whose memory a fresh worker measures (the others are other programs' memory).
-MEMORY_BACKENDS = ("fast", "fast-dense", "eager")
+# Backends whose memory a fresh worker measures: rankserve's, and llama.cpp's (the rival a user would pick
+# instead; its GGUF is memory-mapped, so the pages it touches count). HF's is other programs' memory.
+MEMORY_BACKENDS = ("fast", "fast-dense", "eager", *LLAMA_CPP_BACKENDS)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -44,6 +45,8 @@ def measure_memory(spec: BenchSpec, backend: str) -> dict:
     from rankserve.runtime.native import NativeKernels
 
     NativeKernels.load()
+    if backend in LLAMA_CPP_BACKENDS:
+        import llama_cpp  # noqa: F401  (its shared libraries are library code too)
     base = rss_mb()
     res, _ = setup_backend(spec, backend, {})
     if not res.ok:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-BACKENDS = ["fast", "fast-dense", "eager", "hf", "hf-naive", "llama.cpp"]
+from rankserve.loaders.gguf_export import FILE_TYPES
+
+# "llama.cpp" runs an F32 GGUF for fp32 and F16 for bf16; "llama.cpp-TYPE" one GGUF type whatever the dtype.
+LLAMA_CPP_BACKENDS = ["llama.cpp", *(f"llama.cpp-{t}" for t in FILE_TYPES)]
+BACKENDS = ["fast", "fast-dense", "eager", "hf", "hf-naive", *LLAMA_CPP_BACKENDS]
 
 
 @dataclass

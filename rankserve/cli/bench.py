@@ -12,7 +12,8 @@ def add_arguments(p):
     p.add_argument(
         "--baselines",
         default="fast,eager,hf",
-        help="comma list of backends: fast, fast-dense, eager, hf, hf-naive, llama.cpp (default fast,eager,hf)",
+        help="comma list of backends: fast, fast-dense, eager, hf, hf-naive, llama.cpp (F32 for fp32, F16 for "
+        "bf16), llama.cpp-f32, llama.cpp-f16, llama.cpp-q8_0, llama.cpp-q4_k_m (default fast,eager,hf)",
     )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -32,7 +33,7 @@ def add_arguments(p):
     p.add_argument(
         "--no-memory",
         action="store_true",
-        help="skip the peak-RSS measurement (one fresh worker per fast/fast-dense/eager backend)",
+        help="skip the peak-RSS measurement (one fresh worker per rankserve or llama.cpp backend)",
     )
     p.add_argument("--json", action="store_true")
 

@@ -1,9 +1,18 @@
-"""Write a dense model as an F32 or F16 GGUF (for llama.cpp baselines), laid out as llama.cpp's converter does."""
+"""Write a dense model as a GGUF for the llama.cpp baselines, laid out as llama.cpp's converter does.
+
+F32, F16 and Q8_0 are written here with the ``gguf`` package (Q8_0 by ``gguf.quants``, the port of ggml's
+quantizer that llama.cpp's own converter uses); Q4_K_M is made from the F32 file by llama.cpp's own
+``llama_model_quantize`` (through llama-cpp-python), because its per-tensor type mix is llama.cpp's rule and
+``gguf.quants`` cannot quantize Q4_K or Q6_K. :func:`cached_gguf` keeps one file per (source, type).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -43,25 +52,66 @@ def _gguf_name(hf_name: str) -> str:
     }[hf_name]
 
 
-def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None = None) -> str:
-    """Write ``model`` (dense projections only) to ``path`` atomically; ``tokenizer_from`` is a GGUF whose
-    ``tokenizer.*`` metadata is copied so that llama.cpp can tokenize."""
-    import gguf
+# file type -> how its 2-D tensors are written (1-D tensors, norms and biases, stay F32 as llama.cpp keeps them)
+WRITTEN_TYPES = ("f32", "f16", "q8_0")
+# file type -> llama.cpp's ``llama_ftype`` name: made from the F32 file by llama.cpp's own quantizer
+LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+FILE_TYPES = (*WRITTEN_TYPES, *LLAMA_QUANTIZED)
 
-    if dtype not in ("f32", "f16"):
-        raise InputError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
-    bad = [n for n, p in projections(model).items() if not isinstance(p, DenseLinear)]
-    if bad:
-        raise InputError(
-            f"GGUF export needs a dense model; {bad[0]} is {type(model.get_submodule(bad[0])).__name__}"
-        )
-    cfg = model.config
-    arch = cfg.architecture  # the GGUF arch name and Q/K order llama.cpp's converter would write
-    np_dtype = np.float32 if dtype == "f32" else np.float16
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=parent)
+
+@contextlib.contextmanager
+def _atomic(path: str) -> Iterator[str]:
+    """A temporary file next to ``path`` to write; it becomes ``path`` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _tensor_type(ftype: str):
+    import gguf
+
+    return {
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    }[ftype]
+
+
+def _write_2d(w, name: str, arr: np.ndarray, qtype) -> None:
+    """One 2-D tensor in ``qtype``; as llama.cpp's converter does, a row that is not a whole number of quant
+    blocks (32 for Q8_0) falls back to F16."""
+    import gguf
+
+    try:
+        data = gguf.quants.quantize(arr, qtype)
+    except gguf.QuantError:
+        qtype = gguf.GGMLQuantizationType.F16
+        data = gguf.quants.quantize(arr, qtype)
+    w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+
+
+def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None = None) -> str:
+    """Write ``model`` (dense projections only) to ``path`` atomically as F32, F16 or Q8_0 (``dtype``);
+    ``tokenizer_from`` is a GGUF whose ``tokenizer.*`` metadata is copied so that llama.cpp can tokenize
+    (without it the file says ``no_vocab``: llama.cpp runs token ids only)."""
+    import gguf
+
+    if dtype not in WRITTEN_TYPES:
+        hint = f" ({dtype} is made by quantize_gguf from the f32 file)" if dtype in LLAMA_QUANTIZED else ""
+        raise InputError(f"GGUF export type must be one of {', '.join(WRITTEN_TYPES)}, got {dtype!r}{hint}")
+    for n, p in projections(model).items():
+        if not isinstance(p, DenseLinear) or p.is_int8():
+            what = "int8" if p.is_int8() else type(p).__name__
+            raise InputError(f"GGUF export needs a dense float model; {n} is {what}")
+    cfg = model.config
+    arch = cfg.architecture  # the GGUF arch name and Q/K order llama.cpp's converter would write
+    qtype, file_type = _tensor_type(dtype)
+    with _atomic(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch.gguf_arch)
         w.add_name("rankserve export")
         w.add_block_count(cfg.num_hidden_layers)
@@ -74,8 +124,11 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_key_value(f"{arch.gguf_arch}.vocab_size", cfg.vocab_size, gguf.GGUFValueType.UINT32)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-        if tokenizer_from:
+        w.add_file_type(file_type)
+        if not tokenizer_from:
+            # no vocabulary to copy: llama.cpp then loads the model with dummy tokens and runs token ids
+            w.add_tokenizer_model("no_vocab")
+        else:
             reader = gguf.GGUFReader(tokenizer_from)
             for key, field in reader.fields.items():
                 if key.startswith("tokenizer."):
@@ -90,17 +143,62 @@ def export_gguf(model, path: str, dtype: str = "f32", tokenizer_from: str | None
                 arr = permute_qk(arr, cfg.num_attention_heads)
             elif arch.gguf_qk_permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = permute_qk(arr, cfg.num_key_value_heads)
-            # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type
-            w.add_tensor(
-                _gguf_name(name), np.ascontiguousarray(arr.astype(np_dtype if arr.ndim == 2 else np.float32))
-            )
+            if arr.ndim == 2:
+                _write_2d(w, _gguf_name(name), np.ascontiguousarray(arr), qtype)
+            else:  # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type
+                w.add_tensor(_gguf_name(name), np.ascontiguousarray(arr, dtype=np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
+
+
+def quantize_gguf(src: str, dst: str, ftype: str = "q4_k_m", threads: int = 0) -> str:
+    """llama.cpp's own quantizer (``llama_model_quantize``) from the GGUF ``src`` (F32 for the least loss) to
+    ``dst``, atomically: the per-tensor type mix of ``ftype`` is llama.cpp's rule (``llama_tensor_get_type``),
+    no imatrix. Needs llama-cpp-python; ``threads`` 0 lets llama.cpp choose."""
+    if ftype not in LLAMA_QUANTIZED:
+        raise InputError(
+            f"llama.cpp quantization type must be one of {', '.join(LLAMA_QUANTIZED)}, got {ftype!r}"
+        )
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(
+            f"GGUF {ftype.upper()} is made by llama.cpp's quantizer: pip install 'rankserve[llamacpp]'"
+        ) from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[ftype])
+    params.nthread = threads
+    with _atomic(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with code {rc}")
+    return dst
+
+
+def cached_gguf(source: str, ftype: str) -> str:
+    """The dense model ``source`` as a GGUF of ``ftype`` (one of :data:`FILE_TYPES`) in rankserve's cache,
+    written on first use, keyed by the source's name, size and mtime. A Q4_K_M file is quantized from the
+    cached F32 one. The tokenizer metadata is copied when the source is a GGUF."""
+    from rankserve.fsutil import cache_dir
+    from rankserve.loaders.source import load_model, resolve
+
+    if ftype not in FILE_TYPES:
+        raise InputError(f"GGUF type must be one of {', '.join(FILE_TYPES)}, got {ftype!r}")
+    kind, path = resolve(source)
+    st = os.stat(path)
+    # "v2": exports since the per-architecture Q/K order (Qwen2 is no longer permuted, Mistral is a "llama")
+    stem = f"{os.path.basename(path.rstrip('/'))}-{st.st_size}-{int(st.st_mtime)}"
+    out = cache_dir("gguf", f"{stem}-{ftype}-v2.gguf")
+    if os.path.exists(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if ftype in LLAMA_QUANTIZED:
+        return quantize_gguf(cached_gguf(source, "f32"), out, ftype)
+    lm = load_model(source, dtype="fp32")
+    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
+        raise InputError(f"{source} is compressed ({lm.manifest['family']}); llama.cpp runs its dense source")
+    export_gguf(lm.model, out, ftype, tokenizer_from=path if kind == "gguf" else None)
+    return out

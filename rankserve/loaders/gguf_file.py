@@ -134,3 +134,25 @@ def read_gguf(path: str):
         raise GGUFError(f"{path} is not a readable GGUF file ({e})") from None
     cfg = gguf_config(reader)
     return cfg, gguf_tensors(reader, cfg)
+
+
+def gguf_weight_bytes(path: str) -> tuple[int, int]:
+    """(bytes of every tensor, weight bytes read per decoded token) of a GGUF file, stored types as they are.
+
+    Per token, the rule of :func:`rankserve.analysis.model_stats`: every projection, norm and the LM head
+    whole, and one row of the embedding (whose whole matrix is the LM head when the file ties them).
+    """
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    names = {t.name for t in tensors}
+    total = per_token = 0
+    for t in tensors:
+        n = int(t.n_bytes)
+        total += n
+        if t.name == "token_embd.weight":
+            rows = int(t.shape[1])  # ggml order: ne[0] is the row length, ne[1] the rows
+            per_token += n // rows + (n if "output.weight" not in names else 0)
+        else:
+            per_token += n
+    return total, per_token
