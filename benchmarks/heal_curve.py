@@ -9,7 +9,7 @@ Experiments (each rewrites its record in ``--results`` as it goes; ``--report-on
 * ``curve``: compress at ``--ratio`` calibrated on ``--arm`` data (default: self-generated), then heal with
   ``rankserve.heal.heal_``'s defaults unless given, and score both texts every ``--eval-tokens`` healing tokens.
   ``--speed`` first times a few training steps in fp32, and with bf16 autocast where the CPU has native bf16
-  (``rankserve.heal.cpu_has_native_bf16``; elsewhere bf16 is emulated and cannot pay).
+  (``rankserve.distill.cpu_has_native_bf16``; elsewhere bf16 is emulated and cannot pay).
 * ``data``: each arm (self-generated text, WikiText-2 validation, half of each) is used both to calibrate the
   compression and to heal; both texts are scored after compressing and after a short heal.
 
@@ -148,7 +148,8 @@ def arm_heal(args, arm: str, **over):
 
 def speed_probe(args, lm, student, generated) -> dict[str, float]:
     """Training tokens/s over 3 steps of 4x256, fp32 and (only where it can pay) bf16 autocast."""
-    from rankserve.heal import cpu_has_native_bf16, heal_
+    from rankserve.distill import cpu_has_native_bf16
+    from rankserve.heal import heal_
 
     speed = {}
     for amp in ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",):

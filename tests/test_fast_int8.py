@@ -6,8 +6,8 @@ from test_fast import lowrank_model, run
 from tiny import tiny_model
 
 from rankserve.quantize import Int8Config, quantize_
+from rankserve.runtime.eager import EagerRunner
 from rankserve.runtime.fast import FastRunner
-from rankserve.runtime.generate import EagerRunner
 from rankserve.runtime.native import ISAS, NativeKernels, compiler, cpu_runs, namespace
 from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.packing import apply_packed, pack_

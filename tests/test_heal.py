@@ -18,7 +18,8 @@ from tiny_tok import tiny_tokenizer
 
 import rankserve.heal as heal_mod
 from rankserve.checkpoint import CheckpointError, validate_manifest
-from rankserve.heal import HealConfig, HealDiverged, heal_, kl_logits, lr_factor, trainable_parameters
+from rankserve.distill import kl_logits, lr_factor, trainable_parameters
+from rankserve.heal import HealConfig, HealDiverged, heal_
 from rankserve.layers import SharedBasisLinear
 from rankserve.runtime.eager import EagerRunner
 

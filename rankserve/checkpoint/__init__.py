@@ -5,7 +5,7 @@
 :mod:`~rankserve.checkpoint.int8` the int8 record (format version 2).
 """
 
-from rankserve.checkpoint.int8 import INT8_FORMAT_VERSION, with_quantization
+from rankserve.checkpoint.int8 import INT8_FORMAT_VERSION
 from rankserve.checkpoint.io import (
     check_out_dir,
     load_checkpoint,
@@ -13,18 +13,18 @@ from rankserve.checkpoint.io import (
     save_checkpoint,
 )
 from rankserve.checkpoint.manifest import (
-    BASIS_PREFIX,
     CONFIG_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     RATIO_CONVENTION,
     SUPPORTED_VERSIONS,
     WEIGHTS_NAME,
-    CheckpointError,
     build_manifest,
     read_manifest,
     validate_manifest,
+    with_quantization,
 )
+from rankserve.checkpoint.names import BASIS_PREFIX, CheckpointError
 from rankserve.io.safetensors import write_safetensors
 
 __all__ = [

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from rankserve.checkpoint.manifest import BASIS_PREFIX, CheckpointError, dtype_name, model_dtype
+from rankserve.checkpoint.names import BASIS_PREFIX, CheckpointError
 from rankserve.errors import InputError
 from rankserve.layers import (
     SCALE_SUFFIX,
@@ -31,7 +31,7 @@ from rankserve.layers import (
     projections,
 )
 from rankserve.quant import SCHEME, check_int8
-from rankserve.quantize import Int8Config, QuantReport, config_from_dict, group_for
+from rankserve.quantize import Int8Config, config_from_dict, group_for
 
 INT8_FORMAT_VERSION = 2
 KEY = "quantization"
@@ -57,18 +57,6 @@ def int8_pairs(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 def groups_of(model: nn.Module) -> dict[str, int]:
     """Checkpoint name -> group (input columns per scale) of every int8 matrix of ``model``."""
     return {k: q.shape[1] // s.shape[1] for k, (q, s) in int8_pairs(model).items()}
-
-
-def with_quantization(manifest: dict, model: nn.Module, report: QuantReport) -> dict:
-    """``manifest`` (of the model before quantization) with the ``quantization`` record of ``model`` and the
-    model's working dtype; format version 2."""
-    from rankserve.checkpoint.manifest import validate_manifest  # it imports this module: not at the top
-
-    out = dict(manifest)
-    out["format_version"] = INT8_FORMAT_VERSION
-    out["dtype"] = dtype_name(model_dtype(model))
-    out[KEY] = {"scheme": SCHEME, "config": dict(report.config), "tensors": groups_of(model)}
-    return validate_manifest(out)
 
 
 def _expected(m: dict, cfg: Int8Config) -> dict[str, int]:

@@ -27,17 +27,14 @@ from torch import nn
 from rankserve import fsutil
 from rankserve.checkpoint import int8
 from rankserve.checkpoint.manifest import (
-    BASIS_PREFIX,
     CONFIG_NAME,
     MANIFEST_NAME,
     WEIGHTS_NAME,
-    CheckpointError,
     check_manifest_matches,
-    dtype_name,
-    model_dtype,
     read_manifest,
     validate_manifest,
 )
+from rankserve.checkpoint.names import BASIS_PREFIX, CheckpointError, dtype_name, model_dtype
 from rankserve.config import ConfigError, ModelConfig
 from rankserve.io.assign import assign, check_names, meta_parameters, new_model
 from rankserve.io.safetensors import SafetensorsError, load_mmap, write_safetensors

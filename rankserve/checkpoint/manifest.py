@@ -16,16 +16,18 @@ import torch
 from torch import nn
 
 from rankserve import __version__
-from rankserve.errors import InputError
+from rankserve.checkpoint import int8
+from rankserve.checkpoint.names import CheckpointError, dtype_name, model_dtype
 from rankserve.hashing import source_fingerprint
 from rankserve.layers import SharedBasisLinear, projections
+from rankserve.quant import SCHEME
+from rankserve.quantize import QuantReport
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1, 2)  # 2: int8 weights (rankserve.checkpoint.int8)
 MANIFEST_NAME = "rankserve.json"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-BASIS_PREFIX = "shared_bases."
 RATIO_CONVENTION = (
     "fraction of decoder linear-layer parameters removed (SVD-LLM convention); "
     "embeddings and LM head not counted"
@@ -46,10 +48,6 @@ REQUIRED_KEYS = (
     "params_linear",
     "created_by",
 )
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be written or read, with what is wrong."""
 
 
 def _is_lm_head(name: str) -> bool:
@@ -109,14 +107,6 @@ def _param_counts(projs: Mapping, bases: Mapping) -> tuple[int, int]:
         if not all(_is_lm_head(m) for m in b["members"]):
             actual += b["shape"][0] * b["shape"][1]
     return dense, actual
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def build_manifest(
@@ -250,9 +240,8 @@ def validate_manifest(m: object, where: str = "manifest") -> dict:
                 fail(f"shared basis {g}: member {member} is not a shared projection of this group")
     if "healing" in m:
         _validate_healing(m["healing"], fail)
-    from rankserve.checkpoint.int8 import validate_record  # int8 builds on this module: imported here
 
-    validate_record(m, fail)
+    int8.validate_record(m, fail)
     return m
 
 
@@ -309,10 +298,19 @@ def check_manifest_matches(model: nn.Module, manifest: dict) -> None:
             "the manifest does not describe this model (differs at "
             f"{', '.join(diff[:3]) or 'shared_bases'}); build it with build_manifest(model)"
         )
-    from rankserve.checkpoint.int8 import groups, groups_of
 
-    if groups_of(model) != groups(manifest):
+    if int8.groups_of(model) != int8.groups(manifest):
         raise CheckpointError(
             "the manifest's int8 record does not describe this model's int8 weights; "
-            "build it with rankserve.checkpoint.int8.with_quantization(manifest, model, report)"
+            "build it with rankserve.checkpoint.with_quantization(manifest, model, report)"
         )
+
+
+def with_quantization(manifest: dict, model: nn.Module, report: QuantReport) -> dict:
+    """``manifest`` (of the model before quantization) with the ``quantization`` record of ``model`` and the
+    model's working dtype; format version 2 (:mod:`rankserve.checkpoint.int8`)."""
+    out = dict(manifest)
+    out["format_version"] = int8.INT8_FORMAT_VERSION
+    out["dtype"] = dtype_name(model_dtype(model))
+    out[int8.KEY] = {"scheme": SCHEME, "config": dict(report.config), "tensors": int8.groups_of(model)}
+    return validate_manifest(out)

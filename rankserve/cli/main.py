@@ -24,7 +24,18 @@ BAD_INPUT = (
     FileExistsError,
 )
 
-SUBCOMMANDS = ["generate", "inspect", "demo", "eval", "compress", "quantize", "heal", "bench", "serve", "import"]
+SUBCOMMANDS = [
+    "generate",
+    "inspect",
+    "demo",
+    "eval",
+    "compress",
+    "quantize",
+    "heal",
+    "bench",
+    "serve",
+    "import",
+]
 
 
 class CLIError(InputError):
