@@ -334,7 +334,7 @@ def plot(results: str, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from results import finish_panel, save_figure  # benchmarks/results.py, next to this file
+    from results_report import finish_panel, save_figure  # benchmarks/results_report.py, next to this file
 
     recs = json.load(open(results)) if os.path.exists(results) else []
     fig, axes = plt.subplots(1, len(TEXTS), figsize=(6 * len(TEXTS), 4.5), squeeze=False)
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
         if args.experiment is None:
             sys.exit("choose an experiment: curve or data (or --report-only)")
         sys.path.insert(0, REPO)
-        from results import cpu_model  # benchmarks/results.py, next to this file
+        from results_report import cpu_model  # benchmarks/results_report.py, next to this file
 
         from rankserve.loaders.source import load_model
 

@@ -24,7 +24,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, REPO)  # run as a script from anywhere
 
 import corpora  # noqa: E402  (benchmarks/ is on the path when run as a script)
 import torch  # noqa: E402
+from results_report import cpu_model  # noqa: E402
 
 from rankserve.eval import perplexity  # noqa: E402
 from rankserve.loaders.source import load_model  # noqa: E402
@@ -65,12 +65,6 @@ def ensure_svd_llm(path: str) -> str:
         print("making the compressed model:", " ".join(cmd), flush=True)
         subprocess.run([sys.executable, "-m", *cmd], check=True)
     return " ".join(cmd)
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
-    return names[0] if names else platform.processor()
 
 
 def measure(args, done) -> list[dict]:

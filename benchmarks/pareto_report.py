@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results import cpu_model  # noqa: E402  (benchmarks/results.py)
+from results_report import cpu_model  # noqa: E402  (benchmarks/results_report.py)
 
 # The targets (#12, "Done means"): (rankserve config, llama.cpp config, minimum decode ratio)
 SPEED_TARGETS = [

@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fixture)
-    _private_tempdir,
+from hostile_zips import (
     deflated_zeros,
     global_call_pickle,
-    reference_logits,
-    tiny_config,
     write_compressed_torch_zip,
     write_raw_zip,
-    write_svd_llm,
     write_torch_zip,
 )
+from importer_fixtures import _private_tempdir, tiny_config, write_svd_llm  # noqa: F401 (_private_tempdir is an autouse fixture)
+from importer_reference import reference_logits
 from safetensors.torch import save_file
 from tiny_tok import tiny_tokenizer
 

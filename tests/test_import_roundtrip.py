@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_zips import global_call_pickle, write_torch_zip
 from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fixture)
     _private_tempdir,
-    global_call_pickle,
-    reference_logits,
     tiny_config,
     write_asvd,
     write_basis_sharing,
     write_svd_llm,
-    write_torch_zip,
     write_uv,
 )
+from importer_reference import reference_logits
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_tok import tiny_tokenizer

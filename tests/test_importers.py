@@ -9,19 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_zips import global_call_pickle, write_torch_zip
 from importer_fixtures import (  # noqa: F401 (_private_tempdir is an autouse fixture)
     _private_tempdir,
     fast_tokenizer_json,
-    global_call_pickle,
     module_name,
-    reference_logits,
     tiny_config,
     write_asvd,
     write_basis_sharing,
     write_svd_llm,
-    write_torch_zip,
     write_uv,
 )
+from importer_reference import reference_logits
 from safetensors.torch import load_file, save_file
 
 from rankserve.importers import (

@@ -55,8 +55,8 @@ def write_hf_dir(path: str, variant: str, tokenizer_model: bytes, vocab_size: in
 def converted(llamacpp_converter, tmp_path_factory):
     """{variant: hf_dir} and {(variant, outtype): gguf path}, converted in one converter process."""
     import sentencepiece as spm
-    from importer_fixtures import sentencepiece_proto
     from llamacpp_converter import convert
+    from standins import sentencepiece_proto
 
     root = tmp_path_factory.mktemp("llamacpp")
     proto = sentencepiece_proto()  # the cheapest tokenizer the converter accepts without a known-hash check
