@@ -27,6 +27,8 @@ _API = {
     "compress_": "rankserve.api",
     "quantize_": "rankserve.api",
     "Int8Config": "rankserve.quantize",
+    "heal_": "rankserve.heal",
+    "HealConfig": "rankserve.heal",
     "SamplingParams": "rankserve.runtime.sampling",
     "RuntimeOptions": "rankserve.runtime.options",
     "make_calibration": "rankserve.calibration",
