@@ -16,6 +16,7 @@ from test_loaders import write_hf_dir
 from tiny import tiny_model
 from tiny_tok import tiny_tokenizer
 
+import rankserve.distill as distill
 import rankserve.heal as heal_mod
 from rankserve.checkpoint import CheckpointError, validate_manifest
 from rankserve.distill import kl_logits, lr_factor, trainable_parameters
@@ -285,11 +286,11 @@ def test_bf16_autocast_only_where_the_cpu_has_bf16(monkeypatch, flags, native):
     import rankserve.runtime.native as native_mod
 
     monkeypatch.setattr(native_mod, "cpu_flags", lambda: flags)
-    assert heal_mod.cpu_has_native_bf16() is native
+    assert distill.cpu_has_native_bf16() is native
     cpu = torch.device("cpu")
-    assert heal_mod.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
-    assert heal_mod.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always
-    assert heal_mod.autocast_dtype("fp32", cpu) is None
+    assert distill.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert distill.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly: always
+    assert distill.autocast_dtype("fp32", cpu) is None
 
 
 def test_chat_prompts_do_not_teach_the_demo_question():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from rankserve.errors import InputError
 
-class CheckpointImportError(ValueError):
+
+class CheckpointImportError(InputError):
     """A checkpoint cannot be imported: wrong layout, wrong shapes, missing tensors, unsupported model."""
 
 
