@@ -157,9 +157,17 @@ def compressed(args, cache: str, ratio: float) -> str:
     return out
 
 
+def int8_config() -> dict:
+    """The config ``rankserve quantize --int8`` uses (its defaults): part of the cache key and of the report."""
+    from rankserve.quantize import Int8Config
+
+    return Int8Config().to_dict()
+
+
 def quantized(cache: str, src: str, threads: int) -> str:
-    """``src`` with int8 weights, made once per source version by ``rankserve quantize SRC --int8``."""
-    out = os.path.join(cache, f"int8-{_key({'source': _stamp(src), 'int8': 'per-channel'})}")
+    """``src`` with int8 weights, made once per source version and default config by ``rankserve quantize SRC
+    --int8``."""
+    out = os.path.join(cache, f"int8-{_key({'source': _stamp(src), 'int8': int8_config()})}")
     if not os.path.isdir(out):
         print(f"[{_now()}] quantizing: {src} -> {out}", flush=True)
         err = _cli(["quantize", src, "--int8", "--out", out, "--threads", str(threads)])
@@ -370,7 +378,10 @@ def main(argv=None) -> int:
         "command": "python benchmarks/pareto.py " + " ".join(args.argv),
         "finished": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
         "wall_s": round(time.perf_counter() - t0, 1),
-        "settings": {k: v for k, v in vars(args).items() if k != "argv"},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "argv"},
+            "int8_config": int8_config(),
+        },
         "bandwidth_gbs": bw,
         "crosscheck": cross,
         "configs": [{**asdict(c), "name": c.name} for c in configs],

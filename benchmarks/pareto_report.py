@@ -30,6 +30,14 @@ def _f(x, digits: int = 1, scale: float = 1.0) -> str:
     return f"{x * scale:.{digits}f}"
 
 
+def _int8_desc(st: dict) -> str:
+    cfg = st.get("int8_config") or {
+        "group_size": None,
+        "lm_head": False,
+    }  # runs before the config was recorded
+    return ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("method", "version"))
+
+
 def _ok(c: dict) -> bool:
     return not c["error"]
 
@@ -51,7 +59,7 @@ def table(configs: list[dict]) -> list[str]:
             f"| {c['name']} | {_f(r.get('wikitext_ppl'), 2)} | {_f(r.get('lee_ppl'), 2)} "
             f"| {_f(r.get('decode_tok_s'))} | {_f(r.get('prefill_tok_s'))} "
             f"| {_f(r.get('weight_bytes_per_token'), 1, 1e-6)} | {_f(r.get('weight_mb'), 0)} "
-            f"| {_f(r.get('rss_peak_mb'), 0)} | {_f(r.get('achieved_gbs'))} | {_f(frac, 0, 100)} | {note} |"
+            f"| {_f(r.get('rss_peak_mb') or None, 0)} | {_f(r.get('achieved_gbs'))} | {_f(frac, 0, 100)} | {note} |"
         )
     return lines
 
@@ -145,7 +153,8 @@ def markdown(run: dict) -> str:
         + "`; SVD-LLM (uniform ranks) at ratio = fraction of linear-layer parameters "
         f"REMOVED, calibrated on {st['calib_samples']} x {st['calib_seq_len']} tokens of "
         f"`{os.path.basename(st['calib_data'])}` (seed {st['seed']}); int8 = `rankserve quantize --int8` "
-        f"(symmetric, per output channel) of each float checkpoint, run with {st['int8_dtype']} activations.",
+        f"(symmetric, its default config `{_int8_desc(st)}`) of each float checkpoint, run with "
+        f"{st['int8_dtype']} activations.",
         f"- Perplexity: `rankserve.eval.perplexity`, the first {st['max_windows']} windows of {st['seq_len']} "
         "tokens of the WikiText-2 test split and of the Lee background corpus (out of domain, never calibrated on). "
         "llama.cpp rows are scored on their GGUF's weights read through rankserve's GGUF reader (dequantized): "
@@ -154,7 +163,8 @@ def markdown(run: dict) -> str:
         f"median of {st['runs']} runs; rankserve runs the `fast` backend, one worker per configuration; the "
         "llama.cpp types run in one worker, interleaved. llama.cpp's decode rate is the difference of a 1-token "
         "and a full run of the same prompt. Peak RSS from the bench's fresh memory worker (llama.cpp's GGUF is "
-        "memory-mapped). % of read bw = MB/token x tok/s / the probe before the runs.",
+        "memory-mapped; '-' where this run skipped it, `--no-memory`). % of read bw = MB/token x tok/s / the "
+        "probe before the runs.",
         "",
         *table(configs),
         "",

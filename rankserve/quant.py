@@ -56,15 +56,17 @@ def quantize_int8(W: Tensor, group_size: int | None = None) -> tuple[Tensor, Ten
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The matrix ``q * scale`` [out, in] in ``dtype``: the eager reference every int8 kernel is tested against."""
-    check_int8(q, scale)
+    check_int8_layout(q, scale)
     out, inp = q.shape
     groups = scale.shape[1]
     w = q.to(torch.float32).reshape(out, groups, inp // groups) * scale.to(torch.float32).unsqueeze(-1)
     return w.reshape(out, inp).to(dtype)
 
 
-def check_int8(q: Tensor, scale: Tensor, name: str = "weight") -> None:
-    """Validate one stored (q, scale) pair: dtypes, shapes, a whole number of groups, finite non-negative scales."""
+def check_int8_layout(q: Tensor, scale: Tensor, name: str = "weight") -> None:
+    """What :func:`dequantize_int8` needs of a pair: dtypes, shapes, a whole number of groups. Cheap (no scan of
+    the values), so it runs on every dequantization; the scales' values are checked once, where a pair enters a
+    model (:func:`check_int8`)."""
     if q.dtype != torch.int8 or q.ndim != 2:
         raise ValueError(f"{name}: int8 weight must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
     if scale.dtype != torch.float32 or scale.ndim != 2 or scale.shape[0] != q.shape[0]:
@@ -74,5 +76,10 @@ def check_int8(q: Tensor, scale: Tensor, name: str = "weight") -> None:
     groups = scale.shape[1]
     if groups < 1 or q.shape[1] % groups:
         raise ValueError(f"{name}: {groups} scale groups do not divide the {q.shape[1]} input columns")
+
+
+def check_int8(q: Tensor, scale: Tensor, name: str = "weight") -> None:
+    """Validate one stored (q, scale) pair: its layout, and finite non-negative scales."""
+    check_int8_layout(q, scale, name)
     if not (torch.isfinite(scale).all() and (scale >= 0).all()):
         raise ValueError(f"{name}: int8 scales must be finite and non-negative")

@@ -4,7 +4,7 @@ A method is a config dataclass (what to do, versioned, JSON round trip by an all
 registered handler (how). The only method is symmetric int8 (:mod:`rankserve.quant` holds its math, the
 projections hold the result, see :mod:`rankserve.layers`). It is training-free and works on any mix of dense,
 low-rank and shared-basis projections, so it applies after compression and healing: every matrix of every decoder
-projection (each shared basis once), and the LM head only when asked.
+projection (each shared basis once), and the LM head unless asked not to.
 """
 
 from __future__ import annotations
@@ -55,28 +55,56 @@ class QuantConfig:
 
 @dataclass
 class Int8Config(QuantConfig):
-    """Symmetric int8 weights (``quant.SCHEME``): fp32 scales per output channel, or per ``group_size`` inputs.
+    """Symmetric int8 weights (``quant.SCHEME``): fp32 scales per output channel, or per group of input columns.
 
-    Per channel is the default: on SmolLM2-135M it moves dense perplexity by -0.03% (docs/INT8.md), it is the
-    only layout PyTorch's own int8 weight matmul takes (``torch._weight_int8pack_mm``, for prefill), and the
-    decode GEMV loads one scale per row instead of one per group. ``lm_head``: quantize the LM head too (a tied head is
-    then stored apart from the embedding, which stays in the working dtype). A group size that does not divide
-    a matrix's columns gives that matrix per-channel scales (see ``QuantReport.per_channel``).
+    The defaults, measured on SmolLM2-135M (docs/INT8.md):
+
+    - ``group_size=None``: one scale per output channel for dense matrices and the lifts (``U``, coefficients).
+      Dense int8 moves perplexity by -0.03%; it is the only layout PyTorch's own int8 weight matmul takes
+      (``torch._weight_int8pack_mm``), and the decode GEMV loads one scale per row.
+    - ``factor_group_size=16``: the *first* factor of a low-rank or shared-basis projection (``V`` [r, in], the
+      shared basis) gets one scale per 16 input columns. It multiplies the activations directly, and SVD-LLM's
+      whitening folds the activations' outlier channels into its columns, so one scale per row is too coarse:
+      per channel it alone costs SVD-LLM 0.4 +1.9% WikiText-2 perplexity, groups of 32 +0.8%, groups of 16
+      -0.1% (for +8% of the factors' bytes). ``None``: the factors take ``group_size`` like every other matrix.
+    - ``lm_head=True``: the LM head is int8 too (a tied head then gets its own int8 copy; the embedding stays in
+      the working dtype). It is a fifth of SmolLM2's decode bytes in fp32, and llama.cpp's Q8_0 quantizes it.
+
+    A group that does not divide a matrix's columns gives that matrix per-channel scales (see
+    ``QuantReport.per_channel``): the layout has no ragged groups.
     """
 
     group_size: int | None = None
-    lm_head: bool = False
+    lm_head: bool = True
+    factor_group_size: int | None = 16
 
     name: ClassVar[str] = "int8"
     scheme: ClassVar[str] = SCHEME
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Int8Config:
+        # Records written before factor groups existed gave the factors ``group_size`` like every other matrix.
+        return super().from_dict({"factor_group_size": None, **d})
+
     def validate(self) -> Int8Config:
-        g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise InputError(f"int8 group_size must be a positive integer or None (per channel), got {g!r}")
+        for field, g in (("group_size", self.group_size), ("factor_group_size", self.factor_group_size)):
+            if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+                raise InputError(f"int8 {field} must be a positive integer or None (per channel), got {g!r}")
         if not isinstance(self.lm_head, bool):
             raise InputError(f"int8 lm_head must be true or false, got {self.lm_head!r}")
         return self
+
+    def wanted_group(self, first_factor: bool) -> int | None:
+        """The group size asked for a matrix (None: per channel); ``first_factor``: it is the first matrix of a
+        factorized projection (``V``, a shared basis)."""
+        return (
+            self.factor_group_size if first_factor and self.factor_group_size is not None else self.group_size
+        )
+
+    def group(self, cols: int, first_factor: bool) -> int:
+        """Input columns per scale of a matrix with ``cols`` columns: the one rule, used by :func:`quantize_` and
+        the checkpoint loader."""
+        return group_for(cols, self.wanted_group(first_factor))
 
 
 @dataclass
@@ -97,6 +125,8 @@ class QuantReport:
         s = sorted(self.sqnr_db.values())
         cfg = self.config
         gran = "per channel" if cfg.get("group_size") is None else f"groups of {cfg['group_size']}"
+        if cfg.get("factor_group_size") is not None:
+            gran += f", first factors in groups of {cfg['factor_group_size']}"
         head = "with" if cfg.get("lm_head") else "without"
         if not s:
             return f"{cfg['method']}: nothing quantized"
@@ -139,10 +169,14 @@ def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
     # Every matrix's group first, so that bad input fails before anything changes. A group size that does not
     # divide a matrix's columns (SmolLM2's hidden 576 by 128, a factor U [out, r] whose rank r is arbitrary)
     # gives that matrix one scale per output channel, as the layout has no ragged groups; the report lists them.
-    plan = [(n, p, m, getattr(p, m).shape[1]) for n, p in projs.items() for m in p.matrices]
+    plan = [
+        (n, p, m, cfg.wanted_group(first_factor=i == 0 and len(p.matrices) > 1))
+        for n, p in projs.items()
+        for i, m in enumerate(p.matrices)
+    ]
     g = cfg.group_size
-    if g is not None and all(group_for(cols, g) != g for *_, cols in plan):
-        widths = sorted({cols for *_, cols in plan})
+    if g is not None and all(group_for(getattr(p, m).shape[1], g) != g for _, p, m, _ in plan):
+        widths = sorted({getattr(p, m).shape[1] for _, p, m, _ in plan})
         raise InputError(
             f"int8 group size {g} divides none of the matrices' column counts ({', '.join(map(str, widths))}); "
             "choose a divisor, or per-channel scales"
@@ -150,14 +184,14 @@ def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(shared basis) -> its pair, quantized once
     sqnr: dict[str, float] = {}
     per_channel: list[str] = []
-    for name, p, m, cols in plan:
+    for name, p, m, wanted in plan:
         W = getattr(p, m)
         pair = shared.get(id(W))
         if pair is None:
-            group = group_for(cols, g)
+            group = group_for(W.shape[1], wanted)
             pair = quantize_int8(W, group)
             sqnr[f"{name}.{m}"] = sqnr_db(W, dequantize_int8(*pair))
-            if g is not None and group != g:
+            if wanted is not None and group != wanted:
                 per_channel.append(f"{name}.{m}")
             if m == "basis":
                 shared[id(W)] = pair

@@ -59,7 +59,7 @@ def test_shared_basis_stored_once_and_tied_head_apart(tmp_path):
     path = save_int8(model, tmp_path / "c", Int8Config(lm_head=True))
     stored = load_file(Path(path) / "model.safetensors")
     assert stored["shared_bases.q_proj.g0"].dtype == torch.int8
-    assert stored["shared_bases.q_proj.g0_scale"].shape == (16, 1)
+    assert stored["shared_bases.q_proj.g0_scale"].shape == (16, 64 // 16)  # the first factor: groups of 16
     assert not any(k.endswith(("q_proj.basis", "q_proj.basis_scale")) for k in stored)
     loaded, _ = load_checkpoint(path)
     a, b = loaded.model.layers[0].self_attn.q_proj, loaded.model.layers[1].self_attn.q_proj
@@ -112,7 +112,7 @@ def test_group_disagreeing_with_the_config(saved):
         m["quantization"]["tensors"]["model.layers.0.mlp.up_proj.V"] = 32
 
     edit_manifest(saved, bump)
-    with pytest.raises(CheckpointError, match="up_proj.V has group 32, but group_size 16 gives 16"):
+    with pytest.raises(CheckpointError, match="up_proj.V has group 32, but its config .* gives 16"):
         load_checkpoint(saved)
 
 
@@ -126,7 +126,7 @@ def test_negative_scale_and_float_weight(saved):
 
 
 def test_int8_tensor_stored_as_float(tmp_path):
-    path = Path(save_int8(make("dense"), tmp_path / "c", Int8Config()))
+    path = Path(save_int8(make("dense"), tmp_path / "c", Int8Config(lm_head=False)))
     rewrite_weights(path, lambda t: t.update({"lm_head.weight_scale": torch.ones(2, 2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor"):
         load_checkpoint(path)
@@ -170,6 +170,19 @@ def test_cli_quantizes_dense_and_compressed_and_the_result_runs(hf_dir, tmp_path
     rel = (logits(lm.model) - logits(ref.model)).norm() / logits(ref.model).norm()
     assert 0 < rel < 0.05
     assert main(["generate", str(out), "--prompt", "hi", "--max-tokens", "3"]) == 0
+    plain = tmp_path / "plain"
+    argv = [
+        "quantize",
+        str(hf_dir),
+        "--int8",
+        "--no-lm-head",
+        "--factor-group-size",
+        "channel",
+        "--out",
+        str(plain),
+    ]
+    assert main(argv) == 0
+    assert read_manifest(plain)["quantization"]["config"] == Int8Config(None, False, None).to_dict()
     assert main(["inspect", str(out)]) == 0
     assert "quantized: int8-sym, groups of 16, LM head int8" in capsys.readouterr().out
     # compress and quantize in one step keeps the compression record
@@ -191,7 +204,7 @@ def test_cli_quantizes_dense_and_compressed_and_the_result_runs(hf_dir, tmp_path
     assert main(argv) == 0
     m = read_manifest(both)
     assert m["family"] == "svd" and m["quantization"]["config"]["group_size"] is None
-    assert "int8 (per channel, without the LM head)" in capsys.readouterr().out
+    assert "int8 (per channel, first factors in groups of 16, with the LM head)" in capsys.readouterr().out
     load_model(str(both))
 
 
@@ -203,7 +216,11 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(hf_dir, tmp_path, capsys):
     cli_fails(tmp_path, ["quantize", hf_dir, "--int8", "--group-size", "0", *out], "positive integer")
     cli_fails(tmp_path, ["quantize", hf_dir, *out], "--int8")
     argv = ["compress", hf_dir, "--family", "svd", "--ratio", "0.2", "--quant-lm-head", *out]
-    cli_fails(tmp_path, argv, "--quant int8")
+    cli_fails(tmp_path, argv, "--quant-lm-head need --quant int8")
+    argv = ["compress", hf_dir, "--family", "svd", "--ratio", "0.2", "--quant-factor-group-size", "8", *out]
+    cli_fails(tmp_path, argv, "--quant-factor-group-size need --quant int8")
+    argv = ["quantize", hf_dir, "--int8", "--factor-group-size", "0", *out]
+    cli_fails(tmp_path, argv, "factor_group_size must be a positive integer")
     done = tmp_path / "done"
     assert main(["quantize", str(hf_dir), "--int8", "--out", str(done)]) == 0
     cli_fails(tmp_path, ["quantize", done, "--int8", *out], "already holds int8 weights")

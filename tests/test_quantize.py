@@ -87,10 +87,11 @@ def test_model_logits_and_sqnr(kind, group):
     # int8 Gaussian-like weights: SQNR ~ 6 dB per bit minus the crest factor, about 40 dB; 30 dB is a clear fail
     assert min(report.sqnr_db.values()) > 30
     # The eager forward is exactly the fp32 model run on the dequantized weights (the kernels' reference).
+    # (New parameters, not copies into the old ones: a tied LM head is quantized apart from the embedding.)
     deq = copy.deepcopy(ref)
     for name, p in projections(model).items():
         for m in p.matrices:
-            getattr(projections(deq)[name], m).data.copy_(p.mat(m))
+            setattr(projections(deq)[name], m, torch.nn.Parameter(p.mat(m).clone(), requires_grad=False))
     out, want, ref_out = logits(model), logits(deq), logits(ref)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # Against fp32, the relative logit error stays below the sum of the matrices' relative errors (first order:
@@ -103,7 +104,7 @@ def test_model_logits_and_sqnr(kind, group):
 
 def test_state_dict_contract_and_shared_basis_quantized_once():
     model = make("shared")
-    report = quantize_(model, Int8Config())
+    report = quantize_(model, Int8Config(lm_head=False, factor_group_size=None))
     sd = model.state_dict()
     assert sd["model.layers.0.mlp.down_proj.V"].dtype == torch.int8
     assert sd["model.layers.0.mlp.down_proj.V_scale"].dtype == torch.float32
@@ -163,7 +164,13 @@ def test_bad_input_changes_nothing():
 def test_config_round_trip_and_package_exports():
     cfg = Int8Config(group_size=64, lm_head=True)
     assert config_from_dict(cfg.to_dict()) == cfg
-    assert cfg.to_dict() == {"method": "int8", "version": 1, "group_size": 64, "lm_head": True}
+    want = {"method": "int8", "version": 1, "group_size": 64, "lm_head": True, "factor_group_size": 16}
+    assert cfg.to_dict() == want
+    # a record written before factor groups existed: the factors took group_size like every other matrix
+    old = {"method": "int8", "version": 1, "group_size": None, "lm_head": False}
+    assert config_from_dict(old) == Int8Config(None, False, factor_group_size=None)
+    with pytest.raises(InputError, match="factor_group_size must be a positive integer"):
+        Int8Config(factor_group_size=0).validate()
     with pytest.raises(InputError, match="unknown field"):
         Int8Config.from_dict({"method": "int8", "version": 1, "bits": 4})
     with pytest.raises(InputError, match="unknown quantization method"):
@@ -183,6 +190,23 @@ def test_group_not_dividing_a_matrix_falls_back_to_per_channel():
     assert "model.layers.0.self_attn.q_proj.U" in report.per_channel
     assert not any(t.endswith(".V") for t in report.per_channel)
     assert "per channel (the group does not divide" in report.table()
+
+
+def test_defaults_group_the_first_factor_and_quantize_the_head():
+    """The defaults (docs/INT8.md): V and shared bases in groups of 16 input columns, lifts and dense matrices
+    per output channel, the LM head int8."""
+    model = make("shared")  # hidden 64, intermediate 144: both divisible by 16
+    report = quantize_(model, Int8Config())
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.basis_scale.shape == (q.basis.shape[0], 64 // 16) and q.coeff_scale.shape == (64, 1)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.V_scale.shape == (down.V.shape[0], 144 // 16) and down.U_scale.shape == (64, 1)
+    assert model.lm_head.weight.dtype == torch.int8 and model.lm_head.weight_scale.shape[1] == 1
+    assert report.per_channel == []
+    # groups of 16 on the first factor are at least as accurate as one scale per row
+    per_row = quantize_(make("shared"), Int8Config(factor_group_size=None))
+    key = "model.layers.0.mlp.down_proj.V"
+    assert report.sqnr_db[key] > per_row.sqnr_db[key]
 
 
 def test_training_free_and_deterministic():

@@ -4,13 +4,14 @@ A quantized checkpoint is format version 2 (:data:`INT8_FORMAT_VERSION`), so a r
 it needs a newer version instead of failing on the first int8 tensor. Its manifest holds::
 
     "quantization": {"scheme": "int8-sym",                          # rankserve.quant.SCHEME
-                     "config": {"method": "int8", "version": 1, "group_size": null, "lm_head": false},
+                     "config": {"method": "int8", "version": 1, "group_size": null,
+                                "lm_head": true, "factor_group_size": 16},
                      "tensors": {"model.layers.0.self_attn.q_proj.V": 576, "shared_bases.q_proj.g0": 64, ...}}
 
 ``tensors`` maps every int8 tensor (checkpoint name; a shared basis once, under ``shared_bases.<group>``) to its
 group, the input columns per scale. Its scales are the fp32 tensor of the same name plus ``_scale``
 (``rankserve.layers.SCALE_SUFFIX``). The record must list exactly the matrices the config quantizes, each with
-the group ``rankserve.quantize.group_for`` gives it, and every pair must pass ``rankserve.quant.check_int8``.
+the group ``Int8Config.group`` gives it, and every pair must pass ``rankserve.quant.check_int8``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rankserve.layers import (
     projections,
 )
 from rankserve.quant import SCHEME, check_int8
-from rankserve.quantize import Int8Config, config_from_dict, group_for
+from rankserve.quantize import Int8Config, config_from_dict
 
 INT8_FORMAT_VERSION = 2
 KEY = "quantization"
@@ -66,10 +67,11 @@ def _expected(m: dict, cfg: Int8Config) -> dict[str, int]:
         if name == "lm_head" and not cfg.lm_head:
             continue
         # The first matrix reads the input (in columns), a lift reads the rank.
-        for i, matrix in enumerate(_CLASSES[e["kind"]].matrices):
+        matrices = _CLASSES[e["kind"]].matrices
+        for i, matrix in enumerate(matrices):
             cols = e["shape"][1] if i == 0 else e["rank"]
             key = BASIS_PREFIX + e["group"] if matrix == "basis" else f"{name}.{matrix}"
-            out[key] = group_for(cols, cfg.group_size)
+            out[key] = cfg.group(cols, first_factor=i == 0 and len(matrices) > 1)
     return out
 
 
@@ -107,7 +109,7 @@ def validate_record(m: dict, fail: Callable[[str], None]) -> None:
             fail(f"{KEY}.tensors lists {k}, which its config does not quantize")
         if tensors[k] != want[k]:
             fail(
-                f"{KEY}.tensors: {k} has group {tensors[k]}, but group_size {cfg.group_size} gives {want[k]}"
+                f"{KEY}.tensors: {k} has group {tensors[k]}, but its config ({cfg.to_dict()}) gives {want[k]}"
             )
 
 

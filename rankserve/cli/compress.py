@@ -7,7 +7,7 @@ import time
 
 from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
-from rankserve.cli.quantize import add_quant_arguments, quant_config, write_checkpoint
+from rankserve.cli.quantize import add_quant_arguments, quant_config, quant_flags_given, write_checkpoint
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
 FAMILY_FLAGS = {
@@ -105,8 +105,9 @@ def run(args) -> int:
     if hcfg is not None and args.dtype != "fp32":
         raise CLIError("--heal-tokens trains fp32 factors; drop --dtype or compress and heal separately")
     qcfg = quant_config(args, "quant-") if args.quant else None
-    if qcfg is None and (args.quant_group_size is not None or args.quant_lm_head):
-        raise CLIError("--quant-group-size and --quant-lm-head need --quant int8")
+    stray = [] if qcfg is not None else quant_flags_given(args, "quant-")
+    if stray:
+        raise CLIError(f"{', '.join(stray)} need --quant int8")
     from rankserve.calibration import make_calibration
     from rankserve.compress import compress_, compression_manifest
     from rankserve.loaders.source import load_model

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
 
 
+def _group(text: str) -> int | str:
+    return text if text == "channel" else int(text)
+
+
 def add_quant_arguments(p, prefix: str = "") -> None:
-    """``--group-size``/``--lm-head`` (``compress`` adds them as ``--quant-group-size``/``--quant-lm-head``)."""
+    """The int8 flags (``compress`` adds them with ``prefix`` "quant-": ``--quant-group-size``, ...). Each
+    defaults to None, meaning the default of ``Int8Config``, so there is one place for the defaults."""
     p.add_argument(
         f"--{prefix}group-size",
         type=int,
         default=None,
         help="int8: one scale per this many input columns (default: one per output channel)",
     )
-    p.add_argument(f"--{prefix}lm-head", action="store_true", help="int8: quantize the LM head too")
+    p.add_argument(
+        f"--{prefix}factor-group-size",
+        type=_group,
+        default=None,
+        metavar="N|channel",
+        help="int8: one scale per N input columns for the first factor of a low-rank or shared-basis projection "
+        "(V, the shared basis; default 16); 'channel': as --group-size",
+    )
+    p.add_argument(
+        f"--{prefix}lm-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int8: quantize the LM head too (default: yes)",
+    )
+
+
+def quant_flags_given(args, prefix: str = "") -> list[str]:
+    """The int8 flags set on the command line (to refuse them without a quantization)."""
+    attr = prefix.replace("-", "_")
+    names = ("group_size", "factor_group_size", "lm_head")
+    return [f"--{prefix}{n.replace('_', '-')}" for n in names if getattr(args, f"{attr}{n}") is not None]
 
 
 def quant_config(args, prefix: str = ""):
@@ -23,7 +49,11 @@ def quant_config(args, prefix: str = ""):
     from rankserve.quantize import Int8Config
 
     attr = prefix.replace("-", "_")
-    return Int8Config(getattr(args, f"{attr}group_size"), getattr(args, f"{attr}lm_head")).validate()
+    given = {n: getattr(args, f"{attr}{n}") for n in ("group_size", "factor_group_size", "lm_head")}
+    given = {n: v for n, v in given.items() if v is not None}
+    if given.get("factor_group_size") == "channel":
+        given["factor_group_size"] = None
+    return Int8Config(**given).validate()
 
 
 def add_arguments(p):

@@ -118,7 +118,7 @@ def v2() -> None:
 
     model = golden_model()
     manifest = golden_manifest(model, "format version 2 (int8)")
-    report = quantize_(model, Int8Config(group_size=8, lm_head=True))
+    report = quantize_(model, Int8Config(group_size=8, lm_head=True, factor_group_size=None))
     write("v2_int8_tiny", model, with_quantization(manifest, model, report))
 
 
