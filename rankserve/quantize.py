@@ -94,17 +94,18 @@ class Int8Config(QuantConfig):
             raise InputError(f"int8 lm_head must be true or false, got {self.lm_head!r}")
         return self
 
-    def wanted_group(self, first_factor: bool) -> int | None:
-        """The group size asked for a matrix (None: per channel); ``first_factor``: it is the first matrix of a
-        factorized projection (``V``, a shared basis)."""
+    def wanted_group(self, matrices: tuple[str, ...], i: int) -> int | None:
+        """The group size asked for matrix ``i`` of a projection that applies ``matrices`` in order (None: per
+        channel). The first of several (``V``, a shared basis) is a first factor: ``factor_group_size``."""
+        first_factor = i == 0 and len(matrices) > 1
         return (
             self.factor_group_size if first_factor and self.factor_group_size is not None else self.group_size
         )
 
-    def group(self, cols: int, first_factor: bool) -> int:
-        """Input columns per scale of a matrix with ``cols`` columns: the one rule, used by :func:`quantize_` and
-        the checkpoint loader."""
-        return group_for(cols, self.wanted_group(first_factor))
+    def group(self, cols: int, matrices: tuple[str, ...], i: int) -> int:
+        """Input columns per scale of matrix ``i`` (``cols`` columns) of a projection applying ``matrices``: the
+        one rule, used by :func:`quantize_` and the checkpoint loader."""
+        return group_for(cols, self.wanted_group(matrices, i))
 
 
 @dataclass
@@ -170,9 +171,7 @@ def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
     # divide a matrix's columns (SmolLM2's hidden 576 by 128, a factor U [out, r] whose rank r is arbitrary)
     # gives that matrix one scale per output channel, as the layout has no ragged groups; the report lists them.
     plan = [
-        (n, p, m, cfg.wanted_group(first_factor=i == 0 and len(p.matrices) > 1))
-        for n, p in projs.items()
-        for i, m in enumerate(p.matrices)
+        (n, p, m, cfg.wanted_group(p.matrices, i)) for n, p in projs.items() for i, m in enumerate(p.matrices)
     ]
     g = cfg.group_size
     if g is not None and all(group_for(getattr(p, m).shape[1], g) != g for _, p, m, _ in plan):

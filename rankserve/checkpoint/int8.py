@@ -71,7 +71,7 @@ def _expected(m: dict, cfg: Int8Config) -> dict[str, int]:
         for i, matrix in enumerate(matrices):
             cols = e["shape"][1] if i == 0 else e["rank"]
             key = BASIS_PREFIX + e["group"] if matrix == "basis" else f"{name}.{matrix}"
-            out[key] = cfg.group(cols, first_factor=i == 0 and len(matrices) > 1)
+            out[key] = cfg.group(cols, matrices, i)
     return out
 
 

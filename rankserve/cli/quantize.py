@@ -37,20 +37,25 @@ def add_quant_arguments(p, prefix: str = "") -> None:
     )
 
 
+_FIELDS = ("group_size", "factor_group_size", "lm_head")  # Int8Config fields, one flag each
+
+
+def _given(args, prefix: str) -> dict:
+    """Int8Config field -> value of every int8 flag set on the command line."""
+    attr = prefix.replace("-", "_")
+    return {n: getattr(args, f"{attr}{n}") for n in _FIELDS if getattr(args, f"{attr}{n}") is not None}
+
+
 def quant_flags_given(args, prefix: str = "") -> list[str]:
     """The int8 flags set on the command line (to refuse them without a quantization)."""
-    attr = prefix.replace("-", "_")
-    names = ("group_size", "factor_group_size", "lm_head")
-    return [f"--{prefix}{n.replace('_', '-')}" for n in names if getattr(args, f"{attr}{n}") is not None]
+    return [f"--{prefix}{n.replace('_', '-')}" for n in _given(args, prefix)]
 
 
 def quant_config(args, prefix: str = ""):
     """The Int8Config of the flags (``prefix`` as in :func:`add_quant_arguments`), validated."""
     from rankserve.quantize import Int8Config
 
-    attr = prefix.replace("-", "_")
-    given = {n: getattr(args, f"{attr}{n}") for n in ("group_size", "factor_group_size", "lm_head")}
-    given = {n: v for n, v in given.items() if v is not None}
+    given = _given(args, prefix)
     if given.get("factor_group_size") == "channel":
         given["factor_group_size"] = None
     return Int8Config(**given).validate()
