@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from rankserve.errors import InputError
 from rankserve.runtime.native import (
     ISAS,
     NativeBuildError,
@@ -21,6 +22,8 @@ from rankserve.runtime.native import (
     compile_variant,
     compiler,
     cpu_runs,
+    load_build,
+    namespace,
 )
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -75,6 +78,19 @@ def test_failed_build_raises_with_strict(tmp_path, monkeypatch):
     assert r.returncode == 0 and r.stdout.strip() == "raised", r.stderr
     with pytest.raises(NativeBuildError, match="compiling the scalar variant failed"):
         compile_variant("scalar")
+
+
+@pytest.mark.parametrize("tag", ["not an identifier", "1x"])
+def test_load_build_rejects_bad_tags(tag):
+    with pytest.raises(InputError, match="must be an identifier"):
+        load_build(("RANKSERVE_PF=0",), tag, "scalar")
+
+
+def test_load_build_refuses_the_variants_own_namespace():
+    # an A/B build under the runtime's namespace would replace the kernels every other caller uses
+    tag = namespace("scalar").removeprefix("rankserve_")
+    with pytest.raises(InputError, match="other than the variant's own name"):
+        load_build((), tag, "scalar")
 
 
 def rand(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -179,13 +179,16 @@ def _need_compiler() -> str:
     return cxx
 
 
-def _build_library(isa: str) -> None:
+def _build_library(isa: str, defines: tuple[str, ...] = (), ns: str | None = None) -> None:
     """Compile the ``isa`` variant (or reuse its cached build) and load it; its TORCH_LIBRARY block registers
-    the ops in ``namespace(isa)``."""
+    the ops in ``ns`` (default ``namespace(isa)``). ``defines`` (``NAME=VALUE``) are extra macros of the build."""
     from torch.utils import cpp_extension
 
     _need_compiler()
     flags = _flags(isa)
+    if ns is not None:
+        flags = [f for f in flags if not f.startswith("-DRANKSERVE_OPS=")] + [f"-DRANKSERVE_OPS={ns}"]
+    flags += [f"-D{d}" for d in defines]
     key = _build_key(flags)
     build_dir = _build_dir(key)
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +256,17 @@ def _exclusive_build(build_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_build(defines: tuple[str, ...], tag: str, isa: str = "auto"):
+    """A build of the kernels with extra macros (e.g. ``("RANKSERVE_PF=0",)``), loaded under its own op namespace
+    ``rankserve_<tag>`` next to the normal one; returns that namespace (``torch.ops.rankserve_<tag>``). For A/B
+    measurements of two builds in one process (``benchmarks/kernel_ab.py``); not used by the runtime."""
+    ns = f"rankserve_{tag}"
+    if not tag.isidentifier() or ns == namespace(_resolve(isa)):
+        raise InputError(f"build tag {tag!r} must be an identifier other than the variant's own name")
+    _build_library(_resolve(isa), tuple(defines), ns)
+    return getattr(torch.ops, ns)
 
 
 @functools.cache

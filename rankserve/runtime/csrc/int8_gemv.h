@@ -45,6 +45,8 @@ inline void qdot_tile(const int8_t* w, int64_t ldw, const float* sc, int64_t lds
     const int64_t end = g0 + G;
     int64_t k = g0;
     for (; k + L <= end; k += L) {
+      if ((k & 63) == 0)
+        for (int r = 0; r < R; ++r) prefetch_ahead(w + r * ldw + k);
       V wv[R];
       for (int r = 0; r < R; ++r) wv[r] = Isa::load(w + r * ldw + k);
       for (int b = 0; b < NB; ++b) {
@@ -149,6 +151,8 @@ inline void idot_tile(const int8_t* w, int64_t ldw, const float* sc, int64_t lds
     const int64_t end = g0 + G;
     int64_t k = g0;
     for (; k + Q::kBytes <= end; k += Q::kBytes) {
+      if ((k & 63) == 0)
+        for (int r = 0; r < R; ++r) prefetch_ahead(w + r * ldw + k);
       Q::V wv[R];
       for (int r = 0; r < R; ++r) wv[r] = Q::load(w + r * ldw + k);
       for (int b = 0; b < NB; ++b) {
