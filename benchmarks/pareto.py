@@ -31,6 +31,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (median)")
+    p.add_argument(
+        "--ref",
+        default="q8_0",
+        help="GGUF type timed in every rankserve configuration's worker, interleaved with it, so that each "
+        "ratio to it is measured side by side ('none': only the llama.cpp rows' own worker)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-speed", action="store_true", help="quality only (valid on a busy machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS workers")
@@ -289,8 +296,15 @@ def crosscheck(args, config: Config, text: str) -> dict:
 # speed
 
 
+def ref_ratio(ours: list[float], ref: list[float]) -> float | None:
+    """The median of the per-round decode ratios ours / ref of one worker's interleaved runs."""
+    pairs = [a / b for a, b in zip(ours or [], ref or [], strict=True) if a and b]
+    return statistics.median(pairs) if pairs else None
+
+
 def speed(args, configs: list[Config], bandwidth: float) -> None:
-    """One ``run_bench`` per rankserve config (``fast``), one for all llama.cpp types (interleaved)."""
+    """One ``run_bench`` per rankserve config (``fast``, interleaved with llama.cpp ``--ref`` when that is one of
+    the llama.cpp configs), one for all llama.cpp types (interleaved)."""
     from rankserve.bench import BenchSpec, run_bench
 
     def spec(model: str, dtype: str) -> BenchSpec:
@@ -307,11 +321,21 @@ def speed(args, configs: list[Config], bandwidth: float) -> None:
         c.results["bandwidth_fraction"] = r["achieved_gbs"] / bandwidth if bandwidth else None
 
     ready = [c for c in configs if not c.error]
+    ref = next((c for c in ready if c.engine == "llama.cpp" and c.weights.lower() == args.ref.lower()), None)
     for c in ready:
         if c.engine == "rankserve":
-            print(f"[{_now()}] speed: {c.name}", flush=True)
-            out = run_bench(spec(c.path, c.dtype), ["fast"], probe=False, memory=not args.no_memory)
+            print(
+                f"[{_now()}] speed: {c.name}" + (f" (with {ref.name}, interleaved)" if ref else ""),
+                flush=True,
+            )
+            backends = ["fast"] + ([f"llama.cpp-{ref.weights.lower()}"] if ref else [])
+            out = run_bench(spec(c.path, c.dtype), backends, probe=False, memory=not args.no_memory)
             take(c, out["runs"][0])
+            if ref and len(out["runs"]) > 1 and out["runs"][1].get("ok"):
+                r = out["runs"][1]
+                c.results["ref"] = {"name": ref.name, "decode_tok_s": r["decode_tok_s"],
+                                    "decode_runs": r.get("decode_runs"),
+                                    "ratio": ref_ratio(c.results.get("decode_runs"), r.get("decode_runs"))}  # fmt: skip
     llama = [c for c in ready if c.engine == "llama.cpp"]
     if llama:
         print(f"[{_now()}] speed: llama.cpp {', '.join(c.weights for c in llama)} (interleaved)", flush=True)
