@@ -332,10 +332,11 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::T
   TORCH_CHECK(hd <= 512 && hd % 2 == 0, "rankserve::decode_layer: head dim ", hd, " must be even and <= 512");
   TORCH_CHECK(n_heads % n_kv == 0, "rankserve::decode_layer: ", n_heads, " heads over ", n_kv, " kv heads");
   TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd, "rankserve::decode_layer: cos is ", cos.sizes());
-  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "rankserve::decode_layer: slot must be one int64");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
+              "rankserve::decode_layer: slot must be one int64 on the CPU");
   TORCH_CHECK(valid_from.scalar_type() == at::kLong && valid_from.numel() == B && valid_from.is_contiguous(),
               "rankserve::decode_layer: valid_from must be int64 [B]");
-  const int64_t s = slot.item<int64_t>();
+  const int64_t s = *slot.const_data_ptr<int64_t>();  // a CPU int64 (checked above); item() is a dispatcher call
   TORCH_CHECK(s >= 0 && s < S, "rankserve::decode_layer: slot ", s, " outside the cache of ", S, " slots");
   const int64_t* vf = valid_from.const_data_ptr<int64_t>();
   auto run = [&](auto tag) -> at::Tensor {
