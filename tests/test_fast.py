@@ -168,3 +168,20 @@ def test_fast_bf16_close_to_eager_bf16(lowrank):
     ).float()
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+def test_step_compiles_only_without_the_native_layer():
+    # auto (None): the native decode_layer runs the step uncompiled (measured faster); PyTorch ops get compiled
+    from rankserve.runtime.fast import Kernels
+
+    cpu, no_layer = torch.device("cpu"), Kernels(None)
+    assert FastRunner.compiles(RuntimeOptions(backend="fast"), no_layer, cpu)
+    assert not FastRunner.compiles(RuntimeOptions(backend="fast", compile=False), no_layer, cpu)
+    if RUNNABLE:
+        native = Kernels(NativeKernels.load(RUNNABLE[0], strict=True))
+        assert native.has_layer
+        assert not FastRunner.compiles(RuntimeOptions(backend="fast"), native, cpu)
+        assert FastRunner.compiles(RuntimeOptions(backend="fast", compile=True), native, cpu)
+        assert FastRunner.compiles(RuntimeOptions(backend="fast"), native, torch.device("cuda"))
+        r = FastRunner(tiny_model("llama-gqa"), 1, 16, RuntimeOptions(backend="fast"))
+        assert r.step is r.decoder and r.artifacts is None  # nothing compiled, nothing cached

@@ -25,7 +25,7 @@ class BenchSpec:
         None  # random-weight model: low-rank factors keeping (1 - ratio) of the params
     )
     seed: int = 0
-    compile: bool = True  # fast backends: capture the decode step with torch.compile
+    compile: bool | None = None  # fast backends: RuntimeOptions.compile (None: auto)
 
 
 class Timing(NamedTuple):

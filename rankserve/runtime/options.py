@@ -10,11 +10,13 @@ from rankserve.errors import InputError
 @dataclass
 class RuntimeOptions:
     backend: str = (
-        "eager"  # "eager": the reference path; "fast": packed, compiled decode (rankserve.runtime.fast)
+        "eager"  # "eager": the reference path; "fast": packed decode, native kernels (rankserve.runtime.fast)
     )
     max_len: int | None = None  # KV cache slots; default: prompt + max_tokens, capped by the model context
     prefill_chunk: int = 512  # long prompts are prefilled in chunks of this many tokens
-    compile: bool = True  # fast backend: capture the decode step with torch.compile
+    # fast backend: capture the decode step with torch.compile. None (default): only when the native decode_layer
+    # does not run the step (see FastRunner); True or False forces it.
+    compile: bool | None = None
     native: bool = True  # fast backend: use the C++ kernels where they exist
     native_isa: str = "auto"  # vector path: "auto" (best this CPU runs), "avx512", "avx2", "scalar"
     cache_dir: str | None = None  # compiled artifacts (default: rankserve's cache directory)
