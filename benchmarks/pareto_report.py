@@ -146,6 +146,8 @@ def findings(configs: list[dict]) -> list[str]:
 
 def markdown(run: dict) -> str:
     st, configs, bw = run["settings"], run["configs"], run["bandwidth_gbs"]
+    # the reference actually timed in the rankserve workers (none if --ref none, or its GGUF type failed)
+    ref = next((c["results"]["ref"]["name"] for c in configs if c["results"].get("ref")), None)
     failed = [c for c in configs if c["error"]]
     cross = run.get("crosscheck")
     lines = [
@@ -179,10 +181,10 @@ def markdown(run: dict) -> str:
         f"- Speed: `rankserve.bench.run_bench`, prompt {st['prompt_len']} tokens, {st['new_tokens']} new tokens, "
         f"median of {st['runs']} runs; rankserve runs the `fast` backend, one worker per configuration, "
         + (
-            f"each interleaved with llama.cpp {st['ref'].upper()} in its worker ('÷ ref, same worker': the median "
-            "of the per-round decode ratios; this machine's speed drifts by tens of percent between workers, so "
-            "the targets use these ratios); "
-            if st.get("ref", "none") != "none"
+            f"each interleaved with {ref} in its worker ('÷ ref, same worker': the median of the per-round "
+            "decode ratios; this machine's speed drifts by tens of percent between workers, so the targets use "
+            "these ratios); "
+            if ref
             else ""
         )
         + "the llama.cpp types run in one worker, interleaved. llama.cpp's decode rate is the difference of a 1-token "

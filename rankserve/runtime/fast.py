@@ -41,6 +41,10 @@ class Kernels:
         # the whole decoder layer as one native call (one OpenMP region instead of ~15 ops)
         self.has_layer = native is not None and hasattr(self.ops, "decode_layer")
 
+    def layer_on(self, device: torch.device) -> bool:
+        """Whether the native ``decode_layer`` runs a decode step on ``device``."""
+        return self.has_layer and device.type == "cpu"
+
     def report(self) -> dict:
         """Which kernels the decode step runs: ``native_kernels`` and the vector path (None without them)."""
         return {"native_kernels": self.native is not None, "native_isa": getattr(self.native, "isa", None)}
@@ -159,7 +163,7 @@ class FastDecoder(nn.Module):
         x = self.embed[tokens]  # (B, D)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
         kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
-        if kern.has_layer and x.device.type == "cpu":
+        if kern.layer_on(x.device):
             cos2, sin2 = cos[:, 0], sin[:, 0]  # (B, hd)
             for i, L in enumerate(self.layers):
                 x = kern.ops.decode_layer(
@@ -255,7 +259,7 @@ class FastRunner:
         """
         if options.compile is not None:
             return options.compile
-        return not (kernels.has_layer and device.type == "cpu")
+        return not kernels.layer_on(device)
 
     def _signature(self, batch: int) -> str:
         """What the compiled step depends on: shapes and dtypes of every packed tensor, the kernel path, torch."""

@@ -103,15 +103,16 @@ def _resolve(isa: str) -> str:
     return isa
 
 
-def _flags(isa: str) -> list[str]:
-    """Compiler flags of one variant: target flags selecting its path, and its op namespace."""
+def _flags(isa: str, ns: str | None = None) -> list[str]:
+    """Compiler flags of one variant: target flags selecting its path, and its op namespace (default
+    ``namespace(isa)``)."""
     if _X86:
         target = _ISA_FLAGS[isa] if cpu_runs(isa) or isa != "avx512" else _AVX512_TARGET
     elif isa == "scalar":
         target = ()
     else:
         raise InputError(f"the {isa} path exists only on x86 CPUs; this is {platform.machine()}")
-    return [*_BASE_FLAGS, *target, f"-DRANKSERVE_OPS={namespace(isa)}"]
+    return [*_BASE_FLAGS, *target, f"-DRANKSERVE_OPS={ns or namespace(isa)}"]
 
 
 def namespace(isa: str) -> str:
@@ -185,10 +186,7 @@ def _build_library(isa: str, defines: tuple[str, ...] = (), ns: str | None = Non
     from torch.utils import cpp_extension
 
     _need_compiler()
-    flags = _flags(isa)
-    if ns is not None:
-        flags = [f for f in flags if not f.startswith("-DRANKSERVE_OPS=")] + [f"-DRANKSERVE_OPS={ns}"]
-    flags += [f"-D{d}" for d in defines]
+    flags = _flags(isa, ns) + [f"-D{d}" for d in defines]
     key = _build_key(flags)
     build_dir = _build_dir(key)
     build_dir.mkdir(parents=True, exist_ok=True)
