@@ -208,7 +208,9 @@ def run(args, lm, texts, base) -> None:
     from rankserve.heal import heal_rows
 
     arms = [args.arm] if args.experiment == "curve" else args.arms.split(",")
-    need = max(heal_rows(arm_heal(args, ARMS[0]))[1], args.calib_samples) if set(arms) - {ARMS[1]} else 0
+    # self-generated rows the arms use (none for WikiText alone): the most any one arm's pool takes
+    need = max(heal_rows(arm_heal(args, a))[1] for a in arms)
+    need = max(need, args.calib_samples) if need else 0
     t0 = time.perf_counter()
     generated = generate(args, lm, need) if need else None
     rec = {
