@@ -243,6 +243,9 @@ INT8_SHAPES = [
     (48, 256, 64),
     (1, 1, None),
     (2051, 1031, None),
+    (24, 48, 16),  # groups of 16: the compile-time group loop (the first factors' default)
+    (13, 80, 16),
+    (9, 251, None),  # a lift-like short row whose tail reads back into the row
 ]
 
 

@@ -61,6 +61,13 @@ inline float from_f32<float>(float v) { return v; }
 template <>
 inline bf16 from_f32<bf16>(float v) { return c10::BFloat16(v).x; }  // round to nearest even
 
+#ifndef RANKSERVE_G16
+#define RANKSERVE_G16 1  // 0: int8 groups of 16 take the run-time group loop (qdot_tile), for A/B builds
+#endif
+#ifndef RANKSERVE_BACK_TAIL
+#define RANKSERVE_BACK_TAIL 1  // 0: row tails copied through a buffer (Isa::load_tail), for A/B builds
+#endif
+
 // ---------------------------------------------------------------------------------------------------------------
 // Vector layer: Isa::V holds kLanes fp32 values; loads widen bf16 to fp32 (exact: bf16 is a truncated fp32).
 // ---------------------------------------------------------------------------------------------------------------
@@ -90,10 +97,17 @@ struct Isa {
 #endif
   }
   static V load_tail(const int8_t* p, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p)));
+#else
     int8_t buf[kLanes] = {};
     std::memcpy(buf, p, n);
     return load(buf);
+#endif
   }
+  // Masked loads never read past p + n, so the row's start (`back`) does not matter here.
+  template <typename T>
+  static V load_tail(const T* p, int n, bool /*back*/) { return load_tail(p, n); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V set1(float v) { return _mm512_set1_ps(v); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -118,6 +132,22 @@ struct Isa {
     std::memcpy(buf, p, sizeof(T) * n);
     return load(buf);
   }
+  // The n (< kLanes) elements at p in the last n lanes, the others zero. With `back` (the kLanes - n elements
+  // before p are readable: a row of at least kLanes elements) it loads the kLanes elements ending at p + n and
+  // zeroes the leading lanes, instead of copying through a buffer: at SmolLM2's low-rank lifts (rows of 86-251
+  // values) that copy, once per row and per activation row, cost about as much as the row's dot product.
+  // Weights and activations loaded this way line up lane by lane.
+  template <typename T>
+  static V load_tail(const T* p, int n, bool back) {
+    if (RANKSERVE_BACK_TAIL && back) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(kLanes - 1 - n)));
+      return _mm256_and_ps(load(p + n - kLanes), keep);
+    }
+    T buf[kLanes] = {};
+    std::memcpy(buf + kLanes - n, p, sizeof(T) * n);
+    return load(buf);
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V set1(float v) { return _mm256_set1_ps(v); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -137,6 +167,8 @@ struct Isa {
   static V load(const T* p) { return to_f32(*p); }
   template <typename T>
   static V load_tail(const T* p, int) { return to_f32(*p); }  // never called: kLanes == 1 leaves no tail
+  template <typename T>
+  static V load_tail(const T* p, int, bool) { return to_f32(*p); }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V set1(float v) { return v; }
   static void store(float* p, V v) { *p = v; }
@@ -216,10 +248,11 @@ inline void dot_tile(const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t
   }
   if (k < K) {
     const int n = static_cast<int>(K - k);
+    const bool back = K >= L;
     V wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = Isa::load_tail(w + r * ldw + k, n);
+    for (int r = 0; r < R; ++r) wv[r] = Isa::load_tail(w + r * ldw + k, n, back);
     for (int b = 0; b < NB; ++b) {
-      const V xv = Isa::load_tail(x + b * ldx + k, n);
+      const V xv = Isa::load_tail(x + b * ldx + k, n, back);
       for (int r = 0; r < R; ++r) acc[b][r] = Isa::fma(wv[r], xv, acc[b][r]);
     }
   }
