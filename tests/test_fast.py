@@ -185,3 +185,30 @@ def test_step_compiles_only_without_the_native_layer():
         assert FastRunner.compiles(RuntimeOptions(backend="fast"), native, torch.device("cuda"))
         r = FastRunner(tiny_model("llama-gqa"), 1, 16, RuntimeOptions(backend="fast"))
         assert r.step is r.decoder and r.artifacts is None  # nothing compiled, nothing cached
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_layer_stack_equals_the_per_layer_calls(monkeypatch, lowrank):
+    """One native call for all layers (LayerStack) computes exactly what one decode_layer call per layer does."""
+    model = lowrank_model("qwen2-bias") if lowrank else tiny_model("llama-gqa")
+    prompts = [[5, 6, 7, 8, 9], [12, 13]]
+    options = RuntimeOptions(backend="fast", compile=False)
+    stacked = run(FastRunner, model, prompts, 6, options)
+    r = FastRunner(model, 1, 8, options)
+    r.decode(torch.tensor([[3]]), torch.tensor([[0]]), 0, torch.zeros(1, dtype=torch.long))
+    assert list(r.decoder._stacks) == [r.kernels.ops.name]  # the step went through the stack
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what a traced step takes: the loop
+    looped = run(FastRunner, model, prompts, 6, options, forced=stacked.argmax(-1))
+    assert torch.equal(stacked, looped)
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+def test_layer_stack_rejects_a_layout_that_does_not_match_its_tensors():
+    kern = NativeKernels.load(RUNNABLE[0], strict=True)
+    cls = getattr(torch.classes, kern.ops.name).LayerStack
+    w = torch.ones(4)
+    with pytest.raises(RuntimeError, match="layout asks for more than the 2 tensors"):
+        cls([w, w], [1, 4, 0, 0], [1e-5], 1, 1, 1.0)
+    with pytest.raises(RuntimeError, match="left over after 0 layers"):
+        cls([w], [], [], 1, 1, 1.0)

@@ -147,6 +147,7 @@ class FastDecoder(nn.Module):
         self.embed = model.model.embed_tokens.weight.detach()
         self.layers = [FastLayer(layer) for layer in model.model.layers]
         self._native = [L.native_args() for L in self.layers]
+        self._stacks = {}  # op namespace -> its LayerStack of these layers (built on first use)
         self.w_norm = model.model.norm.weight.detach()
         self.eps = model.model.norm.eps
         self.head = pack_([model.lm_head])
@@ -155,6 +156,24 @@ class FastDecoder(nn.Module):
         freqs = pos[:, None] * model.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), -1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _layer_stack(self):
+        """The native ``LayerStack`` (csrc/decode_layer.h) of the current kernels: every layer's ``native_args``
+        flattened once, so that a decode step crosses from Python into the kernels once, not once per layer."""
+        ns = self.kernels.ops.name
+        if ns not in self._stacks:
+            empty = self.embed.new_empty(0)
+            tensors, layout = [], []
+            for L, args in zip(self.layers, self._native, strict=True):
+                tensors += [L.w_in, L.w_post]
+                for first, first_scale, lifts, scales, splits, bias in zip(*[iter(args)] * 6, strict=True):
+                    tensors += [first, empty if first_scale is None else first_scale, *lifts, *scales]
+                    tensors.append(empty if bias is None else bias)
+                    layout += [len(splits), *splits, len(lifts), len(scales)]
+            eps = [float(L.eps) for L in self.layers]
+            cls = getattr(torch.classes, ns).LayerStack
+            self._stacks[ns] = cls(tensors, layout, eps, self.n_heads, self.n_kv, self.scale)
+        return self._stacks[ns]
 
     def forward(self, tokens, positions, slot, valid_from):
         """tokens [B], positions [B], slot [1] (int64 tensor), valid_from [B] -> logits [B, V]."""
@@ -165,6 +184,12 @@ class FastDecoder(nn.Module):
         kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
         if kern.layer_on(x.device):
             cos2, sin2 = cos[:, 0], sin[:, 0]  # (B, hd)
+            if (
+                not torch.compiler.is_compiling()
+            ):  # one native call for all layers (a traced graph takes the loop)
+                x = self._layer_stack().decode(x, kc_all, vc_all, cos2, sin2, slot, valid_from)
+                x = _rms(x, self.w_norm, self.eps)
+                return kern.group(self.head, x)  # (B, V)
             for i, L in enumerate(self.layers):
                 x = kern.ops.decode_layer(
                     x,

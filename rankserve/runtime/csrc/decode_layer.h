@@ -358,3 +358,83 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::T
   };
   return dtype == at::kFloat ? run(float{}) : run(bf16{});
 }
+
+// Every decoder layer of a model, held on the C++ side, so that a decode step is one call from Python instead of
+// one per layer: with its 37 arguments (lists of lifts among them) a decode_layer call costs 25-40 us of argument
+// conversion and dispatch before its parallel region starts, ~1 ms per SmolLM2 token. Built once per runner from
+// the same tensors the per-layer op takes, flattened (rankserve/runtime/fast.py, FastDecoder.layer_stack):
+//   tensors, per layer: w_in, w_post, then per group (qkv, o, gate_up, down): first, first_scale, lifts...,
+//     lift_scales..., bias; an absent scale or bias is an empty tensor.
+//   layout, per layer and group: members, splits (one per member), number of lifts, number of lift scales.
+struct LayerStack : torch::CustomClassHolder {
+  struct GroupArgs {
+    at::Tensor first;
+    OptT first_scale, bias;
+    std::vector<at::Tensor> lifts, lift_scales;
+    std::vector<int64_t> splits;
+  };
+  struct LayerArgs {
+    at::Tensor w_in, w_post;
+    double eps;
+    GroupArgs g[4];
+  };
+  std::vector<LayerArgs> layers;
+  int64_t n_heads, n_kv;
+  double scale;
+
+  LayerStack(std::vector<at::Tensor> tensors, std::vector<int64_t> layout, std::vector<double> eps, int64_t n_heads,
+             int64_t n_kv, double scale)
+      : n_heads(n_heads), n_kv(n_kv), scale(scale) {
+    size_t ti = 0, li = 0;
+    auto tensor = [&]() {
+      TORCH_CHECK(ti < tensors.size(), "rankserve::LayerStack: the layout asks for more than the ", tensors.size(),
+                  " tensors given");
+      return tensors[ti++];
+    };
+    auto count = [&]() {
+      TORCH_CHECK(li < layout.size() && layout[li] >= 0, "rankserve::LayerStack: layout too short or negative");
+      return layout[li++];
+    };
+    auto optional = [](const at::Tensor& t) { return t.numel() == 0 ? OptT{} : OptT{t}; };
+    for (const double e : eps) {
+      LayerArgs L;
+      L.eps = e;
+      L.w_in = tensor();
+      L.w_post = tensor();
+      for (GroupArgs& g : L.g) {
+        g.first = tensor();
+        g.first_scale = optional(tensor());
+        for (int64_t m = count(); m > 0; --m) g.splits.push_back(count());
+        const int64_t n_lifts = count(), n_scales = count();
+        for (int64_t i = 0; i < n_lifts; ++i) g.lifts.push_back(tensor());
+        for (int64_t i = 0; i < n_scales; ++i) g.lift_scales.push_back(tensor());
+        g.bias = optional(tensor());
+      }
+      layers.push_back(std::move(L));
+    }
+    TORCH_CHECK(ti == tensors.size() && li == layout.size(), "rankserve::LayerStack: ", tensors.size() - ti,
+                " tensors and ", layout.size() - li, " layout entries left over after ", eps.size(), " layers");
+  }
+
+  // x [B, D] through every layer; k_cache, v_cache [layers, B, KV, S, hd]; the rest as decode_layer takes them.
+  at::Tensor decode(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, at::Tensor cos, at::Tensor sin,
+                    at::Tensor slot, at::Tensor valid_from) {
+    const int64_t n = static_cast<int64_t>(layers.size());
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n && v_cache.dim() == 5 && v_cache.size(0) == n,
+                "rankserve::LayerStack: caches must be [", n, " layers, B, KV, S, hd], got ", k_cache.sizes(), " and ",
+                v_cache.sizes());
+    for (int64_t i = 0; i < n; ++i) {
+      // a profiler sees each layer as the op it would otherwise be called as
+      RECORD_FUNCTION(RANKSERVE_OPS_NAME "::decode_layer", std::vector<c10::IValue>());
+      const LayerArgs& L = layers[i];
+      at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
+      const GroupArgs(&g)[4] = L.g;
+      x = decode_layer(x, L.w_in, L.w_post, L.eps, g[0].first, g[0].first_scale, g[0].lifts, g[0].lift_scales,
+                       g[0].splits, g[0].bias, g[1].first, g[1].first_scale, g[1].lifts, g[1].lift_scales, g[1].splits,
+                       g[1].bias, g[2].first, g[2].first_scale, g[2].lifts, g[2].lift_scales, g[2].splits, g[2].bias,
+                       g[3].first, g[3].first_scale, g[3].lifts, g[3].lift_scales, g[3].splits, g[3].bias, kc, vc, cos,
+                       sin, slot, valid_from, n_heads, n_kv, scale);
+    }
+    return x;
+  }
+};

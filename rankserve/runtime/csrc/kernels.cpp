@@ -21,6 +21,7 @@
 // variants can be loaded into one process and tested side by side.
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -513,6 +514,10 @@ std::string isa() {
 #endif
 }
 
+#define RANKSERVE_STR(x) #x
+#define RANKSERVE_XSTR(x) RANKSERVE_STR(x)
+#define RANKSERVE_OPS_NAME RANKSERVE_XSTR(RANKSERVE_OPS)  // the op namespace as a string
+
 #include "int8_gemv.h"
 #include "stream_read.h"
 #include "decode_layer.h"
@@ -533,6 +538,9 @@ RANKSERVE_LIBRARY(RANKSERVE_OPS, m) {
   m.def("native_isa() -> str", &rankserve::isa);
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor? bias=None, bool int8_act=False) -> Tensor");
   m.def("stream_read(Tensor x) -> float");
+  m.class_<rankserve::LayerStack>("LayerStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, int64_t, int64_t, double>())
+      .def("decode", &rankserve::LayerStack::decode);
   m.def(
       "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, "
       "Tensor qkv_first, Tensor? qkv_first_scale, Tensor[] qkv_lifts, Tensor[] qkv_lift_scales, int[] qkv_splits, "
