@@ -4,9 +4,11 @@ On a shared 2-core machine the decode rate of the same build drifts by 25% betwe
 builds timed in separate processes cannot be compared. Here both builds (the kernel source compiled with
 different macros, e.g. ``RANKSERVE_PF=0`` against the default) are loaded side by side
 (``rankserve.runtime.native.load_build``) and one fast runner (uncompiled step) swaps between them every round,
-in alternating order: the median of the per-round ratios B / A is the figure to quote.
+in alternating order: the median of the per-round ratios B / A is the figure to quote. ``--per-layer A`` (or B)
+makes that side call the native ``decode_layer`` once per layer instead of once per step (``LayerStack``).
 
     python benchmarks/kernel_ab.py MODEL --a RANKSERVE_PF=0 --b RANKSERVE_PF=512 [--rounds 10] [--dtype fp32]
+    python benchmarks/kernel_ab.py MODEL --per-layer A
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("model", help="model alias, GGUF or checkpoint directory")
     p.add_argument("--a", nargs="*", default=[], help="macros of build A (NAME=VALUE ...; none: the default)")
     p.add_argument("--b", nargs="*", default=[], help="macros of build B")
+    p.add_argument(
+        "--per-layer", choices=["A", "B"], default=None, help="this side: one native call per layer"
+    )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--tokens", type=int, default=128, help="decode steps per build per round")
     p.add_argument("--start", type=int, default=64, help="first cache slot (the prompt length it stands for)")
@@ -38,8 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.a == args.b:
-        raise SystemExit("kernel_ab.py: builds A and B have the same macros; give --a or --b")
+    if args.a == args.b and args.per_layer is None:
+        raise SystemExit("kernel_ab.py: builds A and B have the same macros; give --a, --b or --per-layer")
     from rankserve.loaders.source import load_model, parse_dtype
     from rankserve.runtime.fast import FastRunner
     from rankserve.runtime.native import load_build
@@ -57,6 +62,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
                 runner.kernels.ops = ops[name]
+                runner.decoder.stacked = name != args.per_layer
                 runner.decode(tok, torch.tensor([[0]]), 0, valid_from)  # warm the build's code and caches
                 t0 = time.perf_counter()
                 for s in range(args.start, args.start + args.tokens):
@@ -66,9 +72,8 @@ def main(argv=None) -> int:
           f"tokens from slot {args.start}, order alternating")  # fmt: skip
     for name, macros in (("A", args.a), ("B", args.b)):
         runs = ", ".join(f"{x:.1f}" for x in rates[name])
-        print(
-            f"  {name} ({' '.join(macros) or 'default'}): median {statistics.median(rates[name]):.1f} tok/s  [{runs}]"
-        )
+        what = (" ".join(macros) or "default") + (", one call per layer" if name == args.per_layer else "")
+        print(f"  {name} ({what}): median {statistics.median(rates[name]):.1f} tok/s  [{runs}]")
     ratios = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
     wins = sum(x > 1 for x in ratios)
     print(

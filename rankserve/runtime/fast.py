@@ -148,6 +148,9 @@ class FastDecoder(nn.Module):
         self.layers = [FastLayer(layer) for layer in model.model.layers]
         self._native = [L.native_args() for L in self.layers]
         self._stacks = {}  # op namespace -> its LayerStack of these layers (built on first use)
+        self.stacked = (
+            True  # one native call for all layers; False: one decode_layer call each (an A/B baseline)
+        )
         self.w_norm = model.model.norm.weight.detach()
         self.eps = model.model.norm.eps
         self.head = pack_([model.lm_head])
@@ -184,9 +187,8 @@ class FastDecoder(nn.Module):
         kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
         if kern.layer_on(x.device):
             cos2, sin2 = cos[:, 0], sin[:, 0]  # (B, hd)
-            if (
-                not torch.compiler.is_compiling()
-            ):  # one native call for all layers (a traced graph takes the loop)
+            # one native call for all layers; a traced graph takes the loop below
+            if self.stacked and not torch.compiler.is_compiling():
                 x = self._layer_stack().decode(x, kc_all, vc_all, cos2, sin2, slot, valid_from)
                 x = _rms(x, self.w_norm, self.eps)
                 return kern.group(self.head, x)  # (B, V)
