@@ -1,11 +1,13 @@
-"""The fast runtime: a decode step built for one token at a time, captured as one compiled callable.
+"""The fast runtime: a decode step built for one token at a time.
 
 What makes it fast:
 - packed projections: one first-stage GEMV for q/k/v and one for gate/up, then the small low-rank lifts;
-- native GEMV kernels (``rankserve.runtime.native``) where PyTorch's M=1 linear streams far below bandwidth;
+- native kernels (``rankserve.runtime.native``) where PyTorch's M=1 linear streams far below bandwidth: each
+  decoder layer is one OpenMP region (``decode_layer``), and all layers run in one call from Python
+  (``LayerStack``);
 - one-token attention over the valid prefix of a dense, preallocated KV cache;
-- the whole step (all layers, norm, LM head, KV write) traced by ``torch.compile`` over static shapes, so
-  per-op Python overhead disappears and elementwise work is fused.
+- without the native kernels (no compiler, CUDA), the whole step traced by ``torch.compile`` over static shapes,
+  so per-op Python overhead disappears and elementwise work is fused.
 
 Prefill uses the model's own (GEMM-shaped, chunked) forward over the same cache. The eager runner
 (``eager.py``) stays the reference this runner is tested against.
@@ -148,9 +150,8 @@ class FastDecoder(nn.Module):
         self.layers = [FastLayer(layer) for layer in model.model.layers]
         self._native = [L.native_args() for L in self.layers]
         self._stacks = {}  # op namespace -> its LayerStack of these layers (built on first use)
-        self.stacked = (
-            True  # one native call for all layers; False: one decode_layer call each (an A/B baseline)
-        )
+        # one native call for all layers; False: one decode_layer call per layer (an A/B baseline)
+        self.stacked = True
         self.w_norm = model.model.norm.weight.detach()
         self.eps = model.model.norm.eps
         self.head = pack_([model.lm_head])
