@@ -211,46 +211,74 @@ inline void rope_head(T* v, const T* cos, const T* sin, int64_t hd) {
   }
 }
 
+// A layer's intermediate vectors for B activation rows; one Scratch serves every layer of a stack (sized for the
+// largest), since the layers run one after another.
 template <typename T>
-at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
-                             const Group<T>& qkv, const Group<T>& o, const Group<T>& gu, const Group<T>& down,
-                             at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
-                             int64_t slot, const int64_t* valid_from, int64_t H, int64_t KV, double scale) {
-  const int64_t B = x.size(0), D = x.size(1);
-  const int64_t S = k_cache.size(2), hd = k_cache.size(3);
+struct Scratch {
+  std::vector<T> h, qkv_out, attn, ores, x1, gu_out, act, dres, tmp;
+  std::vector<float> scores;  // per thread: one attention row of S + 1 scores
+};
+
+// A layer's projection groups and the stages that run them (qkv, o, gate_up, down: first stage and lifts of each)
+// over the buffers of one Scratch: built once, then run at every step while that Scratch keeps its buffers.
+template <typename T>
+struct LayerPlan {
+  Group<T> qkv, o, gu, down;
+  Stage<T> st[8];
+};
+
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+// Grows `s` to hold plan `p`'s vectors for B rows (a growth moves the buffers: plan the stages afterwards).
+template <typename T>
+void size_scratch(Scratch<T>& s, const LayerPlan<T>& p, int64_t B, int64_t D, int64_t H, int64_t hd) {
+  grow(s.h, B * D), grow(s.ores, B * D), grow(s.x1, B * D), grow(s.dres, B * D);
+  grow(s.qkv_out, B * p.qkv.total_out), grow(s.attn, B * H * hd), grow(s.gu_out, B * p.gu.total_out);
+  grow(s.act, B * (p.gu.total_out / 2));
+  // the groups run one after another, so they share one vector of rank-sized intermediates
+  grow(s.tmp, B * std::max({p.qkv.total_rank, p.o.total_rank, p.gu.total_rank, p.down.total_rank, int64_t(1)}));
+}
+
+template <typename T>
+void plan_stages(LayerPlan<T>& p, Scratch<T>& s, int64_t B) {
+  for (Stage<T>& st : p.st) st = Stage<T>{};
+  group_stages<T>(p.qkv, s.h.data(), B, s.qkv_out.data(), s.tmp.data(), p.st[0], p.st[1]);
+  group_stages<T>(p.o, s.attn.data(), B, s.ores.data(), s.tmp.data(), p.st[2], p.st[3]);
+  group_stages<T>(p.gu, s.h.data(), B, s.gu_out.data(), s.tmp.data(), p.st[4], p.st[5]);
+  group_stages<T>(p.down, s.act.data(), B, s.dres.data(), s.tmp.data(), p.st[6], p.st[7]);
+}
+
+// The layer's one parallel region: x (xp) [B, D] -> out (op) [B, D], writing k and v at `slot` of the layer's
+// caches kc, vc [B, KV, S, hd].
+template <typename T>
+void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T* w_in_p, const T* w_post_p,
+               double eps, int64_t B, int64_t D, T* kc, T* vc, int64_t S, int64_t hd, const T* cp, const T* sp,
+               int64_t slot, const int64_t* valid_from, int64_t H, int64_t KV, double scale) {
+  const Group<T>& qkv = p.qkv;
+  const Group<T>& gu = p.gu;
   const int64_t F = gu.total_out / 2;
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  std::vector<T> h(B * D), qkv_out(B * qkv.total_out), attn(B * H * hd), ores(B * D), x1(B * D),
-      gu_out(B * gu.total_out), act(B * F), dres(B * D);
-  const int64_t scratch = std::max({qkv.total_rank, o.total_rank, gu.total_rank, down.total_rank, int64_t(1)});
-  std::vector<T> tmp(B * scratch);
-  // The groups run one after another, so they share one scratch vector.
-  Stage<T> st[8];  // qkv, o, gate_up, down: first stage and lifts of each
-  group_stages<T>(qkv, h.data(), B, qkv_out.data(), tmp.data(), st[0], st[1]);
-  group_stages<T>(o, attn.data(), B, ores.data(), tmp.data(), st[2], st[3]);
-  group_stages<T>(gu, h.data(), B, gu_out.data(), tmp.data(), st[4], st[5]);
-  group_stages<T>(down, act.data(), B, dres.data(), tmp.data(), st[6], st[7]);
-  auto run_group = [&](int g) {  // by every thread of the team
-    st[2 * g].run(B);
-    if (!st[2 * g + 1].empty()) st[2 * g + 1].run(B);
-  };
   const int nt = std::max(1, at::get_num_threads());
-  std::vector<float> scores(static_cast<size_t>(nt) * (S + 1));
-  const T* xp = data_of<T>(x);
-  T* kc = mutable_data_of<T>(k_cache);
-  T* vc = mutable_data_of<T>(v_cache);
-  const T* cp = data_of<T>(cos);
-  const T* sp = data_of<T>(sin);
+  grow(s.scores, static_cast<int64_t>(nt) * (S + 1));
+  T *h = s.h.data(), *qkv_out = s.qkv_out.data(), *attn = s.attn.data(), *ores = s.ores.data();
+  T *x1 = s.x1.data(), *gu_out = s.gu_out.data(), *act = s.act.data(), *dres = s.dres.data();
+  float* scores = s.scores.data();
+  auto run_group = [&](int g) {  // by every thread of the team
+    p.st[2 * g].run(B);
+    if (!p.st[2 * g + 1].empty()) p.st[2 * g + 1].run(B);
+  };
   const int64_t rep = H / KV;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    rmsnorm_rows<T>(xp, data_of<T>(w_in), static_cast<float>(eps), B, D, h.data());
+    rmsnorm_rows<T>(xp, w_in_p, static_cast<float>(eps), B, D, h);
     run_group(0);
     // RoPE on q and k heads, then k and v into the cache at `slot` (one item per (row, head)).
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * (H + KV); ++i) {
       const int64_t b = i / (H + KV), head = i % (H + KV);
-      T* row = qkv_out.data() + b * qkv.total_out;
+      T* row = qkv_out + b * qkv.total_out;
       T* v = row + head * hd;  // q heads first, then k heads
       rope_head<T>(v, cp + b * hd, sp + b * hd, hd);
       if (head >= H) {
@@ -264,8 +292,8 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * H; ++i) {
       const int64_t b = i / H, head = i % H, g = head / rep;
-      float* sc = scores.data() + static_cast<size_t>(omp_get_thread_num()) * (S + 1);
-      const T* q = qkv_out.data() + b * qkv.total_out + head * hd;
+      float* sc = scores + static_cast<size_t>(omp_get_thread_num()) * (S + 1);
+      const T* q = qkv_out + b * qkv.total_out + head * hd;
       const T* kb = kc + (b * KV + g) * S * hd;
       const T* vb = vc + (b * KV + g) * S * hd;
       const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(valid_from[b], slot)), hi = slot;
@@ -281,13 +309,13 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       float den = 0.0f;
       for (int64_t s = lo; s <= hi; ++s) den += (sc[s - lo] = std::exp(sc[s - lo] - mx));
       for (int64_t s = lo; s <= hi; ++s) axpy_f32<T>(sc[s - lo] / den, vb + s * hd, acc, hd);
-      T* dst = attn.data() + b * H * hd + head * hd;
+      T* dst = attn + b * H * hd + head * hd;
       for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j]);
     }
     run_group(1);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * D; ++i) x1[i] = round_t<T>(to_f32(xp[i]) + to_f32(ores[i]));
-    rmsnorm_rows<T>(x1.data(), data_of<T>(w_post), static_cast<float>(eps), B, D, h.data());
+    rmsnorm_rows<T>(x1, w_post_p, static_cast<float>(eps), B, D, h);
     run_group(2);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) {
@@ -297,14 +325,89 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
       act[i] = round_t<T>(to_f32(silu) * u);
     }
     run_group(3);
-    T* op = mutable_data_of<T>(out);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
   }
+}
+
+template <typename T>
+at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
+                             LayerPlan<T>& plan, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cos,
+                             const at::Tensor& sin, int64_t slot, const int64_t* valid_from, int64_t H, int64_t KV,
+                             double scale) {
+  const int64_t B = x.size(0), D = x.size(1), S = k_cache.size(2), hd = k_cache.size(3);
+  Scratch<T> s;
+  size_scratch(s, plan, B, D, H, hd);
+  plan_stages(plan, s, B);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_layer<T>(plan, s, data_of<T>(x), mutable_data_of<T>(out), data_of<T>(w_in), data_of<T>(w_post), eps, B, D,
+               mutable_data_of<T>(k_cache), mutable_data_of<T>(v_cache), S, hd, data_of<T>(cos), data_of<T>(sin),
+               slot, valid_from, H, KV, scale);
   return out;
 }
 
+// What a decode step's inputs (shared by all its layers) say, once checked: x [B, D], one layer's caches
+// k_cache, v_cache [B, KV, S, hd], cos and sin [B, hd], slot (one CPU int64) and valid_from int64 [B].
+struct StepInfo {
+  int64_t B, D, S, hd, slot;
+  const int64_t* valid_from;
+};
+
+StepInfo check_step(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+                    const at::Tensor& sin, const at::Tensor& slot, const at::Tensor& valid_from, int64_t n_heads,
+                    int64_t n_kv) {
+  const auto dtype = check_x("decode_layer", x);
+  check_operand("decode_layer", "k_cache", k_cache, dtype, 4);
+  check_operand("decode_layer", "v_cache", v_cache, dtype, 4);
+  check_operand("decode_layer", "cos", cos, dtype, 2);
+  check_operand("decode_layer", "sin", sin, dtype, 2);
+  const int64_t B = x.size(0), D = x.size(1), hd = k_cache.size(3), S = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_kv, "rankserve::decode_layer: k_cache is ",
+              k_cache.sizes(), " for batch ", B, " and ", n_kv, " kv heads");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "rankserve::decode_layer: v_cache ", v_cache.sizes(),
+              " differs from k_cache ", k_cache.sizes());
+  TORCH_CHECK(hd <= 512 && hd % 2 == 0, "rankserve::decode_layer: head dim ", hd, " must be even and <= 512");
+  TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0, "rankserve::decode_layer: ", n_heads, " heads over ", n_kv,
+              " kv heads");
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd, "rankserve::decode_layer: cos is ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "rankserve::decode_layer: sin is ", sin.sizes(), ", cos ", cos.sizes());
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
+              "rankserve::decode_layer: slot must be one int64 on the CPU");
+  TORCH_CHECK(valid_from.scalar_type() == at::kLong && valid_from.numel() == B && valid_from.is_contiguous(),
+              "rankserve::decode_layer: valid_from must be int64 [B]");
+  const int64_t s = *slot.const_data_ptr<int64_t>();  // a CPU int64 (checked above); item() is a dispatcher call
+  TORCH_CHECK(s >= 0 && s < S, "rankserve::decode_layer: slot ", s, " outside the cache of ", S, " slots");
+  return {B, D, S, hd, s, valid_from.const_data_ptr<int64_t>()};
+}
+
 using OptT = std::optional<at::Tensor>;
+
+// One packed projection group as the ops take it (see make_group).
+struct GroupArgs {
+  at::Tensor first;
+  OptT first_scale, bias;
+  std::vector<at::Tensor> lifts, lift_scales;
+  std::vector<int64_t> splits;
+};
+
+// A layer's plan (its groups; stages are planned over a Scratch later), with the checks of its sizes against the
+// hidden size D and the head layout.
+template <typename T>
+LayerPlan<T> make_plan(const GroupArgs (&g)[4], int64_t D, int64_t hd, int64_t n_heads, int64_t n_kv,
+                       at::ScalarType dtype) {
+  static const char* names[4] = {"qkv", "o", "gate_up", "down"};
+  LayerPlan<T> p;
+  Group<T>* out[4] = {&p.qkv, &p.o, &p.gu, &p.down};
+  for (int i = 0; i < 4; ++i)
+    *out[i] = make_group<T>(g[i].first, g[i].first_scale, g[i].lifts, g[i].lift_scales, g[i].splits, g[i].bias,
+                            names[i], dtype);
+  TORCH_CHECK(p.qkv.K == D && p.gu.K == D && p.o.total_out == D && p.down.total_out == D,
+              "rankserve::decode_layer: projection sizes do not match hidden size ", D);
+  TORCH_CHECK(p.qkv.total_out == (n_heads + 2 * n_kv) * hd && p.o.K == n_heads * hd &&
+                  p.down.K * 2 == p.gu.total_out,
+              "rankserve::decode_layer: projection sizes do not match the head layout");
+  return p;
+}
 
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& w_post, double eps,
                         const at::Tensor& qkv_first, const OptT& qkv_first_scale, at::TensorList qkv_lifts,
@@ -320,59 +423,33 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& w_in, const at::T
   const auto dtype = check_x("decode_layer", x);
   check_operand("decode_layer", "w_in", w_in, dtype, 1);
   check_operand("decode_layer", "w_post", w_post, dtype, 1);
-  check_operand("decode_layer", "k_cache", k_cache, dtype, 4);
-  check_operand("decode_layer", "v_cache", v_cache, dtype, 4);
-  check_operand("decode_layer", "cos", cos, dtype, 2);
-  check_operand("decode_layer", "sin", sin, dtype, 2);
-  const int64_t B = x.size(0), D = x.size(1), hd = k_cache.size(3), S = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == n_kv, "rankserve::decode_layer: k_cache is ",
-              k_cache.sizes(), " for batch ", B, " and ", n_kv, " kv heads");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "rankserve::decode_layer: v_cache ", v_cache.sizes(),
-              " differs from k_cache ", k_cache.sizes());
-  TORCH_CHECK(hd <= 512 && hd % 2 == 0, "rankserve::decode_layer: head dim ", hd, " must be even and <= 512");
-  TORCH_CHECK(n_heads % n_kv == 0, "rankserve::decode_layer: ", n_heads, " heads over ", n_kv, " kv heads");
-  TORCH_CHECK(cos.size(0) == B && cos.size(1) == hd, "rankserve::decode_layer: cos is ", cos.sizes());
-  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1 && slot.device().is_cpu(),
-              "rankserve::decode_layer: slot must be one int64 on the CPU");
-  TORCH_CHECK(valid_from.scalar_type() == at::kLong && valid_from.numel() == B && valid_from.is_contiguous(),
-              "rankserve::decode_layer: valid_from must be int64 [B]");
-  const int64_t s = *slot.const_data_ptr<int64_t>();  // a CPU int64 (checked above); item() is a dispatcher call
-  TORCH_CHECK(s >= 0 && s < S, "rankserve::decode_layer: slot ", s, " outside the cache of ", S, " slots");
-  const int64_t* vf = valid_from.const_data_ptr<int64_t>();
+  const StepInfo st = check_step(x, k_cache, v_cache, cos, sin, slot, valid_from, n_heads, n_kv);
+  const int64_t B = st.B, D = st.D, hd = st.hd, s = st.slot;
+  const int64_t* vf = st.valid_from;
+  const GroupArgs g[4] = {
+      {qkv_first, qkv_first_scale, qkv_bias, qkv_lifts.vec(), qkv_lift_scales.vec(), qkv_splits.vec()},
+      {o_first, o_first_scale, o_bias, o_lifts.vec(), o_lift_scales.vec(), o_splits.vec()},
+      {gu_first, gu_first_scale, gu_bias, gu_lifts.vec(), gu_lift_scales.vec(), gu_splits.vec()},
+      {down_first, down_first_scale, down_bias, down_lifts.vec(), down_lift_scales.vec(), down_splits.vec()}};
   auto run = [&](auto tag) -> at::Tensor {
     using T = decltype(tag);
-    const auto qkv = make_group<T>(qkv_first, qkv_first_scale, qkv_lifts.vec(), qkv_lift_scales.vec(), qkv_splits,
-                                   qkv_bias, "qkv", dtype);
-    const auto o = make_group<T>(o_first, o_first_scale, o_lifts.vec(), o_lift_scales.vec(), o_splits, o_bias, "o",
-                                 dtype);
-    const auto gu = make_group<T>(gu_first, gu_first_scale, gu_lifts.vec(), gu_lift_scales.vec(), gu_splits,
-                                  gu_bias, "gate_up", dtype);
-    const auto dn = make_group<T>(down_first, down_first_scale, down_lifts.vec(), down_lift_scales.vec(),
-                                  down_splits, down_bias, "down", dtype);
-    TORCH_CHECK(qkv.K == D && gu.K == D && o.total_out == D && dn.total_out == D,
-                "rankserve::decode_layer: projection sizes do not match hidden size ", D);
-    TORCH_CHECK(qkv.total_out == (n_heads + 2 * n_kv) * hd && o.K == n_heads * hd && dn.K * 2 == gu.total_out,
-                "rankserve::decode_layer: projection sizes do not match the head layout");
-    return decode_layer_impl<T>(x, w_in, w_post, eps, qkv, o, gu, dn, k_cache, v_cache, cos, sin, s, vf, n_heads,
-                                n_kv, scale);
+    LayerPlan<T> plan = make_plan<T>(g, D, hd, n_heads, n_kv, dtype);
+    return decode_layer_impl<T>(x, w_in, w_post, eps, plan, k_cache, v_cache, cos, sin, s, vf, n_heads, n_kv, scale);
   };
   return dtype == at::kFloat ? run(float{}) : run(bf16{});
 }
 
 // Every decoder layer of a model, held on the C++ side, so that a decode step is one call from Python instead of
 // one per layer: with its 37 arguments (lists of lifts among them) a decode_layer call costs 25-40 us of argument
-// conversion and dispatch before its parallel region starts, ~1 ms per SmolLM2 token. Built once per runner from
-// the same tensors the per-layer op takes, flattened (rankserve/runtime/fast.py, FastDecoder.layer_stack):
+// conversion and dispatch before its parallel region starts, ~1 ms per SmolLM2 token. It also keeps each layer's
+// plan (groups and stages) and one Scratch between steps, rebuilt only when the dtype or batch changes, so a
+// layer no longer checks its weights, allocates its vectors and plans its stages at every step. Not for
+// concurrent steps (neither is the KV cache). Built once per runner from the same tensors the per-layer op takes,
+// flattened (rankserve/runtime/fast.py, FastDecoder._layer_stack):
 //   tensors, per layer: w_in, w_post, then per group (qkv, o, gate_up, down): first, first_scale, lifts...,
 //     lift_scales..., bias; an absent scale or bias is an empty tensor.
 //   layout, per layer and group: members, splits (one per member), number of lifts, number of lift scales.
 struct LayerStack : torch::CustomClassHolder {
-  struct GroupArgs {
-    at::Tensor first;
-    OptT first_scale, bias;
-    std::vector<at::Tensor> lifts, lift_scales;
-    std::vector<int64_t> splits;
-  };
   struct LayerArgs {
     at::Tensor w_in, w_post;
     double eps;
@@ -381,6 +458,13 @@ struct LayerStack : torch::CustomClassHolder {
   std::vector<LayerArgs> layers;
   int64_t n_heads, n_kv;
   double scale;
+  // the plans of the last step's dtype and batch, over one scratch
+  at::ScalarType plan_dtype = at::ScalarType::Undefined;
+  int64_t plan_B = -1;
+  std::vector<LayerPlan<float>> plans_f;
+  std::vector<LayerPlan<bf16>> plans_b;
+  Scratch<float> scratch_f;
+  Scratch<bf16> scratch_b;
 
   LayerStack(std::vector<at::Tensor> tensors, std::vector<int64_t> layout, std::vector<double> eps, int64_t n_heads,
              int64_t n_kv, double scale)
@@ -416,25 +500,57 @@ struct LayerStack : torch::CustomClassHolder {
                 " tensors and ", layout.size() - li, " layout entries left over after ", eps.size(), " layers");
   }
 
+  template <typename T>
+  std::pair<std::vector<LayerPlan<T>>*, Scratch<T>*> state() {
+    if constexpr (std::is_same_v<T, float>)
+      return {&plans_f, &scratch_f};
+    else
+      return {&plans_b, &scratch_b};
+  }
+
   // x [B, D] through every layer; k_cache, v_cache [layers, B, KV, S, hd]; the rest as decode_layer takes them.
   at::Tensor decode(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, at::Tensor cos, at::Tensor sin,
                     at::Tensor slot, at::Tensor valid_from) {
     const int64_t n = static_cast<int64_t>(layers.size());
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n && v_cache.dim() == 5 && v_cache.size(0) == n,
-                "rankserve::LayerStack: caches must be [", n, " layers, B, KV, S, hd], got ", k_cache.sizes(), " and ",
-                v_cache.sizes());
-    for (int64_t i = 0; i < n; ++i) {
-      // a profiler sees each layer as the op it would otherwise be called as
-      RECORD_FUNCTION(RANKSERVE_OPS_NAME "::decode_layer", std::vector<c10::IValue>());
-      const LayerArgs& L = layers[i];
-      at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
-      const GroupArgs(&g)[4] = L.g;
-      x = decode_layer(x, L.w_in, L.w_post, L.eps, g[0].first, g[0].first_scale, g[0].lifts, g[0].lift_scales,
-                       g[0].splits, g[0].bias, g[1].first, g[1].first_scale, g[1].lifts, g[1].lift_scales, g[1].splits,
-                       g[1].bias, g[2].first, g[2].first_scale, g[2].lifts, g[2].lift_scales, g[2].splits, g[2].bias,
-                       g[3].first, g[3].first_scale, g[3].lifts, g[3].lift_scales, g[3].splits, g[3].bias, kc, vc, cos,
-                       sin, slot, valid_from, n_heads, n_kv, scale);
-    }
-    return x;
+    TORCH_CHECK(n > 0, "rankserve::LayerStack: no layers");
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == n && v_cache.dim() == 5 && v_cache.size(0) == n &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous(),
+                "rankserve::LayerStack: caches must be contiguous [", n, " layers, B, KV, S, hd], got ",
+                k_cache.sizes(), " and ", v_cache.sizes());
+    const StepInfo st = check_step(x, k_cache[0], v_cache[0], cos, sin, slot, valid_from, n_heads, n_kv);
+    const auto dtype = x.scalar_type();
+    auto run = [&](auto tag) -> at::Tensor {
+      using T = decltype(tag);
+      auto [plans, scratch] = state<T>();
+      if (plan_dtype != dtype || plan_B != st.B) {
+        plan_dtype = at::ScalarType::Undefined;  // until the plans below are complete
+        plans->clear();
+        for (const LayerArgs& L : layers) {
+          check_operand("decode_layer", "w_in", L.w_in, dtype, 1);
+          check_operand("decode_layer", "w_post", L.w_post, dtype, 1);
+          plans->push_back(make_plan<T>(L.g, st.D, st.hd, n_heads, n_kv, dtype));
+        }
+        for (const LayerPlan<T>& p : *plans) size_scratch(*scratch, p, st.B, st.D, n_heads, st.hd);
+        for (LayerPlan<T>& p : *plans) plan_stages(p, *scratch, st.B);  // the scratch no longer moves
+        plan_dtype = dtype, plan_B = st.B;
+      }
+      at::Tensor buf[2] = {at::empty(x.sizes(), x.options()), at::empty(x.sizes(), x.options())};
+      const T* in = data_of<T>(x);
+      T* kc = mutable_data_of<T>(k_cache);
+      T* vc = mutable_data_of<T>(v_cache);
+      const int64_t layer_elems = k_cache.stride(0);
+      for (int64_t i = 0; i < n; ++i) {
+        // a profiler sees each layer as the op it would otherwise be called as
+        RECORD_FUNCTION(RANKSERVE_OPS_NAME "::decode_layer", std::vector<c10::IValue>());
+        const LayerArgs& L = layers[i];
+        T* out = mutable_data_of<T>(buf[i % 2]);
+        run_layer<T>((*plans)[i], *scratch, in, out, data_of<T>(L.w_in), data_of<T>(L.w_post), L.eps, st.B, st.D,
+                     kc + i * layer_elems, vc + i * layer_elems, st.S, st.hd, data_of<T>(cos), data_of<T>(sin),
+                     st.slot, st.valid_from, n_heads, n_kv, scale);
+        in = out;
+      }
+      return buf[(n - 1) % 2];
+    };
+    return dtype == at::kFloat ? run(float{}) : run(bf16{});
   }
 };
