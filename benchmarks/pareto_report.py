@@ -139,7 +139,7 @@ def findings(configs: list[dict]) -> list[str]:
     s = timed.get("rankserve fp32 svd-llm 0.4")
     if s and s.get("bandwidth_fraction"):
         f = s["bandwidth_fraction"]
-        out.append(f"- fp32 svd-llm 0.4 streams {f:.0%} of the measured read bandwidth (target >= 90%): "
+        out.append(f"- fp32 svd-llm 0.4 streams {f:.1%} of the measured read bandwidth (target >= 90%): "
                    f"{'met' if f >= 0.9 else 'NOT met'}.")  # fmt: skip
     return out
 
