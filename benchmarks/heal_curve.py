@@ -379,6 +379,8 @@ def report(results: str, out: str) -> None:
         lines += [f"## {r['experiment']}: {r['family']} at ratio {r['ratio']} ({r['date']})", ""]
         lines += [f"CPU: {r['cpu']}; threads {r['threads']}; `uptime` at start: {r['uptime']}", ""]
         lines += [f"    {r['command']}", ""]
+        if r.get("note"):  # what the record's own fields cannot say, e.g. that the run was paused
+            lines += [f"Note: {r['note']}", ""]
         d = r["dense"]
         lines.append(f"dense: {ratio_of(d, d)}")
         lines.append("")
