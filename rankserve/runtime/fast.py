@@ -124,16 +124,20 @@ class FastLayer(nn.Module):
         self.w_post = layer.post_attention_layernorm.weight.detach()
         self.eps = layer.input_layernorm.eps
 
-    def native_args(self) -> list:
-        """The packed groups as the native ``decode_layer`` op takes them: first, its int8 scale or None, lifts,
-        their int8 scales (none, or an empty tensor for a float lift), splits, bias each."""
-        args = []
+    def native_groups(self) -> list[tuple]:
+        """The packed groups (qkv, o, gate_up, down) as the native kernels take them, one tuple each: first, its
+        int8 scale or None, lifts, their int8 scales (none, or an empty tensor for a float lift), splits, bias."""
+        groups = []
         for g in (self.qkv, self.o, self.gate_up, self.down):
             empty = self.w_in.new_empty(0, 0)
             lifts = [empty if lift is None else lift for lift in g.lifts]
             scales = [] if g.lift_scales is None else [empty if s is None else s for s in g.lift_scales]
-            args += [g.first, g.first_scale, lifts, scales, list(g.splits), g.bias]
-        return args
+            groups.append((g.first, g.first_scale, lifts, scales, list(g.splits), g.bias))
+        return groups
+
+    def native_args(self) -> list:
+        """The groups' arguments of the ``decode_layer`` op, in order."""
+        return [a for group in self.native_groups() for a in group]
 
 
 class FastDecoder(nn.Module):
@@ -162,15 +166,15 @@ class FastDecoder(nn.Module):
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
     def _layer_stack(self):
-        """The native ``LayerStack`` (csrc/decode_layer.h) of the current kernels: every layer's ``native_args``
+        """The native ``LayerStack`` (csrc/decode_layer.h) of the current kernels: every layer's ``native_groups``
         flattened once, so that a decode step crosses from Python into the kernels once, not once per layer."""
         ns = self.kernels.ops.name
         if ns not in self._stacks:
             empty = self.embed.new_empty(0)
             tensors, layout = [], []
-            for L, args in zip(self.layers, self._native, strict=True):
+            for L in self.layers:
                 tensors += [L.w_in, L.w_post]
-                for first, first_scale, lifts, scales, splits, bias in zip(*[iter(args)] * 6, strict=True):
+                for first, first_scale, lifts, scales, splits, bias in L.native_groups():
                     tensors += [first, empty if first_scale is None else first_scale, *lifts, *scales]
                     tensors.append(empty if bias is None else bias)
                     layout += [len(splits), *splits, len(lifts), len(scales)]

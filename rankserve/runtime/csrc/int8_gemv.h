@@ -203,9 +203,8 @@ inline void qmatvec_tile(int64_t t, const QMat& W, int64_t N, int64_t K, const X
     with_tile_shape(tr.rows, nb, [&]<int R, int NB>() {
       if constexpr (std::is_same_v<XT, int8_t>)
         idot_tile<R, NB>(w, tr.step * K, sc, tr.step * W.groups, G, x + b0 * ldx, ldx, K, out);
-      else if (RANKSERVE_G16 && G == 16 && 16 % Isa::kLanes == 0)  // the first factors' default groups (quant.py)
-        qdot_tile<XT, R, NB, 16 % Isa::kLanes == 0 ? 16 : 0>(w, tr.step * K, sc, tr.step * W.groups, G, x + b0 * ldx,
-                                                          ldx, K, out);
+      else if (RANKSERVE_G16 && G == 16)  // the first factors' default groups (rankserve/quant.py)
+        qdot_tile<XT, R, NB, 16>(w, tr.step * K, sc, tr.step * W.groups, G, x + b0 * ldx, ldx, K, out);
       else
         qdot_tile<XT, R, NB>(w, tr.step * K, sc, tr.step * W.groups, G, x + b0 * ldx, ldx, K, out);
     });

@@ -147,6 +147,7 @@ struct Isa {
       const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(kLanes - 1 - n)));
       return _mm256_and_ps(load(p + n - kLanes), keep);
     }
+    // the same last lanes as the overlapping load, so both paths sum in one order and agree bit for bit
     T buf[kLanes] = {};
     std::memcpy(buf + kLanes - n, p, sizeof(T) * n);
     return load(buf);
