@@ -16,7 +16,7 @@ QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clea
 # A short heal that keeps the demo within minutes. The model writes one pool of short rows (prose and chat
 # answers) that serves as calibration AND as healing data, since generating text costs a CPU about as much
 # per token as training on it. Small batches give more optimizer steps for the same tokens.
-DEMO_HEAL = HealConfig(tokens=8192, seq_len=128, batch=4, pool_tokens=2048, lr=5e-4, eval_rows=4)
+DEMO_HEAL = HealConfig(tokens=8192, seq_len=128, batch=4, pool_tokens=2048, lr=2e-4, eval_rows=4)
 
 
 def add_arguments(p):
