@@ -384,10 +384,8 @@ def report(results: str, out: str) -> None:
         d = r["dense"]
         lines.append(f"dense: {ratio_of(d, d)}")
         lines.append("")
-        lines.append(
-            f"calibration: {r['calibration_rows']} tokens of each arm's data; self-generated rows took "
-            f"{r['generate_s']:.0f} s to write."
-        )
+        wrote = f"; self-generated rows took {r['generate_s']:.0f} s to write" if r.get("generate_s") else ""
+        lines.append(f"calibration: {r['calibration_rows']} tokens of each arm's data{wrote}.")
         if r.get("train_tokens_per_s"):
             speed = ", ".join(f"{k} {v:.0f}" for k, v in r["train_tokens_per_s"].items())
             lines.append(f"training tokens/s over 3 steps of 4x256: {speed}.")
