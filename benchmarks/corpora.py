@@ -27,6 +27,21 @@ from rankserve.fsutil import cache_dir  # noqa: E402
 from rankserve.hashing import file_sha256  # noqa: E402
 
 CACHE = cache_dir("corpora")
+# WikiText-2 (test: perplexity only; valid.tokens: calibration and healing only), read in place, never copied
+WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
+WIKI_TEST = os.path.join(WIKITEXT, "test.txt")
+WIKI_VALID = os.path.join(WIKITEXT, "valid.tokens.txt")
+
+
+def require(prog: str, *paths: str) -> None:
+    """Exit with one line naming the missing text files and the fix, before any model is loaded."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        sys.exit(
+            f"{prog}: {', '.join(missing)} not found. The benchmarks read WikiText-2 from {WIKITEXT} (the "
+            "checkout's sibling ../shared/data/wikitext2); put test.txt and valid.tokens.txt there, or pass "
+            "the files' paths where the command takes them."
+        )
 
 
 @dataclass(frozen=True)

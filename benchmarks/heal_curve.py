@@ -34,11 +34,10 @@ import sys
 import time
 
 import torch
+from corpora import WIKI_TEST, WIKI_VALID, fetch, require  # benchmarks/corpora.py, next to this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
 TEXTS = ("wikitext2-test", "lee-background")  # the two evaluation texts, in table order
-CALIB_TEXT = os.path.join(WIKI, "valid.tokens.txt")
 SEQ_LEN, MAX_WINDOWS = 512, 8
 ARMS = ("self-generated", "wikitext-valid", "mix")  # calibration and healing data of the `data` experiment
 
@@ -49,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--family", default="svd-llm", help="compression family (svd-llm, basis-sharing, ...)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters REMOVED")
+    p.add_argument(
+        "--ranks", choices=("uniform", "adaptive", "sensitivity"), default="uniform", help="rank allocation"
+    )
     p.add_argument("--tokens", type=int, default=131072, help="healing tokens")
     p.add_argument("--eval-tokens", type=int, default=8192, help="score the texts every N healing tokens")
     p.add_argument(
@@ -71,10 +73,8 @@ def parse_args(argv=None):
 
 
 def load_texts() -> dict[str, str]:
-    from corpora import fetch  # benchmarks/corpora.py, next to this file
-
     out = {}
-    for name, path in zip(TEXTS, (os.path.join(WIKI, "test.txt"), fetch()), strict=True):
+    for name, path in zip(TEXTS, (WIKI_TEST, fetch()), strict=True):
         with open(path, encoding="utf-8") as f:
             out[name] = f.read()
     return out
@@ -97,12 +97,12 @@ def append(path: str, rec: dict) -> None:
         json.dump(recs, f, indent=1)
 
 
-def compress(lm, family: str, ratio: float, calib):
+def compress(lm, family: str, ratio: float, ranks: str, calib):
     from rankserve.compress import compress_
     from rankserve.families import config_class
 
     model = copy.deepcopy(lm.model)
-    compress_(model, config_class(family)(ratio=ratio), calib, progress=False)
+    compress_(model, config_class(family)(ratio=ratio, ranks=ranks), calib, progress=False)
     return model
 
 
@@ -134,7 +134,7 @@ def calibration(args, lm, arm: str, generated):
 
     n, L = args.calib_samples, args.seq_len or 256
     own = Calibration(generated[0][:n], "self", 0) if arm != "wikitext-valid" else None
-    wiki = make_calibration(CALIB_TEXT, lm.model, lm.tokenizer, n, L, 0) if arm != "self-generated" else None
+    wiki = make_calibration(WIKI_VALID, lm.model, lm.tokenizer, n, L, 0) if arm != "self-generated" else None
     if own is None or wiki is None:
         return own or wiki
     return Calibration(torch.cat([own.tokens[: n // 2], wiki.tokens[: n - n // 2]]), "mix", 0)
@@ -142,8 +142,8 @@ def calibration(args, lm, arm: str, generated):
 
 def arm_heal(args, arm: str, **over):
     """The arm's healing config: self-generated pool, WikiText-2 validation windows, or half of each."""
-    data = {"self-generated": {}, "wikitext-valid": {"data": [CALIB_TEXT], "self_share": 0.0}}
-    return heal_config(args, **data.get(arm, {"data": [CALIB_TEXT], "self_share": 0.5}), **over)
+    data = {"self-generated": {}, "wikitext-valid": {"data": [WIKI_VALID], "self_share": 0.0}}
+    return heal_config(args, **data.get(arm, {"data": [WIKI_VALID], "self_share": 0.5}), **over)
 
 
 def speed_probe(args, lm, student, generated) -> dict[str, float]:
@@ -176,7 +176,7 @@ def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None
 
     cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
     t0 = time.perf_counter()
-    student = compress(lm, args.family, args.ratio, calibration(args, lm, arm, generated))
+    student = compress(lm, args.family, args.ratio, args.ranks, calibration(args, lm, arm, generated))
     row = {"arm": arm, "compress_s": round(time.perf_counter() - t0, 1), "points": []}
     row["heal"] = {"config": cfg.to_dict(), "finished": False}
     rec["rows"].append(row)
@@ -218,13 +218,14 @@ def run(args, lm, texts, base) -> None:
         "experiment": args.experiment,
         "family": args.family,
         "ratio": args.ratio,
+        "ranks": args.ranks,
         "calibration_rows": f"{args.calib_samples}x{args.seq_len or 256}",
         "generate_s": round(time.perf_counter() - t0, 1),
         "dense": score(lm.model, lm.tokenizer, texts),
         "rows": [],
     }
     if args.speed:
-        student = compress(lm, args.family, args.ratio, calibration(args, lm, arms[0], generated))
+        student = compress(lm, args.family, args.ratio, args.ranks, calibration(args, lm, arms[0], generated))
         rec["train_tokens_per_s"] = speed_probe(args, lm, student, generated)
         del student
     # the curve's arm last, so the comparison is complete before the long run
@@ -238,6 +239,12 @@ def _pool(c: dict) -> str:
     if not c["data"]:
         return "self-generated"
     return f"{c['self_share']:g} self-generated, the rest from {files}"
+
+
+def _ranks(rec: dict) -> str:
+    """' (sensitivity ranks)' for a run with non-uniform ranks; '' for uniform (and records older than --ranks)."""
+    mode = rec.get("ranks", "uniform")
+    return "" if mode == "uniform" else f" ({mode} ranks)"
 
 
 def ratio_of(ppl: dict, dense: dict) -> str:
@@ -296,6 +303,7 @@ def healed_rows(results: str) -> list[dict]:
                     {
                         "family": r["family"],
                         "ratio": r["ratio"],
+                        "ranks": r.get("ranks", "uniform"),  # records from before --ranks: uniform
                         "arm": row["arm"],
                         "dense": r["dense"],
                         "compressed": first["ppl_texts"],
@@ -317,13 +325,13 @@ def healed_table(results: str) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| family | ratio | calibration and healing data | healing tokens | compressed | healed | "
+        "| family | ratio | ranks | calibration and healing data | healing tokens | compressed | healed | "
         "heal wall s (load avg) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for h in rows:
         lines.append(
-            f"| {h['family']} | {h['ratio']:g} | {h['arm']} | {h['tokens']:,} | "
+            f"| {h['family']} | {h['ratio']:g} | {h['ranks']} | {h['arm']} | {h['tokens']:,} | "
             f"{ratio_of(h['compressed'], h['dense'])} | {ratio_of(h['healed'], h['dense'])} | "
             f"{h['heal_s']:.0f} ({h['load']:.1f}) |"
         )
@@ -346,7 +354,7 @@ def plot(results: str, path: str) -> None:
                 pts = [(p["tokens"], p["ppl_texts"][text] / r["dense"][text]) for p in row["points"]]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    label = f"{r['family']} {r['ratio']:g}, {row['arm']}"
+                    label = f"{r['family']} {r['ratio']:g}{_ranks(r)}, {row['arm']}"
                     ax.plot(xs, ys, marker="o", label=label)
         for target, style in ((1.5, "--"), (2.5, ":")):
             ax.axhline(target, color="gray", lw=0.8, ls=style, label=f"#11 target {target}x")
@@ -376,7 +384,7 @@ def report(results: str, out: str) -> None:
         "",
     ]
     for r in recs:
-        lines += [f"## {r['experiment']}: {r['family']} at ratio {r['ratio']} ({r['date']})", ""]
+        lines += [f"## {r['experiment']}: {r['family']}{_ranks(r)} at ratio {r['ratio']} ({r['date']})", ""]
         lines += [f"CPU: {r['cpu']}; threads {r['threads']}; `uptime` at start: {r['uptime']}", ""]
         lines += [f"    {r['command']}", ""]
         if r.get("note"):  # what the record's own fields cannot say, e.g. that the run was paused
@@ -422,6 +430,8 @@ def main(argv=None) -> int:
             sys.exit("choose an experiment: curve or data (or --report-only)")
         sys.path.insert(0, REPO)
         from results_report import cpu_model  # benchmarks/results_report.py, next to this file
+
+        require("heal_curve.py", WIKI_TEST, WIKI_VALID)
 
         from rankserve.loaders.source import load_model
 

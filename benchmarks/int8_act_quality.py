@@ -34,8 +34,6 @@ from rankserve.eval import perplexity  # noqa: E402
 from rankserve.loaders.source import load_model  # noqa: E402
 from rankserve.quantize import Int8Config, quantize_  # noqa: E402
 
-WIKI = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2", "test.txt")
-
 
 def round_int8(x: torch.Tensor, block: int | None) -> torch.Tensor:
     """x with each row (block None) or each block of ``block`` values along the last dim rounded to int8."""
@@ -66,7 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--svd-llm", required=True, help="an SVD-LLM checkpoint (e.g. ratio 0.4) to measure too")
     p.add_argument("--windows", type=int, default=8)
     args = p.parse_args(argv)
-    with open(WIKI, encoding="utf-8") as f, open(corpora.fetch(), encoding="utf-8") as g:
+    corpora.require("int8_act_quality.py", corpora.WIKI_TEST)
+    with open(corpora.WIKI_TEST, encoding="utf-8") as f, open(corpora.fetch(), encoding="utf-8") as g:
         texts = {"WikiText-2": f.read(), "Lee": g.read()}
     print(f"{cpu_model()}; first {args.windows} windows of 512 tokens; int8 weights = Int8Config() defaults")
     print("| model | weights | activations | " + " | ".join(texts) + " |")

@@ -40,9 +40,6 @@ from rankserve.eval import perplexity  # noqa: E402
 from rankserve.loaders.source import load_model  # noqa: E402
 from rankserve.quantize import Int8Config, quantize_  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
-WIKI = os.path.join(DATA, "test.txt")  # perplexity only
-CALIB = os.path.join(DATA, "valid.tokens.txt")  # calibration only
 TARGETS = {"dense": 0.005, "svd-llm 0.4": 0.01}  # issue 12: int8 within 0.5% / 1% of its fp32 perplexity
 
 
@@ -60,7 +57,7 @@ def parse_args(argv=None):
 
 def ensure_svd_llm(path: str) -> str:
     cmd = ["rankserve", "compress", "smollm2-135m", "--family", "svd-llm", "--ratio", "0.4"]
-    cmd += ["--calib-data", CALIB, "--out", path]
+    cmd += ["--calib-data", corpora.WIKI_VALID, "--out", path]
     if not os.path.isdir(path):
         print("making the compressed model:", " ".join(cmd), flush=True)
         subprocess.run([sys.executable, "-m", *cmd], check=True)
@@ -69,7 +66,7 @@ def ensure_svd_llm(path: str) -> str:
 
 def measure(args, done) -> list[dict]:
     texts = {}
-    with open(WIKI, encoding="utf-8") as f:
+    with open(corpora.WIKI_TEST, encoding="utf-8") as f:
         texts["wikitext2"] = f.read()
     with open(corpora.fetch(), encoding="utf-8") as f:
         texts["lee"] = f.read()
@@ -146,6 +143,7 @@ def write_md(res: dict, args, compress_cmd: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    corpora.require("int8_quality.py", corpora.WIKI_TEST, corpora.WIKI_VALID)
     compress_cmd = ensure_svd_llm(args.svd_llm)
     meta = dict(
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

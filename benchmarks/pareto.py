@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: rankserve and the benchmarks next to this file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
+from corpora import WIKI_TEST, WIKI_VALID, require  # noqa: E402  benchmarks/corpora.py, next to this file
+
 GGUF_TYPES = ["f32", "f16", "q8_0", "q4_k_m"]
 DTYPES = ["fp32", "bf16", "int8"]
 
@@ -54,11 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--extra", action="append", default=[], help="another float checkpoint dir (e.g. healed)")
     p.add_argument("--skip-int8", action="store_true", help="leave the int8 configurations out")
     p.add_argument("--int8-dtype", default="fp32", help="working dtype of int8 models (activations)")
-    p.add_argument("--calib-data", default=os.path.join(DATA, "valid.tokens.txt"))
+    p.add_argument("--calib-data", default=WIKI_VALID)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-data", default=os.path.join(DATA, "test.txt"))
+    p.add_argument("--test-data", default=WIKI_TEST)
     p.add_argument("--ood-data", default=None, help="out-of-domain text (default: the Lee corpus)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=8)
@@ -366,9 +367,7 @@ def main(argv=None) -> int:
     ]
     if bad:
         sys.exit(f"pareto: unknown dtype or GGUF type: {', '.join(bad)} (choose from {DTYPES}, {GGUF_TYPES})")
-    for path in [args.test_data, args.calib_data, *args.extra]:
-        if not os.path.exists(path):
-            sys.exit(f"pareto: {path} does not exist")
+    require("pareto.py", args.test_data, args.calib_data, *args.extra)
     torch.set_num_threads(args.threads)
     cache = args.cache or cache_dir("pareto")
     os.makedirs(cache, exist_ok=True)

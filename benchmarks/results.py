@@ -28,6 +28,7 @@ import sys
 import time
 
 import torch
+from corpora import WIKI_TEST, WIKI_VALID, require  # noqa: E402  benchmarks/corpora.py, next to this file
 from results_report import (  # noqa: E402
     FAMILIES,
     MODES,
@@ -38,7 +39,6 @@ from results_report import (  # noqa: E402
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2")
 
 
 def parse_args(argv=None):
@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated, fraction REMOVED")
     p.add_argument("--ranks", default=",".join(MODES), help="uniform,adaptive or one of them")
-    p.add_argument("--calib-data", default=os.path.join(DATA, "valid.tokens.txt"))
-    p.add_argument("--test-data", default=os.path.join(DATA, "test.txt"))
+    p.add_argument("--calib-data", default=WIKI_VALID)
+    p.add_argument("--test-data", default=WIKI_TEST)
     p.add_argument(
         "--ood-data",
         default=None,
@@ -275,6 +275,7 @@ def _ranks_by_kind(rep) -> dict[str, list[int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require("results.py", args.test_data, args.calib_data)
     if args.max_windows is not None and args.max_windows < 1:
         args.max_windows = None
     cache = load_cache(args.cache)

@@ -31,7 +31,6 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALIB = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext2", "valid.tokens.txt")
 SECTIONS = ("fp32", "bf16", "prefill", "1b", "cold")
 
 
@@ -48,11 +47,14 @@ def parse_args(argv=None):
 
 
 def ensure_model(path: str) -> list[str]:
+    from corpora import WIKI_VALID, require  # benchmarks/corpora.py, next to this file
+
     cmd = [
         sys.executable, "-m", "rankserve", "compress", "smollm2-135m", "--family", "svd-llm", "--ratio", "0.4",
-        "--calib-data", CALIB, "--calib-samples", "16", "--calib-seq-len", "256", "--out", path,
+        "--calib-data", WIKI_VALID, "--calib-samples", "16", "--calib-seq-len", "256", "--out", path,
     ]  # fmt: skip
     if not os.path.isdir(path):
+        require("targets.py", WIKI_VALID)
         print("making the compressed model:", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)
     return cmd
