@@ -66,6 +66,9 @@ def parse_args(argv=None):
         "--speed", action="store_true", help="curve: probe training tokens/s first (quiet machine)"
     )
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--save", default=None, help="curve: write the healed model here as a checkpoint (new dir)"
+    )
     p.add_argument("--results", default=os.path.join(REPO, "docs", "healing.json"))
     p.add_argument("--report", default=os.path.join(REPO, "docs", "HEALING.md"))
     p.add_argument("--report-only", action="store_true")
@@ -98,12 +101,22 @@ def append(path: str, rec: dict) -> None:
 
 
 def compress(lm, family: str, ratio: float, ranks: str, calib):
+    """A compressed copy of the dense model, its family config and the compression report."""
     from rankserve.compress import compress_
     from rankserve.families import config_class
 
-    model = copy.deepcopy(lm.model)
-    compress_(model, config_class(family)(ratio=ratio, ranks=ranks), calib, progress=False)
-    return model
+    model, cfg = copy.deepcopy(lm.model), config_class(family)(ratio=ratio, ranks=ranks)
+    return model, cfg, compress_(model, cfg, calib, progress=False)
+
+
+def save(path: str, lm, student, cfg, comp, healing) -> None:
+    """The healed student as an ordinary rankserve checkpoint (written atomically), e.g. for pareto's --extra."""
+    from rankserve.checkpoint import save_checkpoint
+    from rankserve.compress import compression_manifest
+    from rankserve.heal import healed_manifest
+
+    manifest = healed_manifest(compression_manifest(student, cfg, comp, lm.source), healing, lm.source)
+    save_checkpoint(student, path, tokenizer=lm.tokenizer, manifest=manifest)
 
 
 def heal_config(args, **over):
@@ -176,7 +189,9 @@ def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None
 
     cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
     t0 = time.perf_counter()
-    student = compress(lm, args.family, args.ratio, args.ranks, calibration(args, lm, arm, generated))
+    student, fam, comp = compress(
+        lm, args.family, args.ratio, args.ranks, calibration(args, lm, arm, generated)
+    )
     row = {"arm": arm, "compress_s": round(time.perf_counter() - t0, 1), "points": []}
     row["heal"] = {"config": cfg.to_dict(), "finished": False}
     rec["rows"].append(row)
@@ -196,6 +211,9 @@ def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None
             student, lm.model, lm.tokenizer, cfg, progress=True, on_eval=on_eval, generated=generated
         )
         row["heal"] = {**{k: v for k, v in report.to_dict().items() if k != "curve"}, "finished": True}
+        if args.save and stop_at is None:
+            save(args.save, lm, student, fam, comp, report)
+            row["saved"] = args.save
     except _Enough:
         row["heal"]["stopped_at"] = row["points"][-1]["tokens"]
     row["heal_total_s"] = round(time.perf_counter() - t1, 1)
@@ -225,7 +243,9 @@ def run(args, lm, texts, base) -> None:
         "rows": [],
     }
     if args.speed:
-        student = compress(lm, args.family, args.ratio, args.ranks, calibration(args, lm, arms[0], generated))
+        student = compress(
+            lm, args.family, args.ratio, args.ranks, calibration(args, lm, arms[0], generated)
+        )[0]
         rec["train_tokens_per_s"] = speed_probe(args, lm, student, generated)
         del student
     # the curve's arm last, so the comparison is complete before the long run
@@ -432,6 +452,8 @@ def main(argv=None) -> int:
         from results_report import cpu_model  # benchmarks/results_report.py, next to this file
 
         require("heal_curve.py", WIKI_TEST, WIKI_VALID)
+        if args.save and os.path.exists(args.save):
+            sys.exit(f"heal_curve.py: --save {args.save} already exists; choose a new directory")
 
         from rankserve.loaders.source import load_model
 
