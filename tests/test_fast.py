@@ -116,6 +116,36 @@ def test_fast_decode_equals_eager(variant, lowrank, native):
         assert all(name.startswith(namespace(native) + "::") for name in ran)
 
 
+def gate_up_model(layout: str):
+    """A tiny model whose MLP gate and up differ in form: 'mixed' (gate low-rank, up dense: the native layer runs
+    gate's lift in a stage after up's GEMV) or 'ranks' (both low-rank, of different ranks: different tiles)."""
+    model = tiny_model("llama-gqa")
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj") if layout == "ranks" else ("gate_proj",):
+            p = getattr(mlp, name)
+            r = min(p.in_features, p.out_features) // 2 - (3 if name == "up_proj" else 0) - i
+            U, V = truncated_svd(p.weight.detach(), r)
+            setattr(mlp, name, LowRankLinear.from_factors(U, V, p.bias))
+    return model
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+@pytest.mark.parametrize("layout", ["mixed", "ranks"])
+@pytest.mark.parametrize("native", RUNNABLE)
+def test_fast_decode_equals_eager_whatever_the_gate_up_form(layout, native):
+    if compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    NativeKernels.load(native, strict=True)
+    model = gate_up_model(layout)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ref = run(EagerRunner, model, prompts, 8, RuntimeOptions())
+    options = RuntimeOptions(backend="fast", compile=False, native_isa=native)
+    got = run(FastRunner, model, prompts, 8, options)
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 def test_shared_basis_model_decodes_like_eager():
     model = lowrank_model("llama-gqa", shared=True)
     ref = run(EagerRunner, model, [[3, 4, 5, 6]], 8, RuntimeOptions())
