@@ -367,7 +367,10 @@ def main(argv=None) -> int:
     ]
     if bad:
         sys.exit(f"pareto: unknown dtype or GGUF type: {', '.join(bad)} (choose from {DTYPES}, {GGUF_TYPES})")
-    require("pareto.py", args.test_data, args.calib_data, *args.extra)
+    require("pareto.py", args.test_data, args.calib_data)
+    for path in args.extra:
+        if not os.path.isdir(path):
+            sys.exit(f"pareto.py: --extra {path} is not a checkpoint directory")
     torch.set_num_threads(args.threads)
     cache = args.cache or cache_dir("pareto")
     os.makedirs(cache, exist_ok=True)
