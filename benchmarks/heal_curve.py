@@ -339,6 +339,10 @@ def healed_rows(results: str) -> list[dict]:
     return out
 
 
+def _per_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"  # '-': an arm stopped early has no end-of-run rate
+
+
 def healed_table(results: str) -> list[str]:
     """Markdown lines: the healed rows (for docs/RESULTS.md, which calls this)."""
     rows = healed_rows(results)
@@ -346,14 +350,14 @@ def healed_table(results: str) -> list[str]:
         return []
     lines = [
         "| family | ratio | ranks | calibration and healing data | healing tokens | compressed | healed | "
-        "heal wall s (load avg) |",
-        "|---|---|---|---|---|---|---|---|",
+        "training tok/s | heal wall s (load avg) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in rows:
         lines.append(
             f"| {h['family']} | {h['ratio']:g} | {h['ranks']} | {h['arm']} | {h['tokens']:,} | "
             f"{ratio_of(h['compressed'], h['dense'])} | {ratio_of(h['healed'], h['dense'])} | "
-            f"{h['heal_s']:.0f} ({h['load']:.1f}) |"
+            f"{_per_s(h['tokens_per_s'])} | {h['heal_s']:.0f} ({h['load']:.1f}) |"
         )
     return lines
 
