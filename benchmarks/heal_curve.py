@@ -304,6 +304,8 @@ def gap(rec: dict, row: dict) -> list[str]:
                 f"; the last two points fall by {1 - math.exp(slope * math.log(2)):.1%} per doubling of the tokens, "
                 f"which would give {at_budget:.2f}x at 1M tokens if the power law held"
             )
+            if at_budget < 1:
+                line += " (below dense, so it cannot hold that far: points inside one cosine schedule overstate it)"
         else:
             line += "; one healed point: too few to extrapolate"
         out.append(line)
