@@ -36,6 +36,8 @@ import time
 import torch
 from corpora import WIKI_TEST, WIKI_VALID, fetch, require  # benchmarks/corpora.py, next to this file
 
+from rankserve.families.base import RANK_MODES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ("wikitext2-test", "lee-background")  # the two evaluation texts, in table order
 SEQ_LEN, MAX_WINDOWS = 512, 8
@@ -48,9 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--family", default="svd-llm", help="compression family (svd-llm, basis-sharing, ...)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters REMOVED")
-    p.add_argument(
-        "--ranks", choices=("uniform", "adaptive", "sensitivity"), default="uniform", help="rank allocation"
-    )
+    p.add_argument("--ranks", choices=RANK_MODES, default="uniform", help="rank allocation")
     p.add_argument("--tokens", type=int, default=131072, help="healing tokens")
     p.add_argument("--eval-tokens", type=int, default=8192, help="score the texts every N healing tokens")
     p.add_argument(

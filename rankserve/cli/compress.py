@@ -8,6 +8,7 @@ import time
 from rankserve.cli.heal import add_heal_arguments, heal_config
 from rankserve.cli.main import CLIError, apply_threads, common_model_args
 from rankserve.cli.quantize import add_quant_arguments, quant_config, quant_flags_given, write_checkpoint
+from rankserve.families.base import RANK_MODES
 
 # CLI flag -> family config field; a flag is passed only when given, so the family's own default applies.
 FAMILY_FLAGS = {
@@ -38,7 +39,7 @@ def add_arguments(p):
     p.add_argument(
         "--ranks",
         default="uniform",
-        choices=["uniform", "adaptive", "sensitivity"],
+        choices=RANK_MODES,
         help="per-layer ranks: uniform, adaptive (by spectra) or sensitivity (by the calibration loss)",
     )
     p.add_argument(
