@@ -15,7 +15,8 @@ The flow, for any registered family:
    gives its input moment ``E[x x^T]`` (and the family's statistics); the family's own expansion (e.g. SVD-LLM's whitened SVD) then yields the K-FAC
    second-order estimate of the loss increase at EVERY rank from one factorization
    (linalg.kfac_truncation_loss), and a global threshold on loss per parameter meets the budget
-   (ranks.allocate_ranks_by_loss). A Basis Sharing group is one item: its shared basis is truncated for the
+   (ranks.allocate_ranks_by_loss); a slot the loss says to keep nearly whole stays dense, since at the
+   break-even rank a factorization stores as much as the dense matrix and still loses. A Basis Sharing group is one item: its shared basis is truncated for the
    whole group at once, at the stacked matrix's cost per rank. ``rank_overrides`` (exact name or regex) win
    over every mode.
 3. Families that read gradients (FWSVD) get them from one backward pass per sample over the dense model.
@@ -384,13 +385,13 @@ def compress_(
                 for name, new in zip(s.members, res.modules, strict=True):
                     replace_module(model, name, new)
                 info = res.info
-                if losses is not None:
-                    info = {**info, "est_loss_increase": round(float(_at(losses[s.name], rank)), 6)}
                 # a shared basis is one tensor: count it once for the slot
                 after = _unique_params(res.modules)
                 log.info("%s: rank %d%s", s.name, rank, "".join(f", {k_} {v}" for k_, v in info.items()))
             else:
                 after = before
+            if losses is not None:  # every slot, dense ones too (zero: nothing truncated)
+                info = {**info, "est_loss_increase": round(float(_at(losses[s.name], rank)), 6)}
             records[s.name] = SlotRecord(
                 s.name,
                 s.kind,

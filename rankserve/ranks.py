@@ -139,14 +139,14 @@ def allocate_ranks(items: Sequence[dict], ratio: float, *, min_rank: int = 1) ->
     return dict(zip(names, ranks, strict=True))
 
 
-def _lower_hull(ys: Sequence[float], x0: int) -> list[int]:
-    """Indices (into ``ys``) of the lower convex hull of the points ``(x0 + i, ys[i])``, left to right."""
+def _lower_hull(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
+    """Indices of the lower convex hull of the points ``(xs[i], ys[i])`` (``xs`` increasing), left to right."""
     hull: list[int] = []
     for i in range(len(ys)):
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # drop b unless it lies strictly below the chord from a to i
-            if (b - a) * (ys[i] - ys[a]) - (ys[b] - ys[a]) * (i - a) <= 0:
+            if (xs[b] - xs[a]) * (ys[i] - ys[a]) - (ys[b] - ys[a]) * (xs[i] - xs[a]) <= 0:
                 hull.pop()
             else:
                 break
@@ -154,46 +154,68 @@ def _lower_hull(ys: Sequence[float], x0: int) -> list[int]:
     return hull
 
 
-def allocate_ranks_by_loss(items: Sequence[dict], ratio: float, *, min_rank: int = 1) -> dict[str, int]:
+def allocate_ranks_by_loss(
+    items: Sequence[dict], ratio: float, *, min_rank: int = 1
+) -> dict[str, int | None]:
     """Per-matrix ranks that spend uniform ranks' parameter budget where the loss says truncation hurts least.
 
     ``items``: dicts with ``name``, ``out``, ``inp`` and ``loss`` (``loss[r]`` = the loss increase at rank r,
-    ``r = 0..``, measured or estimated; ranks past its end cost ``loss[-1]``). Budget = :func:`param_budget`;
-    ranks lie in ``[min_rank, max_useful_rank]`` and cost ``out + inp`` each.
+    ``r = 0..``, measured or estimated; ranks past its end cost ``loss[-1]``). Budget = :func:`param_budget`.
+    Each matrix gets a rank in ``[min_rank, max_useful_rank]`` at ``out + inp`` parameters per rank, or ``None``:
+    it stays dense, at ``out * inp`` parameters and no loss.
 
-    A global threshold on loss saved per parameter: every curve is replaced by its lower convex hull over
-    the allowed ranks, whose segments have a constant, per matrix decreasing saving per parameter
-    ``(loss[a] - loss[b]) / ((b - a)(out + inp))``. Segments are bought from the best saving down (ties: item
-    order, then rank) until the budget is spent; the segment that does not fit is bought rank by rank as far as
-    it goes and ends that matrix. That is the exact optimum of the relaxed (fractional-rank) problem, so the
-    result is within one rank of the critical matrix of the integer optimum, and the leftover is less than one
-    rank of any matrix that could still grow. Deterministic.
+    Why dense is a choice: at :func:`max_useful_rank` a factorization stores nearly as many parameters as the
+    dense matrix (at most one rank's worth fewer) and still carries its truncation loss, and serving it costs
+    two matrix-vector products instead of one. Keeping that matrix dense costs that last sliver of parameters
+    and removes its loss, so a matrix the loss says to keep nearly whole is kept whole, and the parameters come
+    from the matrices that compress well.
+
+    A global threshold on loss saved per parameter: every matrix's choices, as points (parameters, loss), are
+    replaced by their lower convex hull, whose segments have a constant, per matrix decreasing saving per
+    parameter. Segments are bought from the best saving down (ties: item order, then position) until the
+    budget is spent; the segment that does not fit is bought rank by rank as far as it goes (never to dense)
+    and ends that matrix. That is the exact optimum of the relaxed (fractional) problem, so the result is
+    within one segment of the critical matrix of the integer optimum, and the leftover is less than one rank
+    of any matrix that could still grow. Deterministic.
     """
     names, budget = _allocation_inputs(items, ratio, min_rank)
     costs = [int(it["out"]) + int(it["inp"]) for it in items]
-    ranks = [min_rank] * len(items)
+    ranks: list[int | None] = [min_rank] * len(items)
     remaining = budget - min_rank * sum(costs)
     if remaining < 0:
         raise ValueError(f"min_rank={min_rank} needs {budget - remaining} parameters, budget is {budget}")
 
-    segments = []  # (-saving per parameter, item, first rank, ranks in the segment)
+    tops = [max(min_rank, max_useful_rank(int(it["out"]), int(it["inp"]))) for it in items]
+    choices = []  # per item: (parameters, loss, rank or None for dense) along its lower hull
+    segments = []  # (-saving per parameter, item, hull position of the segment's start)
     for i, it in enumerate(items):
         curve = torch.as_tensor(it["loss"]).detach().to("cpu", torch.float64).flatten()
         if curve.numel() == 0 or not bool(torch.isfinite(curve).all()):
             raise ValueError(f"{names[i]}: loss must be a non-empty curve of finite numbers")
-        top = max(min_rank, max_useful_rank(int(it["out"]), int(it["inp"])))
-        ys = [float(curve[min(r, curve.numel() - 1)]) for r in range(min_rank, top + 1)]
-        hull = _lower_hull(ys, min_rank)
-        for a, b in zip(hull, hull[1:], strict=False):
-            saving = (ys[a] - ys[b]) / ((b - a) * costs[i])
-            segments.append((-saving, i, min_rank + a, b - a))
+        out, inp = int(it["out"]), int(it["inp"])
+        pts = [
+            (r * costs[i], float(curve[min(r, curve.numel() - 1)]), r) for r in range(min_rank, tops[i] + 1)
+        ]
+        if out * inp > pts[-1][0]:
+            pts.append((out * inp, 0.0, None))
+        hull = [pts[h] for h in _lower_hull([p[0] for p in pts], [p[1] for p in pts])]
+        choices.append(hull)
+        for k, (a, b) in enumerate(zip(hull, hull[1:], strict=False)):
+            segments.append((-(a[1] - b[1]) / (b[0] - a[0]), i, k))
     segments.sort()
     stopped = [False] * len(items)
-    for _, i, _, n in segments:
+    for _, i, k in segments:
         if stopped[i]:
             continue
-        take = min(n, remaining // costs[i])
-        ranks[i] += take
+        (xa, _, ra), (xb, _, rb) = choices[i][k], choices[i][k + 1]
+        if xb - xa <= remaining:
+            ranks[i] = rb
+            remaining -= xb - xa
+            continue
+        # the segment does not fit: its ranks one by one, as far as they go (the dense step is never split)
+        last = rb if rb is not None else tops[i]
+        take = min(last - ra, remaining // costs[i])
+        ranks[i] = ra + take
         remaining -= take * costs[i]
-        stopped[i] = take < n
+        stopped[i] = True
     return dict(zip(names, ranks, strict=True))

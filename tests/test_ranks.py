@@ -75,7 +75,11 @@ def _items(specs):
 
 
 def _spent(items, ranks):
-    return sum(ranks[it["name"]] * (it["out"] + it["inp"]) for it in items)
+    """Parameters of an allocation; a rank of None is the dense matrix."""
+    return sum(
+        it["out"] * it["inp"] if ranks[it["name"]] is None else ranks[it["name"]] * (it["out"] + it["inp"])
+        for it in items
+    )
 
 
 def test_allocate_ranks_budget_and_preference():
@@ -152,28 +156,37 @@ def test_allocate_ranks_fast_for_a_small_llm():
 
 
 def _brute_force(items, ratio):
-    """The best ranks by exhaustive search over [1, max_useful_rank] per item within the budget."""
+    """The best ranks by exhaustive search over [1, max_useful_rank] and dense (None) per item within the budget."""
     import itertools
 
     budget = param_budget(items, ratio)
-    ranges = [range(1, max_useful_rank(it["out"], it["inp"]) + 1) for it in items]
+    ranges = [[*range(1, max_useful_rank(it["out"], it["inp"]) + 1), None] for it in items]
     best = None
     for rs in itertools.product(*ranges):
-        if sum(r * (it["out"] + it["inp"]) for r, it in zip(rs, items, strict=True)) <= budget:
-            loss = sum(float(it["loss"][r]) for r, it in zip(rs, items, strict=True))
+        ranks = {it["name"]: r for r, it in zip(rs, items, strict=True)}
+        if _spent(items, ranks) <= budget:
+            loss = _objective(items, ranks)
             best = loss if best is None else min(best, loss)
     return best
 
 
 def _objective(items, ranks):
-    return sum(float(it["loss"][ranks[it["name"]]]) for it in items)
+    return sum(0.0 if ranks[it["name"]] is None else float(it["loss"][ranks[it["name"]]]) for it in items)
+
+
+def _slack(items):
+    """How far the allocator may sit above the integer optimum: one rank of any item, plus the one step to dense
+    that is never split (the loss left at max_useful_rank)."""
+    one_rank = max(float(it["loss"][0] - it["loss"][1]) for it in items)
+    return one_rank + max(float(it["loss"][max_useful_rank(it["out"], it["inp"])]) for it in items)
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
-def test_allocate_ranks_by_loss_equals_brute_force_for_equal_costs(ratio):
+def test_allocate_ranks_by_loss_near_brute_force_for_equal_costs(ratio):
     items = [{"name": f"m{i}", "out": 12, "inp": 16, "loss": _convex_curve(12, i)} for i in range(4)]
     ranks = allocate_ranks_by_loss(items, ratio)
-    assert _objective(items, ranks) == pytest.approx(_brute_force(items, ratio), rel=1e-12)
+    best = _brute_force(items, ratio)
+    assert best - 1e-12 <= _objective(items, ranks) <= best + _slack(items)
     assert param_budget(items, ratio) - 28 < _spent(items, ranks) <= param_budget(items, ratio)
 
 
@@ -186,11 +199,30 @@ def test_allocate_ranks_by_loss_near_brute_force_for_mixed_costs(ratio):
     ]
     ranks = allocate_ranks_by_loss(items, ratio)
     best = _brute_force(items, ratio)
-    one_rank = max(float(it["loss"][0] - it["loss"][1]) for it in items)  # the largest saving of one rank
-    assert best - 1e-12 <= _objective(items, ranks) <= best + one_rank
+    assert best - 1e-12 <= _objective(items, ranks) <= best + _slack(items)
     budget = param_budget(items, ratio)
     assert budget - max(o + n for o, n in shapes) < _spent(items, ranks) <= budget
-    assert all(1 <= ranks[it["name"]] <= max_useful_rank(it["out"], it["inp"]) for it in items)
+    for it in items:
+        r = ranks[it["name"]]
+        assert r is None or 1 <= r <= max_useful_rank(it["out"], it["inp"])
+
+
+def test_allocate_ranks_by_loss_keeps_a_matrix_dense_rather_than_at_break_even():
+    """A matrix whose every rank matters (flat curve) next to ones that one rank fixes (steep): at the
+    break-even rank the factorization stores almost the dense matrix's parameters and keeps most of its loss,
+    so the allocator keeps it dense and pays with the steep ones (the leftover buys them ranks that save
+    nothing, as uniform ranks would have spent it); with no budget for that, it stays factorized."""
+    k = 32
+    flat = torch.linspace(1, 0, k + 1, dtype=F64)
+    steep = torch.cat([torch.tensor([1.0], dtype=F64), torch.zeros(k, dtype=F64)])
+    items = [{"name": "flat", "out": k, "inp": k, "loss": flat}]
+    items += [{"name": f"steep{i}", "out": k, "inp": k, "loss": steep} for i in range(3)]
+    ranks = allocate_ranks_by_loss(items, 0.5)
+    assert ranks["flat"] is None and all(ranks[f"steep{i}"] >= 1 for i in range(3))
+    assert _objective(items, ranks) == 0.0
+    assert _spent(items, ranks) <= param_budget(items, 0.5)
+    ranks = allocate_ranks_by_loss(items, 0.9)  # budget 4 x 3 ranks: dense (16 ranks' worth) cannot fit
+    assert ranks["flat"] is not None and _spent(items, ranks) <= param_budget(items, 0.9)
 
 
 def test_allocate_ranks_by_loss_follows_the_loss_and_is_deterministic():
@@ -204,7 +236,8 @@ def test_allocate_ranks_by_loss_follows_the_loss_and_is_deterministic():
     ]
     ranks = allocate_ranks_by_loss(items, 0.5)
     assert ranks == allocate_ranks_by_loss(items, 0.5)
-    assert ranks["steep"] == 1 and ranks["flat"] > rank_for_ratio(k, k, 0.5)
+    # one of the two that every rank matters to is kept whole (noisy: it loses more), the other gets the rest
+    assert ranks["steep"] == 1 and ranks["noisy"] is None and ranks["flat"] > 1
     budget = param_budget(items, 0.5)
     assert budget - 2 * k < _spent(items, ranks) <= budget
     # a short curve: ranks past its end cost its last value
