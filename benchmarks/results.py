@@ -264,12 +264,13 @@ def run_rows(args, cache: dict) -> None:
 
 
 def _ranks_by_kind(rep) -> dict[str, list[int]]:
-    """min/median/max rank per projection kind (None = dense slots are skipped)."""
+    """min/median/max rank per projection kind over its factorized slots, then how many slots stay dense."""
     out: dict[str, list[int]] = {}
     for kind in dict.fromkeys(s.kind for s in rep.slots):
-        ranks = sorted(s.rank for s in rep.slots if s.kind == kind and s.rank is not None)
-        if ranks:
-            out[kind] = [ranks[0], ranks[len(ranks) // 2], ranks[-1]]
+        slots = [s for s in rep.slots if s.kind == kind]
+        ranks = sorted(s.rank for s in slots if s.rank is not None)
+        spread = [ranks[0], ranks[len(ranks) // 2], ranks[-1]] if ranks else []
+        out[kind] = [*spread, len(slots) - len(ranks)]
     return out
 
 

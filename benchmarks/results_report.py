@@ -10,13 +10,25 @@ import sys
 
 import torch
 
+from rankserve.families.base import RANK_MODES
+
 FAMILIES = ["svd", "fwsvd", "asvd", "svd-llm", "basis-sharing"]
 RATIOS = [0.2, 0.4, 0.6]
-MODES = ["uniform", "adaptive", "sensitivity"]
+MODES = list(RANK_MODES)  # uniform first: the others are compared with it
 # The protocol of the first table (its rows are keyed without a protocol suffix in the cache).
 FIRST_PROTOCOL = (2048, 8)
 # Rows the second protocol exists for (issue 11): in-domain vs out-of-domain for the two usable families.
 OOD_ROWS = [(f, r, m) for f in ("svd-llm", "basis-sharing") for r in (0.2, 0.4) for m in MODES]
+
+
+def _kind_ranks(v: list[int]) -> str:
+    """A ``ranks_by_kind`` entry: [min, median, max] (older rows) or [min, median, max, dense] or [dense]."""
+    if len(v) == 3:
+        return "/".join(map(str, v))
+    spread, dense = v[:-1], v[-1]
+    if not spread:
+        return f"all {dense} dense"
+    return "/".join(map(str, spread)) + (f" + {dense} dense" if dense else "")
 
 
 def protocol(seq_len: int, max_windows: int | None) -> str:
@@ -203,13 +215,14 @@ def _table(have: list[tuple[str, dict]], proto: tuple[int, int | None], dense: d
     lines += _orderings(have)
     spread = [
         f"- {r['family']} {r['ratio']:g} {r['ranks']}: "
-        + ", ".join(f"{kind} {'/'.join(map(str, v))}" for kind, v in r["ranks_by_kind"].items())
+        + ", ".join(f"{kind} {_kind_ranks(v)}" for kind, v in r["ranks_by_kind"].items())
         for _, r in have
         if r["ranks"] in MODES[1:] and not r.get("reused") and r.get("ranks_by_kind")
     ]
     if spread:
         lines += [
-            "Ranks chosen per projection kind (min/median/max) where they are not uniform:",
+            "Ranks chosen per projection kind (min/median/max of the factorized ones, + how many stay dense) "
+            "where they are not uniform:",
             "",
             *spread,
             "",
