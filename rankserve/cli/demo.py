@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from rankserve.cli.main import CLIError, apply_threads
+from rankserve.families.base import RANK_MODES
 from rankserve.heal import HealConfig
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
@@ -23,6 +24,12 @@ def add_arguments(p):
     p.add_argument("--model", default=None, help="model to use (default: smollm2-135m)")
     p.add_argument("--family", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters removed")
+    p.add_argument(
+        "--ranks",
+        choices=RANK_MODES,
+        default="uniform",
+        help="rank allocation (see `rankserve compress --help`)",
+    )
     p.add_argument(
         "--calib-samples",
         type=int,
@@ -72,7 +79,7 @@ def run(args) -> int:
     apply_threads(args.threads)
     if args.out and os.path.exists(args.out):
         raise CLIError(f"--out {args.out} already exists; choose a new directory")
-    cfg = config_class(args.family)(ratio=args.ratio).validate()
+    cfg = config_class(args.family)(ratio=args.ratio, ranks=args.ranks).validate()
     name = args.model or DEFAULT_MODEL
 
     def say(msg):
