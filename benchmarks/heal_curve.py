@@ -12,12 +12,15 @@ Experiments (each rewrites its record in ``--results`` as it goes; ``--report-on
   (``rankserve.distill.cpu_has_native_bf16``; elsewhere bf16 is emulated and cannot pay).
 * ``data``: each arm (self-generated text, WikiText-2 validation, half of each) is used both to calibrate the
   compression and to heal; both texts are scored after compressing and after a short heal.
+* ``lr``: one compression (``--arm`` data), then one whole heal of ``--tokens`` per peak learning rate in
+  ``--lrs``, each from the same compressed model: which lr a run of that length wants.
 
 Self-generated rows (the teacher's prose and chat answers, ``rankserve.heal.self_generated_rows``) are generated
 once per run and shared by calibration and healing.
 
     python benchmarks/heal_curve.py data --ratio 0.2 --tokens 8192
     python benchmarks/heal_curve.py curve --ratio 0.2 --tokens 65536 --eval-tokens 16384
+    python benchmarks/heal_curve.py lr --arm wikitext-valid --ranks sensitivity --tokens 12288 --lrs 2e-4,5e-5
     python benchmarks/heal_curve.py --report-only
 """
 
@@ -46,7 +49,7 @@ ARMS = ("self-generated", "wikitext-valid", "mix")  # calibration and healing da
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", nargs="?", choices=["curve", "data"])
+    p.add_argument("experiment", nargs="?", choices=["curve", "data", "lr"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--family", default="svd-llm", help="compression family (svd-llm, basis-sharing, ...)")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of linear-layer parameters REMOVED")
@@ -57,6 +60,7 @@ def parse_args(argv=None):
         "--compare-tokens", type=int, default=8192, help="data: healing tokens at which the arms are compared"
     )
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lrs", default="2e-4,1e-4,5e-5,2e-5", help="lr: the peak learning rates compared")
     p.add_argument("--seq-len", type=int, default=None, help="healing rows' length")
     p.add_argument("--pool-tokens", type=int, default=None, help="distinct self-generated healing tokens")
     p.add_argument("--arm", choices=ARMS, default=ARMS[0], help="curve: calibration and healing data")
@@ -179,20 +183,29 @@ class _Enough(Exception):
     """Raised from the evaluation callback to stop an arm at ``--compare-tokens``."""
 
 
-def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None) -> None:
+def run_arm(
+    args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None, compressed=None, lr=None
+) -> None:
     """Compress calibrated on ``arm``'s data, heal on it, and score both texts at every evaluation point.
 
     Every arm is planned for ``--tokens`` (same schedule); ``stop_at`` ends an arm after that many tokens, so
-    arms compared at a small token count saw exactly the same learning rates.
+    arms compared at a small token count saw exactly the same learning rates. ``compressed``: ``(student,
+    config, report, seconds)`` of a compression already made, healed on a copy; ``lr`` overrides ``--lr``.
     """
     from rankserve.heal import heal_
 
-    cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1))
+    over = {} if lr is None else {"lr": lr}
+    cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1), **over)
     t0 = time.perf_counter()
-    student, fam, comp = compress(
-        lm, args.family, args.ratio, args.ranks, calibration(args, lm, arm, generated)
-    )
-    row = {"arm": arm, "compress_s": round(time.perf_counter() - t0, 1), "points": []}
+    if compressed is None:
+        student, fam, comp = compress(
+            lm, args.family, args.ratio, args.ranks, calibration(args, lm, arm, generated)
+        )
+        compress_s = time.perf_counter() - t0
+    else:
+        student, fam, comp, compress_s = copy.deepcopy(compressed[0]), *compressed[1:]
+    label = arm if lr is None else f"{arm}, lr {lr:g}"
+    row = {"arm": label, "compress_s": round(compress_s, 1), "points": []}
     row["heal"] = {"config": cfg.to_dict(), "finished": False}
     rec["rows"].append(row)
     t1 = time.perf_counter()
@@ -211,7 +224,7 @@ def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None
             student, lm.model, lm.tokenizer, cfg, progress=True, on_eval=on_eval, generated=generated
         )
         row["heal"] = {**{k: v for k, v in report.to_dict().items() if k != "curve"}, "finished": True}
-        if args.save and stop_at is None:
+        if args.save and stop_at is None and lr is None:
             save(args.save, lm, student, fam, comp, report)
             row["saved"] = args.save
     except _Enough:
@@ -220,12 +233,23 @@ def run_arm(args, lm, texts, rec: dict, arm: str, generated, stop_at: int | None
     append(args.results, rec)
 
 
+def lrs(args) -> list[float]:
+    """``--lrs`` as numbers; a bad list is one line, before any work."""
+    try:
+        out = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        sys.exit(f"heal_curve.py: --lrs must be comma-separated numbers, got {args.lrs!r}")
+    if not out or not all(math.isfinite(x) and x > 0 for x in out):
+        sys.exit(f"heal_curve.py: --lrs must be positive numbers, got {args.lrs!r}")
+    return out
+
+
 def run(args, lm, texts, base) -> None:
     """``curve``: one arm healed for ``--tokens``. ``data``: every arm to ``--compare-tokens``, then the
     first arm (``--arm``) on to ``--tokens`` as the curve."""
     from rankserve.heal import heal_rows
 
-    arms = [args.arm] if args.experiment == "curve" else args.arms.split(",")
+    arms = args.arms.split(",") if args.experiment == "data" else [args.arm]
     # self-generated rows the arms use (none for WikiText alone): the most any one arm's pool takes
     need = max(heal_rows(arm_heal(args, a))[1] for a in arms)
     need = max(need, args.calib_samples) if need else 0
@@ -248,6 +272,15 @@ def run(args, lm, texts, base) -> None:
         )[0]
         rec["train_tokens_per_s"] = speed_probe(args, lm, student, generated)
         del student
+    if args.experiment == "lr":
+        t0 = time.perf_counter()
+        compressed = compress(
+            lm, args.family, args.ratio, args.ranks, calibration(args, lm, args.arm, generated)
+        )
+        compressed = (*compressed, time.perf_counter() - t0)
+        for lr in lrs(args):
+            run_arm(args, lm, texts, rec, args.arm, generated, None, compressed, lr)
+        return
     # the curve's arm last, so the comparison is complete before the long run
     for arm in sorted(arms, key=lambda a: a == args.arm):
         last = arm == args.arm
@@ -453,7 +486,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.report_only:
         if args.experiment is None:
-            sys.exit("choose an experiment: curve or data (or --report-only)")
+            sys.exit("choose an experiment: curve, data or lr (or --report-only)")
+        if args.experiment == "lr":
+            lrs(args)
         sys.path.insert(0, REPO)
         from results_report import cpu_model  # benchmarks/results_report.py, next to this file
 
