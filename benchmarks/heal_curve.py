@@ -205,7 +205,8 @@ def run_arm(
     else:
         student, fam, comp, compress_s = copy.deepcopy(compressed[0]), *compressed[1:]
     label = arm if lr is None else f"{arm}, lr {lr:g}"
-    row = {"arm": label, "compress_s": round(compress_s, 1), "points": []}
+    dense_slots = sum(slot.rank is None for slot in comp.slots)
+    row = {"arm": label, "compress_s": round(compress_s, 1), "dense_slots": dense_slots, "points": []}
     row["heal"] = {"config": cfg.to_dict(), "finished": False}
     rec["rows"].append(row)
     t1 = time.perf_counter()
@@ -345,6 +346,15 @@ def gap(rec: dict, row: dict) -> list[str]:
     return out
 
 
+def _ranks_label(rec: dict, row: dict) -> str:
+    """The rank mode of a row. Records from before --ranks are uniform; sensitivity rows from before the
+    allocator could keep a matrix dense (they lack ``dense_slots``) are marked, since their ranks differ."""
+    mode = rec.get("ranks", "uniform")
+    if mode == "sensitivity" and "dense_slots" not in row:
+        return "sensitivity (before the dense option)"
+    return mode
+
+
 def healed_rows(results: str) -> list[dict]:
     """One row per (record, arm): the last measured point, for docs/RESULTS.md and the report."""
     recs = json.load(open(results)) if os.path.exists(results) else []
@@ -358,7 +368,7 @@ def healed_rows(results: str) -> list[dict]:
                     {
                         "family": r["family"],
                         "ratio": r["ratio"],
-                        "ranks": r.get("ranks", "uniform"),  # records from before --ranks: uniform
+                        "ranks": _ranks_label(r, row),
                         "arm": row["arm"],
                         "dense": r["dense"],
                         "compressed": first["ppl_texts"],

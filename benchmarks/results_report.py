@@ -99,8 +99,9 @@ def write_report(args, cache: dict) -> None:
         "fwsvd), from a statistics pass over the dense model; Basis Sharing has none, its adaptive rows are its "
         "uniform rows); `sensitivity` (by the calibration loss: the K-FAC second-order estimate of the NLL increase "
         "of truncating each slot alone at every rank, from one backward pass per sample over the first calibration "
-        "samples and the family's own factorization, then one global threshold on loss per parameter; see "
-        "`rankserve/compress.py`).",
+        "samples and the family's own factorization, then one global threshold on loss per parameter, where "
+        "keeping a slot dense is one of the choices; see `rankserve/compress.py`. Rows measured since "
+        "2026-12-02 20:00 UTC; before, a slot could not stay dense and the 512-token rows had 6-80% higher perplexity).",
         "- Compress time: wall time of `compress_` (statistics passes + decompositions) on 2 CPU cores shared with "
         "other jobs (load average 15-19 during the 512-token runs: each run got about a tenth of a core), calibration tokenization excluded, so wall "
         "times are rough; the CPU time of the process is the steadier measure of the work.",
