@@ -265,12 +265,13 @@ def run_rows(args, cache: dict) -> None:
 
 def _ranks_by_kind(rep) -> dict[str, list[int]]:
     """min/median/max rank per projection kind over its factorized slots, then how many slots stay dense."""
+    from rankserve.compress import factorized_ranks
+
     out: dict[str, list[int]] = {}
-    for kind in dict.fromkeys(s.kind for s in rep.slots):
-        slots = [s for s in rep.slots if s.kind == kind]
-        ranks = sorted(s.rank for s in slots if s.rank is not None)
+    for kind, slots in rep.slots_by_kind().items():
+        ranks, dense = factorized_ranks(slots)
         spread = [ranks[0], ranks[len(ranks) // 2], ranks[-1]] if ranks else []
-        out[kind] = [*spread, len(slots) - len(ranks)]
+        out[kind] = [*spread, dense]
     return out
 
 

@@ -110,6 +110,13 @@ class CompressionReport:
         """Rank per projection name (shared members report their group's rank)."""
         return {m: s.rank for s in self.slots for m in s.members}
 
+    def slots_by_kind(self) -> dict[str, list[SlotRecord]]:
+        """The slots grouped by projection kind (q_proj, ...), kinds in slot order."""
+        kinds: dict[str, list[SlotRecord]] = {}
+        for s in self.slots:
+            kinds.setdefault(s.kind, []).append(s)
+        return kinds
+
     def whitening_counts(self) -> dict[str, int]:
         """Slots per whitening method, shift sizes dropped ("cholesky+shift(1e-05)" counts as "cholesky+shift")."""
         return dict(Counter(s.info["whitening"].split("(")[0] for s in self.slots if "whitening" in s.info))
@@ -152,9 +159,7 @@ class CompressionReport:
 
     def table(self) -> str:
         """A plain-text summary by projection kind, with the ratio convention spelled out."""
-        kinds: dict[str, list[SlotRecord]] = {}
-        for s in self.slots:
-            kinds.setdefault(s.kind, []).append(s)
+        kinds = self.slots_by_kind()
         head = f"{'kind':<10} {'ranks':<28} {'params before':>14} {'params after':>14} {'removed':>8}"
         lines = [
             f"family {self.family}, ranks {self.rank_mode}, requested ratio {self.ratio:g}",
@@ -183,9 +188,14 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def factorized_ranks(ss: list[SlotRecord]) -> tuple[list[int], int]:
+    """The sorted ranks of the factorized slots among ``ss``, and how many of ``ss`` stay dense."""
+    ranks = sorted(s.rank for s in ss if s.rank is not None)
+    return ranks, len(ss) - len(ranks)
+
+
 def _rank_summary(ss: list[SlotRecord]) -> str:
-    ranks = [s.rank for s in ss if s.rank is not None]
-    dense = len(ss) - len(ranks)
+    ranks, dense = factorized_ranks(ss)
     parts = []
     if ranks:
         if min(ranks) == max(ranks):
