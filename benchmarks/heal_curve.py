@@ -499,6 +499,11 @@ def main(argv=None) -> int:
             sys.exit("choose an experiment: curve, data or lr (or --report-only)")
         if args.experiment == "lr":
             lrs(args)
+            if args.save:  # one checkpoint per lr would be a guess at which one the user wanted
+                sys.exit(
+                    "heal_curve.py: --save keeps the healed model of `curve` or `data`, not of `lr`; "
+                    "rerun `curve --lr X --save DIR` with the lr you chose"
+                )
         sys.path.insert(0, REPO)
         from results_report import cpu_model  # benchmarks/results_report.py, next to this file
 
