@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankserve.layers import LowRankLinear, SharedBasisLinear
+from rankserve.layers import DenseLinear, LowRankLinear, SharedBasisLinear
 from rankserve.models.llama import RMSNorm
 
 # --------------------------------------------------------------------------------------------------
@@ -52,18 +52,32 @@ def batch_rows(step: int, batch: int, n_rows: int, seed: int) -> Tensor:
 # parameters and devices
 
 
-def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[str, nn.Parameter]:
-    """The parameters healing trains, by name: factors (each shared basis once) and optionally norm weights."""
-    wanted: set[int] = set()
+def trainable_groups(
+    model: nn.Module, train_norms: bool = False, train_dense: bool = False
+) -> dict[str, tuple[str, nn.Parameter]]:
+    """The parameters healing trains, by name, each with its group for the manifest: the factors ('lowrank U',
+    'lowrank V', 'shared basis' once, 'shared coeff'), optionally the projections the compression kept dense
+    ('dense projection') and the norm weights ('norm')."""
+    head = getattr(model, "lm_head", None)  # a projection too, often tied to the embeddings: never trained
+    wanted: dict[int, str] = {}
     for m in model.modules():
         if isinstance(m, LowRankLinear):
-            wanted |= {id(m.U), id(m.V)}
+            wanted |= {id(m.U): "lowrank U", id(m.V): "lowrank V"}
         elif isinstance(m, SharedBasisLinear):
-            wanted |= {id(m.basis), id(m.coeff)}
+            wanted |= {id(m.basis): "shared basis", id(m.coeff): "shared coeff"}
+        elif train_dense and isinstance(m, DenseLinear) and m is not head:
+            wanted[id(m.weight)] = "dense projection"
         elif train_norms and isinstance(m, RMSNorm):
-            wanted.add(id(m.weight))
+            wanted[id(m.weight)] = "norm"
     # named_parameters() yields a shared Parameter once, under its first name
-    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    return {n: (wanted[id(p)], p) for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def trainable_parameters(
+    model: nn.Module, train_norms: bool = False, train_dense: bool = False
+) -> dict[str, nn.Parameter]:
+    """The parameters of :func:`trainable_groups` by name."""
+    return {n: p for n, (_, p) in trainable_groups(model, train_norms, train_dense).items()}
 
 
 # /proc/cpuinfo flags of the instructions that make bf16 matmuls faster than fp32 (Intel AMX, AVX512-BF16).

@@ -2,8 +2,9 @@
 
 A compressed model (the student) is trained to match its dense original (the teacher) with the KL divergence
 ``KL(p_teacher || p_student)`` of their next-token distributions at temperature 1, averaged over every position.
-Only the factors train: ``LowRankLinear`` U and V, ``SharedBasisLinear`` bases and coefficients (a shared basis is
-one Parameter, so it stays shared), and optionally the RMSNorm weights. Dense projections, embeddings and the LM
+By default only the factors train: ``LowRankLinear`` U and V, ``SharedBasisLinear`` bases and coefficients (a
+shared basis is one Parameter, so it stays shared); optionally also the RMSNorm weights and the projections the
+compression kept dense (``train_dense``: no extra bytes, but many more trained parameters). Embeddings and the LM
 head stay frozen, so the healed model has exactly the compressed model's shapes and packs as before.
 
 Data (:func:`make_heal_data`): by default text the teacher generates itself, half from the BOS token (plain
@@ -37,7 +38,7 @@ from rankserve.distill import (
     batch_rows,
     kl_logits,
     lr_factor,
-    trainable_parameters,
+    trainable_groups,
 )
 from rankserve.errors import InputError
 from rankserve.layers import projections
@@ -97,6 +98,7 @@ class HealConfig:
     weight_decay: float = 0.0  # decay would pull the factors toward zero, away from the SVD solution
     max_grad_norm: float = 1.0
     train_norms: bool = False
+    train_dense: bool = False  # also the projections the compression kept dense (same bytes, more to train)
     data: list[str] = field(default_factory=list)  # text files mixed in
     self_share: float = 1.0  # fraction of the pool self-generated (the rest from ``data``)
     pool_tokens: int = 65536  # distinct training tokens; the pool repeats when ``tokens`` is larger
@@ -301,12 +303,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _groups(names: list[str]) -> list[str]:
-    """Parameter groups for the manifest: 'lowrank U/V', 'shared basis', 'shared coeff', 'norm'."""
-    leaf = {"U": "lowrank U", "V": "lowrank V", "basis": "shared basis", "coeff": "shared coeff"}
-    return sorted({leaf.get(n.rsplit(".", 1)[-1], "norm") for n in names})
-
-
 def _save_atomic(obj: Any, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -345,7 +341,8 @@ def heal_(
         raise InputError(
             "the student holds int8 weights, which healing cannot train; heal its float source, then quantize"
         )
-    params = trainable_parameters(student, config.train_norms)
+    groups = trainable_groups(student, config.train_norms, config.train_dense)
+    params = {n: p for n, (_, p) in groups.items()}
     if not params:
         raise InputError("the student has no low-rank or shared-basis factors to train; compress it first")
     device = next(student.parameters()).device
@@ -485,7 +482,7 @@ def heal_(
         lr=config.lr,
         schedule=config.schedule,
         warmup_steps=warmup_steps,
-        trained=_groups(list(params)),
+        trained=sorted({g for g, _ in groups.values()}),
         trained_params=sum(p.numel() for p in params.values()),
         autocast=str(amp).removeprefix("torch.") if amp else "fp32",
         data=data.sources,

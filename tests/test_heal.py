@@ -21,7 +21,7 @@ import rankserve.heal as heal_mod
 from rankserve.checkpoint import CheckpointError, validate_manifest
 from rankserve.distill import kl_logits, lr_factor, trainable_parameters
 from rankserve.heal import HealConfig, HealDiverged, heal_
-from rankserve.layers import SharedBasisLinear
+from rankserve.layers import SharedBasisLinear, replace_module
 from rankserve.runtime.eager import EagerRunner
 
 SMALL = dict(tokens=6 * 2 * 32, seq_len=32, batch=2, pool_tokens=256, eval_rows=2, lr=5e-3)
@@ -44,17 +44,26 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_factor(50, 100, 10, "constant", 0.1) == 1.0
 
 
-@pytest.mark.parametrize("train_norms", [False, True])
-def test_only_factors_change(train_norms):
+@pytest.mark.parametrize("train_norms,train_dense", [(False, False), (True, False), (False, True)])
+def test_only_factors_change(train_norms, train_dense):
     student, teacher = lowrank_model(shared=True), tiny_model()
+    # one slot the compression kept dense (as the loss allocator does): it trains only with train_dense
+    dense_k = "model.layers.0.self_attn.k_proj"
+    replace_module(student, dense_k, copy.deepcopy(teacher.get_submodule(dense_k)))
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    heal_(student, teacher, tiny_tokenizer(), HealConfig(**SMALL, train_norms=train_norms), progress=False)
+    cfg = HealConfig(**SMALL, train_norms=train_norms, train_dense=train_dense)
+    r = heal_(student, teacher, tiny_tokenizer(), cfg, progress=False)
     after = student.state_dict()
     for k, v in before.items():
         leaf = k.rsplit(".", 1)[-1]
-        trains = leaf in ("U", "V", "basis", "coeff") or (train_norms and "norm" in k)
+        trains = (
+            leaf in ("U", "V", "basis", "coeff")
+            or (train_norms and "norm" in k)
+            or (train_dense and k == dense_k + ".weight")
+        )
         changed = not torch.equal(v, after[k])
         assert changed == trains, k
+    assert ("dense projection" in r.trained) == train_dense and ("norm" in r.trained) == train_norms
     qs = [layer.self_attn.q_proj for layer in student.model.layers]
     assert all(isinstance(q, SharedBasisLinear) and q.basis is qs[0].basis for q in qs)  # still one basis
     assert not any(p.requires_grad for p in student.parameters())

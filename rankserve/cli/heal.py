@@ -36,6 +36,11 @@ def add_heal_arguments(p, prefix: str = "") -> None:
         action="store_true",
         help="also train the RMSNorm weights (default: factors)",
     )
+    p.add_argument(
+        f"--{prefix}train-dense",
+        action="store_true",
+        help="also train the projections the compression kept dense (no extra bytes; default: factors)",
+    )
 
 
 def heal_config(args, tokens: int, prefix: str = ""):
@@ -53,6 +58,7 @@ def heal_config(args, tokens: int, prefix: str = ""):
         batch=get("batch"),
         data=data,
         train_norms=get("train-norms"),
+        train_dense=get("train-dense"),
         self_share=0.5 if data else 1.0,
     )
     for name in ("warmup", "schedule", "pool_tokens", "eval_every", "checkpoint_every", "seed", "self_share"):
