@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -40,6 +41,7 @@ import torch
 from corpora import WIKI_TEST, WIKI_VALID, fetch, require  # benchmarks/corpora.py, next to this file
 
 from rankserve.families.base import RANK_MODES
+from rankserve.heal import SCHEDULES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ("wikitext2-test", "lee-background")  # the two evaluation texts, in table order
@@ -62,13 +64,23 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lrs", default="2e-4,1e-4,5e-5,2e-5", help="lr: the peak learning rates compared")
     p.add_argument("--seq-len", type=int, default=None, help="healing rows' length")
+    p.add_argument("--batch", type=int, default=None, help="healing rows per step")
     p.add_argument("--pool-tokens", type=int, default=None, help="distinct self-generated healing tokens")
     p.add_argument("--arm", choices=ARMS, default=ARMS[0], help="curve: calibration and healing data")
     p.add_argument("--arms", default=",".join(ARMS), help="data: the arms compared, comma-separated")
+    p.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=None,
+        help="calibration rows' length (default: the healing length)",
+    )
     p.add_argument("--calib-samples", type=int, default=32, help="calibration rows (of the healing length)")
     p.add_argument(
         "--speed", action="store_true", help="curve: probe training tokens/s first (quiet machine)"
     )
+    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm weights")
+    p.add_argument("--train-dense", action="store_true", help="also train the projections kept dense")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="lr after the warm-up")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--save", default=None, help="curve: write the healed model here as a checkpoint (new dir)"
@@ -131,8 +143,11 @@ def heal_config(args, **over):
         fields["lr"] = args.lr
     if args.seq_len is not None:
         fields["seq_len"] = args.seq_len
+    if args.batch is not None:
+        fields["batch"] = args.batch
     if args.pool_tokens is not None:
         fields["pool_tokens"] = args.pool_tokens
+    fields.update(train_norms=args.train_norms, train_dense=args.train_dense, schedule=args.schedule)
     fields.update(over)
     return HealConfig(**fields).validate()
 
@@ -149,8 +164,9 @@ def calibration(args, lm, arm: str, generated):
     """The arm's calibration rows: self-generated, WikiText-2 validation windows, or half of each."""
     from rankserve.calibration import Calibration, make_calibration
 
-    n, L = args.calib_samples, args.seq_len or 256
-    own = Calibration(generated[0][:n], "self", 0) if arm != "wikitext-valid" else None
+    n, L = args.calib_samples, args.calib_seq_len or args.seq_len or 256
+    # a self-generated row's first L tokens are a self-generated row of length L
+    own = Calibration(generated[0][:n, :L], "self", 0) if arm != "wikitext-valid" else None
     wiki = make_calibration(WIKI_VALID, lm.model, lm.tokenizer, n, L, 0) if arm != "self-generated" else None
     if own is None or wiki is None:
         return own or wiki
@@ -195,7 +211,8 @@ def run_arm(
     from rankserve.heal import heal_
 
     over = {} if lr is None else {"lr": lr}
-    cfg = arm_heal(args, arm, eval_every=max(args.eval_tokens // (4 * (args.seq_len or 256)), 1), **over)
+    cfg = arm_heal(args, arm, **over)
+    cfg = dataclasses.replace(cfg, eval_every=max(args.eval_tokens // (cfg.batch * cfg.seq_len), 1))
     t0 = time.perf_counter()
     if compressed is None:
         student, fam, comp = compress(
@@ -262,7 +279,7 @@ def run(args, lm, texts, base) -> None:
         "family": args.family,
         "ratio": args.ratio,
         "ranks": args.ranks,
-        "calibration_rows": f"{args.calib_samples}x{args.seq_len or 256}",
+        "calibration_rows": f"{args.calib_samples}x{args.calib_seq_len or args.seq_len or 256}",
         "generate_s": round(time.perf_counter() - t0, 1),
         "dense": score(lm.model, lm.tokenizer, texts),
         "rows": [],
@@ -305,11 +322,19 @@ def ratio_of(ppl: dict, dense: dict) -> str:
     return " / ".join(f"{ppl[k]:.1f} ({ppl[k] / dense[k]:.2f}x)" for k in TEXTS)
 
 
+def _trained(c: dict) -> str:
+    extra = [
+        w for k, w in (("train_dense", "the projections kept dense"), ("train_norms", "norms")) if c.get(k)
+    ]
+    items = ["factors", *extra]
+    return ", ".join(items[:-1]) + " and " + items[-1] if extra else "factors only"
+
+
 def _config_line(c: dict) -> str:
     return (
         f"{c['tokens']:,} tokens planned, lr {c['lr']:g} {c['schedule']} (warm-up {c['warmup']:g} of the steps, "
         f"at least 10), {c['batch']}x{c['seq_len']} tokens per step, "
-        f"{'factors and norms' if c['train_norms'] else 'factors only'}, autocast {c['autocast']}, "
+        f"{_trained(c)}, autocast {c['autocast']}, "
         f"pool of {c['pool_tokens']:,} tokens ({_pool(c)})"
     )
 
