@@ -72,6 +72,26 @@ def test_self_calibration_is_deterministic_by_seed():
     assert d.tokens.shape == (2, 8) and d.source == "self"
 
 
+def test_self_calibration_fast_default_samples_what_the_eager_path_samples(monkeypatch):
+    # on a CPU the default generator is the fast runtime; in fp32 its logits match the eager reference path's
+    # closely enough that the per-row samplers draw the same tokens
+    import rankserve.runtime.runners as runners
+    from rankserve.runtime.options import RuntimeOptions
+
+    made = []
+    real = runners.make_runner
+    monkeypatch.setattr(
+        runners, "make_runner", lambda m, b, L, o: made.append((b, o.backend)) or real(m, b, L, o)
+    )
+    model = tiny_model()
+    fast = self_calibration(model, 5, 16, seed=3, bos_id=1, batch_size=2)
+    assert made == [(2, "fast"), (1, "fast")]  # one runner per batch size: 2 + 2 + 1 rows
+    eager = self_calibration(
+        model, 5, 16, seed=3, bos_id=1, batch_size=2, options=RuntimeOptions(backend="eager")
+    )
+    assert torch.equal(fast.tokens, eager.tokens)
+
+
 def _direct_layer0_xtx(model, toks):
     x = model.model.embed_tokens(toks)  # (N, L, D)
     h = model.model.layers[0].input_layernorm(x).reshape(-1, x.shape[-1]).double()
