@@ -117,9 +117,9 @@ def self_calibration(
     i starts from ``prompts[i % len(prompts)]`` instead (each shorter than ``seq_len``; healing uses chat prompts).
     ``options``: the runtime that generates. Default: on a CPU the fast runtime (packed weights, native decode:
     2.7x the eager path's tokens/s for 16 rows of 256 on 2 Zen 4 cores), elsewhere the eager reference path.
-    Each batch size gets its own runner, dropped afterwards, so no KV cache stays cached on ``model``.
+    Each batch shape gets its own runner, dropped afterwards, so no KV cache stays cached on ``model``.
     """
-    from rankserve.runtime.generate import generate_tokens
+    from rankserve.runtime.generate import generate_tokens, generation_len
     from rankserve.runtime.options import RuntimeOptions
     from rankserve.runtime.runners import make_runner
     from rankserve.runtime.sampling import SamplingParams
@@ -135,7 +135,7 @@ def self_calibration(
     if options is None:
         on_cpu = next(model.parameters()).device.type == "cpu"
         options = RuntimeOptions(backend="fast" if on_cpu else "eager")
-    runners = {}  # batch size -> runner (the last batch may be smaller)
+    runners = {}  # (batch size, cache length) -> runner (the last batch may be smaller)
     row_seeds = torch.randint(0, 2**62, (n_samples,), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     bar = tqdm(total=n_samples, desc="calibration: self-generating", unit="sample", disable=not progress)
@@ -147,9 +147,18 @@ def self_calibration(
             for p, r in zip(starts, seeds, strict=True)
         ]
         out = [list(p) for p in starts]
-        if len(seeds) not in runners:
-            runners[len(seeds)] = make_runner(model, len(seeds), seq_len, options)
-        runner = runners[len(seeds)]
+        # rows are left-padded to the longest prompt, so the cache is longer than seq_len when prompts differ
+        P, cache_len, steps = generation_len(model, starts, params, options)
+        if steps < max(sp.max_tokens for sp in params):
+            raise InputError(
+                f"self-generated rows of {seq_len} tokens from prompts of {min(map(len, starts))} to {P} tokens "
+                f"need a cache of {P + max(sp.max_tokens for sp in params)} slots (rows are left-padded), more "
+                f"than the model context {limit}; use a shorter seq_len or prompts of one length"
+            )
+        key = (len(seeds), cache_len)
+        if key not in runners:
+            runners[key] = make_runner(model, *key, options)
+        runner = runners[key]
         for step in generate_tokens(model, starts, params, [], pad_id, options, runner):
             for b, tok in enumerate(step.tokens):
                 if step.active[b]:  # rows with longer prompts stop earlier

@@ -16,6 +16,7 @@ from rankserve.calibration import (
     self_calibration,
     text_calibration,
 )
+from rankserve.errors import InputError
 from rankserve.layers import replace_module
 from rankserve.models.llama import rope_cos_sin
 
@@ -90,6 +91,20 @@ def test_self_calibration_fast_default_samples_what_the_eager_path_samples(monke
         model, 5, 16, seed=3, bos_id=1, batch_size=2, options=RuntimeOptions(backend="eager")
     )
     assert torch.equal(fast.tokens, eager.tokens)
+
+
+def test_self_calibration_prompts_of_different_lengths_fill_every_row():
+    # Rows are left-padded to the longest prompt, so the cache must hold more than seq_len; 256 is a whole
+    # number of the fast path's cache buckets, where a cache of seq_len slots overflowed (IndexError).
+    model = tiny_model(max_position_embeddings=1024)
+    prompts = [[1], [1, 5, 6, 7, 8, 9]]
+    c = self_calibration(model, 3, 256, seed=2, bos_id=1, batch_size=2, prompts=prompts)
+    assert c.tokens.shape == (3, 256)
+    assert c.tokens[1, :6].tolist() == prompts[1] and c.tokens[2, 0] == 1
+    with pytest.raises(
+        InputError, match="context"
+    ):  # padded rows would not fit: a clear error, not short rows
+        self_calibration(tiny_model(), 2, 256, seed=2, bos_id=1, batch_size=2, prompts=prompts)
 
 
 def _direct_layer0_xtx(model, toks):

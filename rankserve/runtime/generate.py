@@ -35,6 +35,28 @@ class StepOutput:
     prefill_s: float  # wall time of the prompt pass
 
 
+def generation_len(
+    model, prompts: list[list[int]], params: list[SamplingParams], options: RuntimeOptions
+) -> tuple[int, int, int]:
+    """(padded prompt length P, KV-cache length, decode steps) of a batch: prompts are left-padded to the longest,
+    and the cache holds P plus the most tokens any row asks for, within the model's context. A runner made for
+    this batch (``make_runner(model, B, max_len, options)``) must have this cache length."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    limit = context_limit(model)
+    max_new = max(p.max_tokens for p in params)
+    if P >= limit:
+        raise PromptTooLongError(
+            f"prompt has {P} tokens but the model context is {limit}; shorten the prompt"
+        )
+    max_len = options.max_len or min(limit, P + max_new)
+    max_new = min(max_new, max_len - P)
+    if max_new < 1:
+        raise PromptTooLongError(f"prompt has {P} tokens and the cache holds {max_len}; no room to generate")
+    return P, max_len, max_new
+
+
 def generate_tokens(
     model,
     prompts: list[list[int]],
@@ -52,19 +74,7 @@ def generate_tokens(
     options = (options or RuntimeOptions()).validate()
     B = len(prompts)
     plist = [p.validate() for p in (params if isinstance(params, list) else [params] * B)]
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InputError("every prompt needs at least one token")
-    P = max(len(p) for p in prompts)
-    limit = context_limit(model)
-    max_new = max(p.max_tokens for p in plist)
-    if P >= limit:
-        raise PromptTooLongError(
-            f"prompt has {P} tokens but the model context is {limit}; shorten the prompt"
-        )
-    max_len = options.max_len or min(limit, P + max_new)
-    max_new = min(max_new, max_len - P)
-    if max_new < 1:
-        raise PromptTooLongError(f"prompt has {P} tokens and the cache holds {max_len}; no room to generate")
+    P, max_len, max_new = generation_len(model, prompts, plist, options)
     device = next(model.parameters()).device
     lease = None if runner else runner_cache(model).lease(model, B, max_len, options)  # held while we run
     runner = runner or lease.runner
