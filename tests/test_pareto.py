@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import pytest
 from tiny import hf_model_from, tiny_model
 from tiny_tok import tiny_tokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_on_path(monkeypatch):
+    # Only for these tests: benchmarks/ on sys.path for the whole session once shadowed installed packages by
+    # module name (transformers found benchmarks/kernels.py as the `kernels` package; CI failed 89 tests).
+    monkeypatch.syspath_prepend(BENCHMARKS)
+
 
 TEXT = ("The quick brown fox jumps over the lazy dog, and the dog sleeps on. " * 12).strip()
 
@@ -96,3 +103,14 @@ def test_targets_use_the_ratio_measured_in_one_worker():
     configs[0]["results"].pop("ref")
     text = "\n".join(findings(configs))
     assert "decode = 0.80, separate workers (target >= 1.1): NOT met" in text
+
+
+def test_no_benchmark_module_shadows_an_installed_or_standard_module():
+    # The scripts import each other by bare name with benchmarks/ first on sys.path; a name that is also an
+    # installed top-level module (as `kernels` became for transformers) or a standard one would shadow it.
+    import importlib.metadata
+    import sys
+
+    names = {f[:-3] for f in os.listdir(BENCHMARKS) if f.endswith(".py")}
+    taken = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    assert names and not names & taken, sorted(names & taken)
