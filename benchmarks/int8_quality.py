@@ -77,6 +77,7 @@ def measure(args, done) -> list[dict]:
         ("int8 default (first factors g16, +head)", Int8Config()),
         ("int8 per channel", Int8Config(None, False, None)),
         ("int8 per channel +head", Int8Config(None, True, None)),
+        ("int8 per channel +head, smoothed", Int8Config(None, True, None, smooth=True)),
         ("int8 first factors g32 +head", Int8Config(None, True, 32)),
         ("int8 g64 +head", Int8Config(64, True, 64)),
         ("int8 g32 +head", Int8Config(32, True, 32)),

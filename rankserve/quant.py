@@ -54,6 +54,22 @@ def quantize_int8(W: Tensor, group_size: int | None = None) -> tuple[Tensor, Ten
     return q.reshape(out, inp).contiguous(), scale.contiguous()
 
 
+def smoothing_scales(mats: list[Tensor]) -> Tensor:
+    """Scales ``s`` [in] for matrices that read one input: ``s_j = 1 / max |M[:, j]|`` over every matrix, scaled to
+    geometric mean 1 (columns that are zero everywhere keep 1).
+
+    ``M diag(s)`` applied to the input divided by ``s`` is the same product, so the division can be folded into
+    whatever writes the input (an RMSNorm's weight). With one int8 scale per row, small columns round coarsely
+    relative to their size; SVD-LLM's whitening (``V = Sigma V^T S^-1``) gives the channels with large activations
+    the small columns, so equal column maxima give those channels the precision of the rest.
+    """
+    colmax = torch.stack([M.detach().abs().to(torch.float32).amax(0) for M in mats]).amax(0)  # (in,)
+    used = colmax > 0
+    s = torch.ones_like(colmax)
+    s[used] = 1.0 / colmax[used]
+    return s / s[used].log().mean().exp() if used.any() else s
+
+
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """The matrix ``q * scale`` [out, in] in ``dtype``: the eager reference every int8 kernel is tested against."""
     check_int8_layout(q, scale)

@@ -19,7 +19,7 @@ from torch import nn
 
 from rankserve.errors import InputError
 from rankserve.layers import SCALE_SUFFIX, Projection, projections
-from rankserve.quant import SCHEME, dequantize_int8, quantize_int8
+from rankserve.quant import SCHEME, dequantize_int8, quantize_int8, smoothing_scales
 
 LM_HEAD = "lm_head"
 
@@ -67,6 +67,10 @@ class Int8Config(QuantConfig):
       whitening folds the activations' outlier channels into its columns, so one scale per row is too coarse:
       per channel it alone costs SVD-LLM 0.4 +1.9% WikiText-2 perplexity, groups of 32 +0.8%, groups of 16
       -0.1% (for +8% of the factors' bytes). ``None``: the factors take ``group_size`` like every other matrix.
+    - ``smooth=False``: before rounding, divide each RMSNorm's weight by per-column scales and multiply the
+      columns of the projections it feeds by them (:func:`rankserve.quant.smoothing_scales`; exact in real
+      arithmetic), in the norm groups that hold a low-rank first factor. It lets SVD-LLM's ``V`` take one scale
+      per row (``factor_group_size=None``) within the quality bar (docs/INT8.md).
     - ``lm_head=True``: the LM head is int8 too (a tied head then gets its own int8 copy; the embedding stays in
       the working dtype). It is a fifth of SmolLM2's decode bytes in fp32, and llama.cpp's Q8_0 quantizes it.
 
@@ -77,6 +81,7 @@ class Int8Config(QuantConfig):
     group_size: int | None = None
     lm_head: bool = True
     factor_group_size: int | None = 16
+    smooth: bool = False
 
     name: ClassVar[str] = "int8"
     scheme: ClassVar[str] = SCHEME
@@ -84,14 +89,16 @@ class Int8Config(QuantConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Int8Config:
         # Records written before factor groups existed gave the factors ``group_size`` like every other matrix.
-        return super().from_dict({"factor_group_size": None, **d})
+        # Records written before smoothing existed did not smooth.
+        return super().from_dict({"factor_group_size": None, "smooth": False, **d})
 
     def validate(self) -> Int8Config:
         for field, g in (("group_size", self.group_size), ("factor_group_size", self.factor_group_size)):
             if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
                 raise InputError(f"int8 {field} must be a positive integer or None (per channel), got {g!r}")
-        if not isinstance(self.lm_head, bool):
-            raise InputError(f"int8 lm_head must be true or false, got {self.lm_head!r}")
+        for field in ("lm_head", "smooth"):
+            if not isinstance(getattr(self, field), bool):
+                raise InputError(f"int8 {field} must be true or false, got {getattr(self, field)!r}")
         return self
 
     def wanted_group(self, matrices: tuple[str, ...], i: int) -> int | None:
@@ -117,6 +124,8 @@ class QuantReport:
     sqnr_db: dict[str, float]
     # with a group size: the matrices whose columns it does not divide, which got per-channel scales instead
     per_channel: list[str] = dataclasses.field(default_factory=list)
+    # with ``smooth``: how many norm groups (a norm and the projections reading it) were smoothed
+    smoothed: int = 0
 
     @property
     def tensors(self) -> list[str]:
@@ -128,6 +137,8 @@ class QuantReport:
         gran = "per channel" if cfg.get("group_size") is None else f"groups of {cfg['group_size']}"
         if cfg.get("factor_group_size") is not None:
             gran += f", first factors in groups of {cfg['factor_group_size']}"
+        if cfg.get("smooth"):
+            gran += f", {self.smoothed} norm groups smoothed"
         head = "with" if cfg.get("lm_head") else "without"
         if not s:
             return f"{cfg['method']}: nothing quantized"
@@ -180,6 +191,7 @@ def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
             f"int8 group size {g} divides none of the matrices' column counts ({', '.join(map(str, widths))}); "
             "choose a divisor, or per-channel scales"
         )
+    smoothed = smooth_norm_groups_(model) if cfg.smooth else 0
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(shared basis) -> its pair, quantized once
     sqnr: dict[str, float] = {}
     per_channel: list[str] = []
@@ -195,7 +207,28 @@ def _int8(model: nn.Module, cfg: Int8Config) -> QuantReport:
             if m == "basis":
                 shared[id(W)] = pair
         p.set_int8(m, *pair, work_dtype=W.dtype)
-    return QuantReport(cfg.to_dict(), sqnr, per_channel)
+    return QuantReport(cfg.to_dict(), sqnr, per_channel, smoothed)
+
+
+def smooth_norm_groups_(model: nn.Module) -> int:
+    """Fold :func:`smoothing_scales` into each norm group that holds a low-rank first factor: the projections'
+    first matrices times ``s`` per column, the norm's weight divided by ``s``. A group with a shared basis is left
+    alone (the basis is shared with other layers' groups, which would need the same ``s``); so is an all-dense one.
+    Returns the number of groups smoothed."""
+    n = 0
+    for layer in model.model.layers:
+        for norm, members in layer.norm_consumers():
+            firsts = [p.matrices[0] for p in members]
+            if "basis" in firsts or all(len(p.matrices) == 1 for p in members):
+                continue
+            mats = [getattr(p, m) for p, m in zip(members, firsts, strict=True)]
+            s = smoothing_scales(mats)
+            # new tensors, not in place: a loaded model's weights may be read-only memory maps of its files
+            for M in mats:
+                M.data = M.data * s.to(M.dtype)
+            norm.weight.data = norm.weight.data / s.to(norm.weight.dtype)
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------

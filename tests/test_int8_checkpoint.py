@@ -196,6 +196,7 @@ def test_cli_quantizes_dense_and_compressed_and_the_result_runs(hf_dir, tmp_path
         "0.3",
         "--quant",
         "int8",
+        "--quant-smooth",
         "--calib-seq-len",
         "32",
         "--out",
@@ -204,8 +205,14 @@ def test_cli_quantizes_dense_and_compressed_and_the_result_runs(hf_dir, tmp_path
     assert main(argv) == 0
     m = read_manifest(both)
     assert m["family"] == "svd" and m["quantization"]["config"]["group_size"] is None
-    assert "int8 (per channel, first factors in groups of 16, with the LM head)" in capsys.readouterr().out
-    load_model(str(both))
+    assert m["quantization"]["config"]["smooth"] is True
+    # svd at 0.3 factorizes every projection of the tiny model: both norm groups of its 2 layers
+    printed = capsys.readouterr().out
+    assert (
+        "int8 (per channel, first factors in groups of 16, 4 norm groups smoothed, with the LM head)"
+        in printed
+    )
+    assert main(["generate", str(both), "--prompt", "hi", "--max-tokens", "3"]) == 0
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(hf_dir, tmp_path, capsys):

@@ -14,7 +14,14 @@ from rankserve.compress import compress_
 from rankserve.errors import InputError
 from rankserve.families import SVDConfig
 from rankserve.layers import DenseLinear, LowRankLinear, SharedBasisLinear, projections
-from rankserve.quantize import Int8Config, QuantConfig, config_from_dict, int8_tensors, quantize_
+from rankserve.quantize import (
+    Int8Config,
+    QuantConfig,
+    config_from_dict,
+    int8_tensors,
+    quantize_,
+    smooth_norm_groups_,
+)
 
 
 def half_step(p, name: str) -> torch.Tensor:
@@ -165,10 +172,13 @@ def test_config_round_trip_and_package_exports():
     cfg = Int8Config(group_size=64, lm_head=True)
     assert config_from_dict(cfg.to_dict()) == cfg
     want = {"method": "int8", "version": 1, "group_size": 64, "lm_head": True, "factor_group_size": 16}
+    want["smooth"] = False
     assert cfg.to_dict() == want
     # a record written before factor groups existed: the factors took group_size like every other matrix
     old = {"method": "int8", "version": 1, "group_size": None, "lm_head": False}
-    assert config_from_dict(old) == Int8Config(None, False, factor_group_size=None)
+    assert config_from_dict(old) == Int8Config(None, False, factor_group_size=None, smooth=False)
+    with pytest.raises(InputError, match="smooth must be true or false"):
+        Int8Config(smooth="yes").validate()
     with pytest.raises(InputError, match="factor_group_size must be a positive integer"):
         Int8Config(factor_group_size=0).validate()
     with pytest.raises(InputError, match="unknown field"):
@@ -216,3 +226,37 @@ def test_training_free_and_deterministic():
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert TOKENS.shape == (2, 12)
+
+
+@pytest.mark.parametrize("kind, groups", [("dense", 0), ("lowrank", None), ("mixed", 1), ("shared", 0)])
+def test_smoothing_folds_exactly_into_the_norms(kind, groups):
+    ref = make(kind)
+    model = copy.deepcopy(ref)
+    L = len(model.model.layers)
+    n = smooth_norm_groups_(model)
+    # lowrank: both groups of every layer; mixed: layer 0's q/k/v (q, v low-rank) and every gate/up (up
+    # low-rank); shared: every group holds a shared basis, dense: no factor, so nothing changes
+    assert n == {"lowrank": 2 * L, "mixed": 1 + L}.get(kind, groups)
+    torch.testing.assert_close(logits(model), logits(ref), rtol=1e-4, atol=1e-4)
+    if kind == "lowrank":  # the first matrices reading one norm now have equal column maxima
+        a = model.model.layers[0].self_attn
+        colmax = torch.stack([p.V.abs().amax(0) for p in (a.q_proj, a.k_proj, a.v_proj)]).amax(0)
+        torch.testing.assert_close(colmax, colmax.mean().expand_as(colmax), rtol=1e-5, atol=0)
+
+
+def test_smoothing_keeps_a_small_column_precise_with_one_scale_per_row():
+    """SVD-LLM's whitening leaves channels with large activations small columns in V: an exact rescaling of one
+    column by 1e-3 (the norm weight times 1e3) ruins per-row int8 without smoothing, not with it."""
+    ref = make("lowrank")
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            a = layer.self_attn
+            for p in (a.q_proj, a.k_proj, a.v_proj):
+                p.V[:, 3] *= 1e-3
+            layer.input_layernorm.weight[3] *= 1e3
+    err = {}
+    for smooth in (False, True):
+        model = copy.deepcopy(ref)
+        quantize_(model, Int8Config(factor_group_size=None, lm_head=False, smooth=smooth))
+        err[smooth] = float((logits(model) - logits(ref)).norm() / logits(ref).norm())
+    assert err[True] < 0.5 * err[False]

@@ -30,6 +30,13 @@ def add_quant_arguments(p, prefix: str = "") -> None:
         "(V, the shared basis; default 16); 'channel': as --group-size",
     )
     p.add_argument(
+        f"--{prefix}smooth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int8: fold per-column scales into the RMSNorm weights before rounding, so that low-rank first "
+        "factors keep their precision with one scale per row (default: no)",
+    )
+    p.add_argument(
         f"--{prefix}lm-head",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -37,7 +44,7 @@ def add_quant_arguments(p, prefix: str = "") -> None:
     )
 
 
-_FIELDS = ("group_size", "factor_group_size", "lm_head")  # Int8Config fields, one flag each
+_FIELDS = ("group_size", "factor_group_size", "smooth", "lm_head")  # Int8Config fields, one flag each
 
 
 def _given(args, prefix: str) -> dict:

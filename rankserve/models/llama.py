@@ -158,6 +158,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.mlp = MLP(cfg, device, dtype)
 
+    def norm_consumers(self):
+        """Each RMSNorm with the projections that read its output, and nothing else does."""
+        a, m = self.self_attn, self.mlp
+        return (
+            (self.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)),
+            (self.post_attention_layernorm, (m.gate_proj, m.up_proj)),
+        )
+
     def forward(self, x, cos, sin, cache=None, start=0, mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
