@@ -155,22 +155,23 @@ def heal_config(args, **over):
 def generate(args, lm, n_rows: int):
     """``n_rows`` self-generated rows of the healing length (prose and chat answers), shared by calibration
     and healing: generating text is the expensive part on a CPU, so it is done once per run."""
-    from rankserve.heal import self_generated_rows
+    from rankserve.calibration import self_generated_rows
 
     return self_generated_rows(lm.model, lm.tokenizer, n_rows, args.seq_len or 256, 0, progress=True)
 
 
 def calibration(args, lm, arm: str, generated):
     """The arm's calibration rows: self-generated, WikiText-2 validation windows, or half of each."""
-    from rankserve.calibration import Calibration, make_calibration
+    from rankserve.calibration import Calibration, mixed_calibration, text_calibration
 
     n, L = args.calib_samples, args.calib_seq_len or args.seq_len or 256
     # a self-generated row's first L tokens are a self-generated row of length L
-    own = Calibration(generated[0][:n, :L], "self", 0) if arm != "wikitext-valid" else None
-    wiki = make_calibration(WIKI_VALID, lm.model, lm.tokenizer, n, L, 0) if arm != "self-generated" else None
-    if own is None or wiki is None:
-        return own or wiki
-    return Calibration(torch.cat([own.tokens[: n // 2], wiki.tokens[: n - n // 2]]), "mix", 0)
+    if arm == "self-generated":
+        return Calibration(generated[0][:n, :L], "self", 0)
+    if arm == "wikitext-valid":
+        return text_calibration(WIKI_VALID, lm.tokenizer, n, L, 0)
+    own = (generated[0][: n // 2, :L], {**generated[1], "samples": n // 2, "seq_len": L})
+    return mixed_calibration(own, text_calibration(WIKI_VALID, lm.tokenizer, n - n // 2, L, 0))
 
 
 def arm_heal(args, arm: str, **over):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rankserve.calibration import self_generated_rows
 from rankserve.distill import (
     autocast_dtype,
     batch_rows,
@@ -48,36 +49,6 @@ MIN_WARMUP = 10
 STATE_NAME, DATA_NAME = "state.pt", "data.pt"
 SCHEDULES = ("cosine", "constant")
 AUTOCAST = ("auto", "fp32", "bf16")
-SELF_GENERATED = "self-generated"
-
-# Chat prompts for self-generated data: generic instructions across many registers, so the student sees the
-# teacher answering in chat form, not only continuing prose. None is a question any evaluation asks.
-CHAT_PROMPTS = (
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a refrigerator works.",
-    "Give me three tips for a job interview.",
-    "Summarize the causes of the First World War.",
-    "Write a Python function that reverses a list.",
-    "What are the health benefits of walking every day?",
-    "Describe the water cycle to a ten-year-old.",
-    "Write a polite email asking for a deadline extension.",
-    "Compare renting and buying a home.",
-    "How do vaccines train the immune system?",
-    "Write a poem about autumn rain.",
-    "Explain what inflation is and why it matters.",
-    "What should I pack for a week of hiking?",
-    "Explain the difference between weather and climate.",
-    "Give a recipe for a simple vegetable soup.",
-    "Why is the sky blue?",
-    "Describe how a bill becomes law in a parliament.",
-    "Write a product description for a reusable water bottle.",
-    "What is machine learning, in plain words?",
-    "Tell me about the history of the printing press.",
-    "How can I improve my sleep?",
-    "Explain photosynthesis step by step.",
-    "Write a dialogue between a teacher and a student about fractions.",
-    "What are the main features of Gothic architecture?",
-)
 
 
 class HealDiverged(InputError):
@@ -166,48 +137,6 @@ class HealData:
 
     def to_state(self) -> dict[str, Any]:
         return {"train": self.train, "held": self.held, "sources": self.sources}
-
-
-def _bos_id(tokenizer) -> int:
-    bos = getattr(getattr(tokenizer, "hf", None), "bos_token_id", None)
-    if bos is None:  # as make_calibration: start from the end-of-text token when there is no BOS
-        bos = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
-    return int(bos)
-
-
-def self_generated_rows(
-    teacher: nn.Module, tokenizer, n_rows: int, seq_len: int, seed: int, progress: bool = False
-) -> tuple[Tensor, dict[str, Any]]:
-    """``n_rows`` rows of ``seq_len`` tokens the teacher writes: even rows from BOS (prose), odd rows as chat
-    answers to :data:`CHAT_PROMPTS` when the tokenizer has a chat template."""
-    from rankserve.calibration import self_calibration
-
-    bos = _bos_id(tokenizer)
-    prompts = [[bos]]
-    if tokenizer.has_chat_template:
-        chat = [tokenizer.chat([{"role": "user", "content": q}]) for q in CHAT_PROMPTS]
-        chat = [c for c in chat if len(c) < seq_len // 2]  # keep most of every row generated
-        # interleave prose and chat rows, rotating through the chat prompts
-        prompts = [p for c in chat for p in ([bos], c)]
-    calib = self_calibration(
-        teacher,
-        n_rows,
-        seq_len,
-        seed,
-        bos_id=bos,
-        pad_id=tokenizer.pad_id,
-        progress=progress,
-        prompts=prompts,
-    )
-    record = {
-        "source": SELF_GENERATED,
-        "seed": seed,
-        "samples": n_rows,
-        "seq_len": seq_len,
-        "prompts": "BOS and chat instructions" if len(prompts) > 1 else "BOS",
-        "temperature": 1.0,
-    }
-    return calib.tokens, record
 
 
 def heal_rows(config: HealConfig) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from rankserve.calibration import (
     make_calibration,
     projection_names,
     self_calibration,
+    self_generated_rows,
     text_calibration,
 )
 from rankserve.errors import InputError
@@ -58,6 +59,29 @@ def test_text_calibration_errors(tmp_path, text_file):
         text_calibration(text_file, tok, 2, 100_000)
     with pytest.raises(ValueError, match="positive integer"):
         text_calibration(text_file, tok, 0, 8)
+
+
+def test_mixed_calibration_is_the_models_rows_then_the_files_windows(text_file):
+    tok, model = tiny_tokenizer(), tiny_model()
+    mix = make_calibration(text_file, model, tok, 5, 40, seed=2, self_share=0.4)
+    own, record = self_generated_rows(model, tok, 2, 40, 2)
+    text = text_calibration(text_file, tok, 3, 40, 2)
+    assert torch.equal(mix.tokens, torch.cat([own, text.tokens]))
+    d = mix.to_dict()
+    assert (d["source"], d["n_samples"], d["seq_len"], d["seed"]) == ("mix", 5, 40, 2)
+    assert d["parts"] == [record, text.to_dict()]
+    # the ends of the range are the file alone and the model alone
+    assert torch.equal(
+        make_calibration(text_file, model, tok, 5, 40, 2, self_share=0).tokens,
+        text_calibration(text_file, tok, 5, 40, 2).tokens,
+    )
+    assert torch.equal(
+        make_calibration(text_file, model, tok, 5, 40, 2, self_share=1).tokens,
+        self_generated_rows(model, tok, 5, 40, 2)[0],
+    )
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(InputError, match="self_share must be a fraction"):
+            make_calibration(text_file, model, tok, 5, 40, self_share=bad)
 
 
 def test_self_calibration_is_deterministic_by_seed():

@@ -345,6 +345,20 @@ def test_compress_save_load_gives_identical_logits(family, tmp_path):
         (["--family", "nope", "--ratio", "0.3"], "known families:"),
         (["--family", "svd-llm", "--ratio", "0.3", "--calib-data", "/no/such/file.txt"], "not found"),
         (["--family", "svd", "--ratio", "0.3", "--alpha", "0.5"], "--alpha does not apply to family svd"),
+        (["--family", "svd-llm", "--ratio", "0.3", "--calib-self-share", "0.5"], "give --calib-data PATH"),
+        (
+            [
+                "--family",
+                "svd-llm",
+                "--ratio",
+                "0.3",
+                "--calib-data",
+                "/no/file",
+                "--calib-self-share",
+                "nan",
+            ],
+            "--calib-self-share must be a fraction in [0, 1], got nan",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line(extra, pattern, tmp_path, capsys):
@@ -392,3 +406,24 @@ def test_cli_compresses_a_tiny_model_directory(tmp_path, capsys):
     assert 0.4 <= comp["achieved_ratio"] < 0.4 + comp["rank_step"] and comp["wall_time_s"] > 0
     assert all("whitening" in e and e["rank"] for e in comp["layers"].values())
     assert len(m["source"]["sha256"]) == 64
+
+    # half of the calibration written by the model itself, half the file's windows
+    mixed = tmp_path / "mixed"
+    args = ["compress", str(src), "--family", "svd-llm", "--ratio", "0.4", "--calib-data", str(calib_file)]
+    args += [
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "16",
+        "--calib-self-share",
+        "0.5",
+        "--out",
+        str(mixed),
+    ]
+    assert main(args) == 0
+    c = load_model(str(mixed)).manifest["calibration"]
+    assert (c["source"], c["n_samples"], c["seq_len"]) == ("mix", 4, 16)
+    assert [(p["source"], p.get("samples", p.get("n_samples"))) for p in c["parts"]] == [
+        ("self-generated", 2),
+        (str(calib_file.resolve()), 2),
+    ]

@@ -245,13 +245,13 @@ def test_compress_heal_tokens_in_one_step(dirs):
 
 
 def test_self_generated_rows_mix_prose_and_chat():
-    from rankserve.heal import self_generated_rows
+    from rankserve.calibration import CHAT_PROMPTS, self_generated_rows
 
     tok = tiny_tokenizer()
     rows, rec = self_generated_rows(tiny_model(), tok, 4, 160, seed=1)  # chat prompts must fit in half a row
     assert rows.shape == (4, 160) and rec["prompts"] == "BOS and chat instructions"
     assert rows[0, 0].item() == 1 and rows[0, 1].item() != 1  # a prose row starts at BOS
-    chat = tok.chat([{"role": "user", "content": heal_mod.CHAT_PROMPTS[0]}])
+    chat = tok.chat([{"role": "user", "content": CHAT_PROMPTS[0]}])
     assert rows[1, : len(chat)].tolist() == chat
     again, _ = self_generated_rows(tiny_model(), tok, 4, 160, seed=1)
     assert torch.equal(rows, again)
@@ -304,8 +304,9 @@ def test_bf16_autocast_only_where_the_cpu_has_bf16(monkeypatch, flags, native):
 
 def test_chat_prompts_do_not_teach_the_demo_question():
     """The demo asks for the capital of France: no healing or calibration prompt may touch it."""
+    from rankserve.calibration import CHAT_PROMPTS
     from rankserve.cli.demo import QUESTIONS
 
     banned = ("france", "paris", "capital", "french")
     assert any(b in QUESTIONS[0].lower() for b in banned)
-    assert not [p for p in heal_mod.CHAT_PROMPTS if any(b in p.lower() for b in banned)]
+    assert not [p for p in CHAT_PROMPTS if any(b in p.lower() for b in banned)]

@@ -33,6 +33,13 @@ def add_arguments(p):
     p.add_argument(
         "--calib-data", default=None, help="calibration text file (default: text the model generates itself)"
     )
+    p.add_argument(
+        "--calib-self-share",
+        type=float,
+        default=None,
+        help="with --calib-data: this fraction of the samples is the model's own prose and chat answers, the "
+        "rest the file's windows (default 0; 0.5 measured best with --ranks sensitivity, docs/HEALING.md)",
+    )
     p.add_argument("--calib-samples", type=int, default=32, help="calibration samples N (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per sample L (default 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
@@ -94,6 +101,13 @@ def run(args) -> int:
     from rankserve.checkpoint import check_out_dir
 
     check_out_dir(args.out, args.overwrite)
+    if args.calib_self_share is not None:
+        if args.calib_data is None:
+            raise CLIError(
+                "--calib-self-share mixes self-generated rows into --calib-data; give --calib-data PATH"
+            )
+        if not 0 <= args.calib_self_share <= 1:
+            raise CLIError(f"--calib-self-share must be a fraction in [0, 1], got {args.calib_self_share}")
     if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
         raise CLIError(f"calibration file not found: {args.calib_data}")
     if args.calib_samples < 1 or args.calib_seq_len < 2:
@@ -136,6 +150,7 @@ def run(args) -> int:
             args.calib_seq_len,
             args.seed,
             progress=True,
+            self_share=args.calib_self_share or 0.0,
         )
     calib_s = time.perf_counter() - t0
     report = compress_(lm.model, cfg, calib, batch_size=args.batch_size)

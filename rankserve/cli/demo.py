@@ -97,7 +97,8 @@ def run(args) -> int:
     dense = _answer(lm, "eager", args.max_tokens)
     stages["dense answers"] = time.perf_counter() - start - stages["load"]
 
-    from rankserve.heal import heal_rows, self_generated_rows
+    from rankserve.calibration import self_generated_rows
+    from rankserve.heal import heal_rows
 
     say(
         f"[2/4] compressing with {cfg.name}, ratio {cfg.ratio} (fraction of linear-layer parameters removed), "
