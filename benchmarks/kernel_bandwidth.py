@@ -17,7 +17,7 @@ Rows of dtype ``int8`` have int8 weights with fp32 per-channel scales (``rankser
 q and scales) and fp32 activations: ``F.linear`` is then PyTorch's ``torch._weight_int8pack_mm``, ``gemv``
 ``int8_gemv`` dequantizing in registers, and the low-rank columns chain two of those.
 
-    python benchmarks/kernels.py --threads 2 [--batch 1] [--dtypes fp32 bf16 int8] [--json]
+    python benchmarks/kernel_bandwidth.py --threads 2 [--batch 1] [--dtypes fp32 bf16 int8] [--json]
 """
 
 from __future__ import annotations
