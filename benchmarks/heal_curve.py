@@ -381,6 +381,23 @@ def _ranks_label(rec: dict, row: dict) -> str:
     return mode
 
 
+def _arm_label(row: dict) -> str:
+    """The row's data arm, with what its healing changed from the library defaults (rows per step, what
+    trained), so rows that differ only there are told apart."""
+    from rankserve.heal import HealConfig
+
+    cfg, d = row["heal"].get("config", {}), HealConfig()
+    label = [row["arm"]]
+    if (cfg.get("batch", d.batch), cfg.get("seq_len", d.seq_len)) != (d.batch, d.seq_len):
+        label.append(f"{cfg['batch']}x{cfg['seq_len']} per step")
+    label += [
+        f"{name} trained too"
+        for key, name in (("train_dense", "dense projections"), ("train_norms", "norms"))
+        if cfg.get(key)
+    ]
+    return ", ".join(label)
+
+
 def healed_rows(results: str) -> list[dict]:
     """One row per (record, arm): the last measured point, for docs/RESULTS.md and the report."""
     recs = json.load(open(results)) if os.path.exists(results) else []
@@ -395,7 +412,7 @@ def healed_rows(results: str) -> list[dict]:
                         "family": r["family"],
                         "ratio": r["ratio"],
                         "ranks": _ranks_label(r, row),
-                        "arm": row["arm"],
+                        "arm": _arm_label(row),
                         "dense": r["dense"],
                         "compressed": first["ppl_texts"],
                         "healed": last["ppl_texts"],
