@@ -15,7 +15,7 @@ Experiments (each rewrites its record in ``--results`` as it goes; ``--report-on
 * ``lr``: one compression (``--arm`` data), then one whole heal of ``--tokens`` per peak learning rate in
   ``--lrs``, each from the same compressed model: which lr a run of that length wants.
 
-Self-generated rows (the teacher's prose and chat answers, ``rankserve.heal.self_generated_rows``) are generated
+Self-generated rows (the teacher's prose and chat answers, ``rankserve.calibration.self_generated_rows``) are generated
 once per run and shared by calibration and healing.
 
     python benchmarks/heal_curve.py data --ratio 0.2 --tokens 8192
