@@ -227,8 +227,7 @@ def make_calibration(
             pad_id=tokenizer.pad_id,
             progress=progress,
         )
-    if isinstance(self_share, bool) or not isinstance(self_share, int | float) or not 0 <= self_share <= 1:
-        raise InputError(f"calibration self_share must be a fraction in [0, 1], got {self_share!r}")
+    check_self_share(self_share)
     _check_sizes(n_samples, seq_len)
     n_self = round(n_samples * self_share)
     if n_self == 0:
@@ -237,6 +236,13 @@ def make_calibration(
         text_calibration(source, tokenizer, n_samples - n_self, seq_len, seed) if n_self < n_samples else None
     )
     return mixed_calibration(self_generated_rows(model, tokenizer, n_self, seq_len, seed, progress), text)
+
+
+def check_self_share(self_share: float, name: str = "calibration self_share") -> None:
+    """The self-generated fraction of a mixed calibration must be a number in [0, 1] (``name``: what the caller
+    calls it, e.g. a command-line flag)."""
+    if isinstance(self_share, bool) or not isinstance(self_share, int | float) or not 0 <= self_share <= 1:
+        raise InputError(f"{name} must be a fraction in [0, 1], got {self_share!r}")
 
 
 def mixed_calibration(generated: tuple[Tensor, dict[str, Any]], text: Calibration | None) -> Calibration:

@@ -106,8 +106,9 @@ def run(args) -> int:
             raise CLIError(
                 "--calib-self-share mixes self-generated rows into --calib-data; give --calib-data PATH"
             )
-        if not 0 <= args.calib_self_share <= 1:
-            raise CLIError(f"--calib-self-share must be a fraction in [0, 1], got {args.calib_self_share}")
+        from rankserve.calibration import check_self_share
+
+        check_self_share(args.calib_self_share, "--calib-self-share")
     if cfg.wanted_stats() and args.calib_data is not None and not os.path.isfile(args.calib_data):
         raise CLIError(f"calibration file not found: {args.calib_data}")
     if args.calib_samples < 1 or args.calib_seq_len < 2:
