@@ -6,9 +6,12 @@ different macros, e.g. ``RANKSERVE_PF=0`` against the default) are loaded side b
 (``rankserve.runtime.native.load_build``) and one fast runner (uncompiled step) swaps between them every round,
 in alternating order: the median of the per-round ratios B / A is the figure to quote. ``--per-layer A`` (or B)
 makes that side call the native ``decode_layer`` once per layer instead of once per step (``LayerStack``).
+``--model-b DIR`` runs a second model on side B (e.g. two quantizations of one checkpoint) with the same build
+unless ``--b`` is given too: two layouts compared in one process, like two builds.
 
     python benchmarks/kernel_ab.py MODEL --a RANKSERVE_PF=0 --b RANKSERVE_PF=512 [--rounds 10] [--dtype fp32]
     python benchmarks/kernel_ab.py MODEL --per-layer A
+    python benchmarks/kernel_ab.py g16 --model-b smooth      # two checkpoints, one build
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("model", help="model alias, GGUF or checkpoint directory")
     p.add_argument("--a", nargs="*", default=[], help="macros of build A (NAME=VALUE ...; none: the default)")
     p.add_argument("--b", nargs="*", default=[], help="macros of build B")
+    p.add_argument("--model-b", default=None, help="side B runs this model instead (default: MODEL)")
     p.add_argument(
         "--per-layer", choices=["A", "B"], default=None, help="this side: one native call per layer"
     )
@@ -43,8 +47,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.a == args.b and args.per_layer is None:
-        raise SystemExit("kernel_ab.py: builds A and B have the same macros; give --a, --b or --per-layer")
+    if args.a == args.b and args.per_layer is None and args.model_b is None:
+        raise SystemExit("kernel_ab.py: sides A and B are the same; give --a, --b, --per-layer or --model-b")
     from rankserve.loaders.source import load_model, parse_dtype
     from rankserve.runtime.fast import FastRunner
     from rankserve.runtime.native import load_build
@@ -52,15 +56,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     ops = {"A": load_build(tuple(args.a), "ab_a"), "B": load_build(tuple(args.b), "ab_b")}
-    model = load_model(args.model, dtype=parse_dtype(args.dtype)).model
-    runner = FastRunner(model, 1, args.start + args.tokens + 1, RuntimeOptions(backend="fast", compile=False))
-    if not runner.kernels.has_layer:
-        raise SystemExit("kernel_ab.py: the native kernels are unavailable (see the warning above)")
+    models = {"A": args.model, "B": args.model_b or args.model}
+    runners = {}
+    for name, source in models.items():
+        model = load_model(source, dtype=parse_dtype(args.dtype)).model
+        opts = RuntimeOptions(backend="fast", compile=False)
+        runners[name] = FastRunner(model, 1, args.start + args.tokens + 1, opts)
+        if not runners[name].kernels.has_layer:
+            raise SystemExit("kernel_ab.py: the native kernels are unavailable (see the warning above)")
     tok, valid_from = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     rates: dict[str, list[float]] = {"A": [], "B": []}
     with torch.inference_mode():
         for r in range(args.rounds):
             for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                runner = runners[name]
                 runner.kernels.ops = ops[name]
                 runner.decoder.stacked = name != args.per_layer
                 runner.decode(tok, torch.tensor([[0]]), 0, valid_from)  # warm the build's code and caches
@@ -68,11 +77,12 @@ def main(argv=None) -> int:
                 for s in range(args.start, args.start + args.tokens):
                     runner.decode(tok, torch.tensor([[s]]), s, valid_from)
                 rates[name].append(args.tokens / (time.perf_counter() - t0))
-    print(f"{args.model}, {args.dtype}, {args.threads} threads, {cpu_model()}; {args.rounds} rounds x {args.tokens} "
+    print(f"{' vs '.join(dict.fromkeys(models.values()))}, {args.dtype}, {args.threads} threads, {cpu_model()}; {args.rounds} rounds x {args.tokens} "
           f"tokens from slot {args.start}, order alternating")  # fmt: skip
     for name, macros in (("A", args.a), ("B", args.b)):
         runs = ", ".join(f"{x:.1f}" for x in rates[name])
         what = (" ".join(macros) or "default") + (", one call per layer" if name == args.per_layer else "")
+        what += f", {models[name]}" if args.model_b else ""
         print(f"  {name} ({what}): median {statistics.median(rates[name]):.1f} tok/s  [{runs}]")
     ratios = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
     wins = sum(x > 1 for x in ratios)
