@@ -44,7 +44,7 @@ struct Stage {
 
   void add(const Seg<T>& s, int64_t B) {
     segs.push_back(s);
-    first_tile.push_back(first_tile.back() + (s.qw.q ? strided_tile_count(s.N) : tile_count(s.N, s.K, B)));
+    first_tile.push_back(first_tile.back() + strided_tile_count(s.N));
   }
   bool empty() const { return segs.empty(); }
 

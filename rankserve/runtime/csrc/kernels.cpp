@@ -290,26 +290,14 @@ inline void with_tile_shape(int rows, int nb, F&& f) {
 // Row tiles of an N-row matrix. Tile t < Q = N / kRows holds rows {t, t + Q, t + 2Q, t + 3Q}; the last N % kRows
 // rows form one contiguous partial tile. Under a static schedule each thread thus walks kRows separate regions
 // of W, each in address order: long sequential streams that the prefetchers follow, where kRows adjacent rows per
-// tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernels.py) this streamed 30-75%
+// tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernel_bandwidth.py) this streamed 30-75%
 // faster on SmolLM2's 576-wide matrices and the LM head, and the same on 1B-shape ones.
 //
-// One activation row (B == 1, every decode step) with short rows (K <= kWideMaxK: the low-rank lifts, whose rows
-// are one rank vector long) on AVX-512 uses wide tiles instead: tile t < G = N / 16 holds
-// the four 4-row blocks starting at rows 4t, 4G + 4t, 8G + 4t and 12G + 4t (still four address-ordered streams
-// per thread), and its 16 sums are reduced together (hsum16) and stored as one vector. A 4-row tile pays a
-// horizontal reduction and a scalar store per row, which at SmolLM2's low-rank lifts (rows of 86-251 values) cost
-// as much as the dot products. The last N % 16 rows are contiguous 4-row tiles. In place of 4-row tiles, wide
-// tiles ran SmolLM2's lifts 1.4-1.7x faster from cache (bf16 [1536, 251]: 40 -> 27 us on one thread) but streamed
-// long rows (the 576-wide LM head) from memory ~35% slower, hence the bound on K.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr bool kWideTiles = true;
-#else
-constexpr bool kWideTiles = false;
-#endif
-constexpr int kWide = 16;
-constexpr int64_t kWideMaxK = 384;
-
-inline bool wide_tiles(int64_t K, int64_t B) { return kWideTiles && B == 1 && K <= kWideMaxK; }
+// The low-rank lifts (rows one rank vector long, 86-251 values at SmolLM2's ranks) take these 4-row tiles too. An
+// AVX-512 "wide tile" (16 rows reduced together, one vector store) ran them 1.4-1.7x faster from cache, but in
+// decode, from memory, it was slower: without it SVD-LLM 0.4 decoded 1.14-1.19x faster in fp32 and 1.20-1.23x in
+// bf16 (AMD EPYC Zen 4, 2 threads, read probe 33 GB/s, `benchmarks/kernel_ab.py` A/B, 8 of 8 rounds each; with
+// software prefetch in the wide tiles too). Removed.
 
 // The rows of one tile: rows n0, n0 + step, ..., n0 + (rows - 1) * step.
 struct TileRows {
@@ -325,14 +313,6 @@ inline TileRows strided_tile(int64_t t, int64_t N) {
 }
 
 inline int64_t strided_tile_count(int64_t N) { return N / kRows + (N % kRows != 0); }
-
-inline int64_t tile_count(int64_t N, int64_t K, int64_t B) {
-  if (!wide_tiles(K, B)) return strided_tile_count(N);
-  const int64_t G = N / kWide, rest = N - G * kWide;
-  return G + (rest + kRows - 1) / kRows;
-}
-
-#include "wide_tiles.h"
 
 // y[b, n] = out[b, r] (* row_scale[b]) (+ bias[n]) for the rows n of one tile, for every group of kBatch activation
 // rows: dot(b0, nb, out) fills out[b * kRows + r] with the tile's dot products against rows b0 .. b0 + nb - 1.
@@ -358,30 +338,7 @@ inline void tile_out(const TileRows& tr, int64_t B, const float* row_scale, cons
 template <typename WT, typename XT, typename YT>
 inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* x, int64_t ldx, int64_t B,
                         const WT* bias, YT* y, int64_t ldy) {
-  TileRows tr;
-  if (wide_tiles(K, B)) {
-    const int64_t G = N / kWide;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (t < G) {
-      const WT* blk[4];
-      for (int g = 0; g < 4; ++g) blk[g] = W + (g * 4 * G + 4 * t) * K;
-      const __m512 v = dot_wide<WT, XT>(blk, K, x, K);
-      alignas(64) float out[kWide];
-      _mm512_store_ps(out, v);
-      for (int g = 0; g < 4; ++g) {
-        const int64_t n = g * 4 * G + 4 * t;
-        __m128 s = _mm_load_ps(out + 4 * g);
-        if (bias) s = _mm_add_ps(s, load4(bias + n));
-        store4(y + n, s);
-      }
-      return;
-    }
-#endif
-    const int64_t n0 = G * kWide + (t - G) * kRows;  // the last N % 16 rows: contiguous 4-row tiles
-    tr = {n0, 1, static_cast<int>(std::min<int64_t>(kRows, N - n0))};
-  } else {
-    tr = strided_tile(t, N);
-  }
+  const TileRows tr = strided_tile(t, N);
   tile_out(tr, B, nullptr, bias, y, ldy, [&](int64_t b0, int nb, float* out) {
     with_tile_shape(tr.rows, nb, [&]<int R, int NB>() {
       dot_tile<WT, XT, R, NB>(W + tr.n0 * K, tr.step * K, x + b0 * ldx, ldx, K, out);
@@ -394,7 +351,7 @@ inline void matvec_tile(int64_t t, const WT* W, int64_t N, int64_t K, const XT* 
 template <typename WT, typename XT, typename YT>
 void matvec_rows(const WT* W, int64_t N, int64_t K, const XT* x, int64_t B, const WT* bias, YT* y,
                  int64_t ldy) {
-  const int64_t ntiles = tile_count(N, K, B);
+  const int64_t ntiles = strided_tile_count(N);
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) matvec_tile<WT, XT, YT>(t, W, N, K, x, K, B, bias, y, ldy);
 }
