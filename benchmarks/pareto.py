@@ -10,7 +10,8 @@ Q4_K_M GGUF. For each:
   cross-check compares that with llama.cpp's own logits on the first window of the Q8_0 file.
 - Decode and prefill tok/s, weight bytes per decoded token, peak RSS: ``rankserve.bench.run_bench`` with the same
   prompt and decode lengths for every configuration (``fast`` for rankserve, ``llama.cpp-TYPE`` for llama.cpp).
-- The fraction of the read bandwidth: bytes/token x tok/s / ``bandwidth_probe()`` (the bench's probe).
+- The fraction of the read bandwidth: bytes/token x tok/s / ``bandwidth_probe()`` (the bench's probe), taken
+  just before each configuration's worker.
 
 Compressed checkpoints are made by ``rankserve compress --family svd-llm`` calibrated on the WikiText-2
 validation split (``--calib-data``), int8 ones by ``rankserve quantize SRC --int8``; both are cached under
@@ -303,23 +304,27 @@ def ref_ratio(ours: list[float], ref: list[float]) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
-def speed(args, configs: list[Config], bandwidth: float) -> None:
+def speed(args, configs: list[Config], gib: float) -> None:
     """One ``run_bench`` per rankserve config (``fast``, interleaved with llama.cpp ``--ref`` when that is one of
-    the llama.cpp configs), one for all llama.cpp types (interleaved)."""
+    the llama.cpp configs), one for all llama.cpp types (interleaved). Each worker's fraction of the read bandwidth
+    is against a probe of ``gib`` GiB taken just before it: this VM's probe moved from 33 to 53 GB/s within
+    minutes (2026-12-04), so one probe for the whole run mixes states."""
     from rankserve.bench import BenchSpec, run_bench
+    from rankserve.bench.harness import bandwidth_probe
 
     def spec(model: str, dtype: str) -> BenchSpec:
         return BenchSpec(model=model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=dtype,
                          threads=args.threads, runs=args.runs)  # fmt: skip
 
-    def take(c: Config, r: dict) -> None:
+    def take(c: Config, r: dict, probe: float) -> None:
         if not r.get("ok"):
             c.error = r.get("note") or "failed"
             return
         keys = ("decode_tok_s", "prefill_tok_s", "ttft_s", "weight_bytes_per_token", "achieved_gbs", "weight_mb",
                 "rss_base_mb", "rss_peak_mb", "kv_mb", "decode_runs", "native_isa", "note")  # fmt: skip
         c.results.update({k: r.get(k) for k in keys})
-        c.results["bandwidth_fraction"] = r["achieved_gbs"] / bandwidth if bandwidth else None
+        c.results["probe_gbs"] = probe
+        c.results["bandwidth_fraction"] = r["achieved_gbs"] / probe if probe else None
 
     ready = [c for c in configs if not c.error]
     ref = next((c for c in ready if c.engine == "llama.cpp" and c.weights.lower() == args.ref.lower()), None)
@@ -330,8 +335,9 @@ def speed(args, configs: list[Config], bandwidth: float) -> None:
                 flush=True,
             )
             backends = ["fast"] + ([f"llama.cpp-{ref.weights.lower()}"] if ref else [])
+            probe = bandwidth_probe(gib)
             out = run_bench(spec(c.path, c.dtype), backends, probe=False, memory=not args.no_memory)
-            take(c, out["runs"][0])
+            take(c, out["runs"][0], probe)
             if ref and len(out["runs"]) > 1 and out["runs"][1].get("ok"):
                 r = out["runs"][1]
                 c.results["ref"] = {"name": ref.name, "decode_tok_s": r["decode_tok_s"],
@@ -341,9 +347,10 @@ def speed(args, configs: list[Config], bandwidth: float) -> None:
     if llama:
         print(f"[{_now()}] speed: llama.cpp {', '.join(c.weights for c in llama)} (interleaved)", flush=True)
         backends = [f"llama.cpp-{c.weights.lower()}" for c in llama]
+        probe = bandwidth_probe(gib)
         out = run_bench(spec(args.model, "fp32"), backends, probe=False, memory=not args.no_memory)
         for c, r in zip(llama, out["runs"], strict=True):
-            take(c, r)
+            take(c, r, probe)
 
 
 def _now() -> str:
@@ -396,7 +403,7 @@ def main(argv=None) -> int:
     gib = 1 / 16 if args.smoke else 1.0
     bw = [bandwidth_probe(gib)] if not args.no_speed else []
     if not args.no_speed:
-        speed(args, configs, bw[0])
+        speed(args, configs, gib)
         bw.append(bandwidth_probe(gib))  # again after: drift over the run shows here
     from pareto_report import write
 

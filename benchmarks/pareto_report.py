@@ -52,14 +52,14 @@ def same_worker(r: dict, ref_name: str | None = None) -> float | None:
 def table(configs: list[dict]) -> list[str]:
     lines = [
         "| configuration | WikiText ppl | Lee ppl | decode tok/s | prefill tok/s | MB/token | weights MB "
-        "| peak RSS MB | GB/s | % of read bw | ÷ ref, same worker | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| peak RSS MB | GB/s | probe GB/s | % of read bw | ÷ ref, same worker | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in configs:
         r = c["results"]
         if not _ok(c) and not r:
             lines.append(
-                f"| {c['name']} | - | - | - | - | - | - | - | - | - | - | **failed:** {c['error']} |"
+                f"| {c['name']} | - | - | - | - | - | - | - | - | - | - | - | **failed:** {c['error']} |"
             )
             continue
         frac = r.get("bandwidth_fraction")
@@ -68,7 +68,8 @@ def table(configs: list[dict]) -> list[str]:
             f"| {c['name']} | {_f(r.get('wikitext_ppl'), 2)} | {_f(r.get('lee_ppl'), 2)} "
             f"| {_f(r.get('decode_tok_s'))} | {_f(r.get('prefill_tok_s'))} "
             f"| {_f(r.get('weight_bytes_per_token'), 1, 1e-6)} | {_f(r.get('weight_mb'), 0)} "
-            f"| {_f(r.get('rss_peak_mb') or None, 0)} | {_f(r.get('achieved_gbs'))} | {_f(frac, 0, 100)} "
+            f"| {_f(r.get('rss_peak_mb') or None, 0)} | {_f(r.get('achieved_gbs'))} | {_f(r.get('probe_gbs'))} "
+            f"| {_f(frac, 0, 100)} "
             f"| {_f(same_worker(r), 2)} | {note} |"
         )
     return lines
@@ -190,7 +191,7 @@ def markdown(run: dict) -> str:
         + "the llama.cpp types run in one worker, interleaved. llama.cpp's decode rate is the difference of a 1-token "
         "and a full run of the same prompt. Peak RSS from the bench's fresh memory worker (llama.cpp's GGUF is "
         "memory-mapped; '-' where this run skipped it, `--no-memory`). % of read bw = MB/token x tok/s / the "
-        "probe before the runs.",
+        "probe taken just before that configuration's worker (column 'probe GB/s').",
         "",
         *table(configs),
         "",
