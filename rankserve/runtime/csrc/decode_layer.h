@@ -42,7 +42,7 @@ struct Stage {
   std::vector<Seg<T>> segs;
   std::vector<int64_t> first_tile{0};  // first_tile[i]: number of segs[i]'s first tile; back(): all tiles
 
-  void add(const Seg<T>& s, int64_t B) {
+  void add(const Seg<T>& s) {
     segs.push_back(s);
     first_tile.push_back(first_tile.back() + strided_tile_count(s.N));
   }
@@ -160,7 +160,7 @@ Group<T> make_group(const at::Tensor& first, const std::optional<at::Tensor>& fi
 // F.linear(., U); in bf16 that also lets the lifts use the bf16 x bf16 dot product (vdpbf16ps) instead of
 // widening every weight.
 template <typename T>
-void group_stages(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp, Stage<T>& first, Stage<T>& lifts) {
+void group_stages(const Group<T>& g, const T* x, T* y, T* tmp, Stage<T>& first, Stage<T>& lifts) {
   int64_t row = 0, col = 0, tcol = 0;
   for (size_t i = 0; i < g.rows.size(); ++i) {
     const T* W = g.first ? g.first + row * g.K : nullptr;
@@ -168,10 +168,10 @@ void group_stages(const Group<T>& g, const T* x, int64_t B, T* y, T* tmp, Stage<
                                : g.qfirst;
     const T* b = g.bias ? g.bias + col : nullptr;
     if (g.lift[i] == nullptr && g.qlift[i].q == nullptr) {
-      first.add({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b, qW}, B);
+      first.add({W, g.rows[i], g.K, x, g.K, y + col, g.total_out, b, qW});
     } else {
-      first.add({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr, qW}, B);
-      lifts.add({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b, g.qlift[i]}, B);
+      first.add({W, g.rows[i], g.K, x, g.K, tmp + tcol, g.total_rank, nullptr, qW});
+      lifts.add({g.lift[i], g.out[i], g.rows[i], tmp + tcol, g.total_rank, y + col, g.total_out, b, g.qlift[i]});
       tcol += g.rows[i];
     }
     row += g.rows[i];
@@ -243,12 +243,12 @@ void size_scratch(Scratch<T>& s, const LayerPlan<T>& p, int64_t B, int64_t D, in
 }
 
 template <typename T>
-void plan_stages(LayerPlan<T>& p, Scratch<T>& s, int64_t B) {
+void plan_stages(LayerPlan<T>& p, Scratch<T>& s) {
   for (Stage<T>& st : p.st) st = Stage<T>{};
-  group_stages<T>(p.qkv, s.h.data(), B, s.qkv_out.data(), s.tmp.data(), p.st[0], p.st[1]);
-  group_stages<T>(p.o, s.attn.data(), B, s.ores.data(), s.tmp.data(), p.st[2], p.st[3]);
-  group_stages<T>(p.gu, s.h.data(), B, s.gu_out.data(), s.tmp.data(), p.st[4], p.st[5]);
-  group_stages<T>(p.down, s.act.data(), B, s.dres.data(), s.tmp.data(), p.st[6], p.st[7]);
+  group_stages<T>(p.qkv, s.h.data(), s.qkv_out.data(), s.tmp.data(), p.st[0], p.st[1]);
+  group_stages<T>(p.o, s.attn.data(), s.ores.data(), s.tmp.data(), p.st[2], p.st[3]);
+  group_stages<T>(p.gu, s.h.data(), s.gu_out.data(), s.tmp.data(), p.st[4], p.st[5]);
+  group_stages<T>(p.down, s.act.data(), s.dres.data(), s.tmp.data(), p.st[6], p.st[7]);
 }
 
 // The layer's one parallel region: x (xp) [B, D] -> out (op) [B, D], writing k and v at `slot` of the layer's
@@ -338,7 +338,7 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
   const int64_t B = x.size(0), D = x.size(1), S = k_cache.size(2), hd = k_cache.size(3);
   Scratch<T> s;
   size_scratch(s, plan, B, D, H, hd);
-  plan_stages(plan, s, B);
+  plan_stages(plan, s);
   at::Tensor out = at::empty(x.sizes(), x.options());
   run_layer<T>(plan, s, data_of<T>(x), mutable_data_of<T>(out), data_of<T>(w_in), data_of<T>(w_post), eps, B, D,
                mutable_data_of<T>(k_cache), mutable_data_of<T>(v_cache), S, hd, data_of<T>(cos), data_of<T>(sin),
@@ -531,7 +531,7 @@ struct LayerStack : torch::CustomClassHolder {
           plans->push_back(make_plan<T>(L.g, st.D, st.hd, n_heads, n_kv, dtype));
         }
         for (const LayerPlan<T>& p : *plans) size_scratch(*scratch, p, st.B, st.D, n_heads, st.hd);
-        for (LayerPlan<T>& p : *plans) plan_stages(p, *scratch, st.B);  // the scratch no longer moves
+        for (LayerPlan<T>& p : *plans) plan_stages(p, *scratch);  // the scratch no longer moves
         plan_dtype = dtype, plan_B = st.B;
       }
       at::Tensor buf[2] = {at::empty(x.sizes(), x.options()), at::empty(x.sizes(), x.options())};

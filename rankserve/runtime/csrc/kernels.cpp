@@ -290,8 +290,8 @@ inline void with_tile_shape(int rows, int nb, F&& f) {
 // Row tiles of an N-row matrix. Tile t < Q = N / kRows holds rows {t, t + Q, t + 2Q, t + 3Q}; the last N % kRows
 // rows form one contiguous partial tile. Under a static schedule each thread thus walks kRows separate regions
 // of W, each in address order: long sequential streams that the prefetchers follow, where kRows adjacent rows per
-// tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernel_bandwidth.py) this streamed 30-75%
-// faster on SmolLM2's 576-wide matrices and the LM head, and the same on 1B-shape ones.
+// tile would be kRows short streams. With 1 GB of distinct weights (benchmarks/kernel_bandwidth.py) this
+// streamed 30-75% faster on SmolLM2's 576-wide matrices and the LM head, and the same on 1B-shape ones.
 //
 // The low-rank lifts (rows one rank vector long, 86-251 values at SmolLM2's ranks) take these 4-row tiles too. An
 // AVX-512 "wide tile" (16 rows reduced together, one vector store) ran them 1.4-1.7x faster from cache, but in
