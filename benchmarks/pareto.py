@@ -310,7 +310,6 @@ def speed(args, configs: list[Config], gib: float) -> None:
     is against a probe of ``gib`` GiB taken just before it: this VM's probe moved from 33 to 53 GB/s within
     minutes (2026-12-04), so one probe for the whole run mixes states."""
     from rankserve.bench import BenchSpec, run_bench
-    from rankserve.bench.harness import bandwidth_probe
 
     def spec(model: str, dtype: str) -> BenchSpec:
         return BenchSpec(model=model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=dtype,
@@ -335,9 +334,8 @@ def speed(args, configs: list[Config], gib: float) -> None:
                 flush=True,
             )
             backends = ["fast"] + ([f"llama.cpp-{ref.weights.lower()}"] if ref else [])
-            probe = bandwidth_probe(gib)
-            out = run_bench(spec(c.path, c.dtype), backends, probe=False, memory=not args.no_memory)
-            take(c, out["runs"][0], probe)
+            out = run_bench(spec(c.path, c.dtype), backends, memory=not args.no_memory, probe_gib=gib)
+            take(c, out["runs"][0], out["bandwidth_gbs"])
             if ref and len(out["runs"]) > 1 and out["runs"][1].get("ok"):
                 r = out["runs"][1]
                 c.results["ref"] = {"name": ref.name, "decode_tok_s": r["decode_tok_s"],
@@ -347,10 +345,9 @@ def speed(args, configs: list[Config], gib: float) -> None:
     if llama:
         print(f"[{_now()}] speed: llama.cpp {', '.join(c.weights for c in llama)} (interleaved)", flush=True)
         backends = [f"llama.cpp-{c.weights.lower()}" for c in llama]
-        probe = bandwidth_probe(gib)
-        out = run_bench(spec(args.model, "fp32"), backends, probe=False, memory=not args.no_memory)
+        out = run_bench(spec(args.model, "fp32"), backends, memory=not args.no_memory, probe_gib=gib)
         for c, r in zip(llama, out["runs"], strict=True):
-            take(c, r, probe)
+            take(c, r, out["bandwidth_gbs"])
 
 
 def _now() -> str:

@@ -114,9 +114,12 @@ def _subprocess(command: str, arg: str, spec: BenchSpec):
     return json.loads(lines[-1]), None
 
 
-def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True, memory: bool = True) -> dict:
+def run_bench(
+    spec: BenchSpec, backends: list[str], probe: bool = True, memory: bool = True, probe_gib: float = 1.0
+) -> dict:
     """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
-    measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well.
+    measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the read bandwidth
+    (:func:`bandwidth_probe` over ``probe_gib`` GiB) is measured just before the worker starts.
 
     ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the
     weights and nothing else.
@@ -125,7 +128,7 @@ def run_bench(spec: BenchSpec, backends: list[str], probe: bool = True, memory: 
     if unknown:
         raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     with num_threads(spec.threads):
-        bw = bandwidth_probe() if probe else 0.0
+        bw = bandwidth_probe(probe_gib) if probe else 0.0
     runs, failed = _subprocess("worker", ",".join(backends), spec)
     if failed:
         runs = [asdict(BackendResult(backend=b, ok=False, note=f"worker failed: {failed}")) for b in backends]
