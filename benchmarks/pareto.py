@@ -10,8 +10,10 @@ Q4_K_M GGUF. For each:
   cross-check compares that with llama.cpp's own logits on the first window of the Q8_0 file.
 - Decode and prefill tok/s, weight bytes per decoded token, peak RSS: ``rankserve.bench.run_bench`` with the same
   prompt and decode lengths for every configuration (``fast`` for rankserve, ``llama.cpp-TYPE`` for llama.cpp).
-- The fraction of the read bandwidth: bytes/token x tok/s / ``bandwidth_probe()`` (the bench's probe), taken
-  just before each configuration's worker.
+- The fraction of the read bandwidth: bytes/token x tok/s over the bench's read probe, timed in the same worker
+  once per round (the median of per-round ratios).
+- For a compressed float checkpoint, its dense source (``fast-dense``) timed in the same worker, interleaved:
+  compressed / dense is the median of per-round ratios, free of the drift between workers.
 
 Compressed checkpoints are made by ``rankserve compress --family svd-llm`` calibrated on the WikiText-2
 validation split (``--calib-data``), int8 ones by ``rankserve quantize SRC --int8``; both are cached under
@@ -306,48 +308,60 @@ def ref_ratio(ours: list[float], ref: list[float]) -> float | None:
 
 def speed(args, configs: list[Config], gib: float) -> None:
     """One ``run_bench`` per rankserve config (``fast``, interleaved with llama.cpp ``--ref`` when that is one of
-    the llama.cpp configs), one for all llama.cpp types (interleaved). Each worker's fraction of the read bandwidth
-    is against a probe of ``gib`` GiB taken just before it: this VM's probe moved from 33 to 53 GB/s within
-    minutes (2026-12-04), so one probe for the whole run mixes states."""
+    the llama.cpp configs, and with ``fast-dense`` for a compressed float checkpoint), one for all llama.cpp types
+    (interleaved). Each worker probes the read bandwidth (``gib`` GiB) once per round, and the fraction reached is
+    the median of per-round ratios: this VM's probe moved from 30 to 53 GB/s within minutes (2026-12-04), so a
+    probe outside the worker, even just before it, can be in another state than the timed runs."""
     from rankserve.bench import BenchSpec, run_bench
 
     def spec(model: str, dtype: str) -> BenchSpec:
         return BenchSpec(model=model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=dtype,
                          threads=args.threads, runs=args.runs)  # fmt: skip
 
-    def take(c: Config, r: dict, probe: float) -> None:
+    def take(c: Config, r: dict) -> None:
         if not r.get("ok"):
             c.error = r.get("note") or "failed"
             return
         keys = ("decode_tok_s", "prefill_tok_s", "ttft_s", "weight_bytes_per_token", "achieved_gbs", "weight_mb",
-                "rss_base_mb", "rss_peak_mb", "kv_mb", "decode_runs", "native_isa", "note")  # fmt: skip
+                "rss_base_mb", "rss_peak_mb", "kv_mb", "decode_runs", "native_isa", "note", "probe_gbs", "probe_runs",
+                "bandwidth_fraction")  # fmt: skip
         c.results.update({k: r.get(k) for k in keys})
-        c.results["probe_gbs"] = probe
-        c.results["bandwidth_fraction"] = r["achieved_gbs"] / probe if probe else None
+
+    def beside(c: Config, r: dict | None, name: str) -> dict | None:
+        """Another backend timed interleaved in ``c``'s worker: its rate and the median per-round ratio."""
+        if not (r and r.get("ok")):
+            return None
+        return {"name": name, "decode_tok_s": r["decode_tok_s"], "decode_runs": r.get("decode_runs"),
+                "weight_bytes_per_token": r["weight_bytes_per_token"],
+                "ratio": ref_ratio(c.results.get("decode_runs"), r.get("decode_runs"))}  # fmt: skip
 
     ready = [c for c in configs if not c.error]
     ref = next((c for c in ready if c.engine == "llama.cpp" and c.weights.lower() == args.ref.lower()), None)
     for c in ready:
         if c.engine == "rankserve":
-            print(
-                f"[{_now()}] speed: {c.name}" + (f" (with {ref.name}, interleaved)" if ref else ""),
-                flush=True,
-            )
-            backends = ["fast"] + ([f"llama.cpp-{ref.weights.lower()}"] if ref else [])
+            with_dense = (
+                c.variant != "dense" and c.weights != "int8"
+            )  # int8's dense source would run in float
+            backends = ["fast"] + (["fast-dense"] if with_dense else [])
+            backends += [f"llama.cpp-{ref.weights.lower()}"] if ref else []
+            print(f"[{_now()}] speed: {c.name} (with {', '.join(backends[1:]) or 'nothing'}, interleaved)",
+                  flush=True)  # fmt: skip
             out = run_bench(spec(c.path, c.dtype), backends, memory=not args.no_memory, probe_gib=gib)
-            take(c, out["runs"][0], out["bandwidth_gbs"])
-            if ref and len(out["runs"]) > 1 and out["runs"][1].get("ok"):
-                r = out["runs"][1]
-                c.results["ref"] = {"name": ref.name, "decode_tok_s": r["decode_tok_s"],
-                                    "decode_runs": r.get("decode_runs"),
-                                    "ratio": ref_ratio(c.results.get("decode_runs"), r.get("decode_runs"))}  # fmt: skip
+            runs = dict(zip(backends, out["runs"], strict=True))
+            take(c, runs["fast"])
+            if c.error:
+                continue
+            if ref and (r := beside(c, runs.get(backends[-1]), ref.name)):
+                c.results["ref"] = r
+            if with_dense and (r := beside(c, runs.get("fast-dense"), f"rankserve {c.weights} dense")):
+                c.results["dense"] = r
     llama = [c for c in ready if c.engine == "llama.cpp"]
     if llama:
         print(f"[{_now()}] speed: llama.cpp {', '.join(c.weights for c in llama)} (interleaved)", flush=True)
         backends = [f"llama.cpp-{c.weights.lower()}" for c in llama]
         out = run_bench(spec(args.model, "fp32"), backends, memory=not args.no_memory, probe_gib=gib)
         for c, r in zip(llama, out["runs"], strict=True):
-            take(c, r, out["bandwidth_gbs"])
+            take(c, r)
 
 
 def _now() -> str:
@@ -358,7 +372,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from rankserve.bench.harness import bandwidth_probe
     from rankserve.fsutil import cache_dir
     from rankserve.hashing import file_sha256
 
@@ -397,11 +410,9 @@ def main(argv=None) -> int:
     if check is not None and importlib.util.find_spec("llama_cpp") is not None:
         print(f"[{_now()}] cross-check: llama.cpp's own logits on {check.name}", flush=True)
         cross = crosscheck(args, check, texts["wikitext"][0])
-    gib = 1 / 16 if args.smoke else 1.0
-    bw = [bandwidth_probe(gib)] if not args.no_speed else []
     if not args.no_speed:
-        speed(args, configs, gib)
-        bw.append(bandwidth_probe(gib))  # again after: drift over the run shows here
+        speed(args, configs, 1 / 16 if args.smoke else 1.0)
+    probes = [c.results["probe_gbs"] for c in configs if c.results.get("probe_gbs")]
     from pareto_report import write
 
     out = {
@@ -412,7 +423,7 @@ def main(argv=None) -> int:
             **{k: v for k, v in vars(args).items() if k != "argv"},
             "int8_config": int8_config(),
         },
-        "bandwidth_gbs": bw,
+        "bandwidth_gbs": [min(probes), max(probes)] if probes else [],  # the range of the workers' probes
         "crosscheck": cross,
         "configs": [{**asdict(c), "name": c.name} for c in configs],
     }

@@ -134,8 +134,8 @@ def evaluate(results: dict) -> list[dict]:
     if "1b" in results:
         b, bw = by(results["1b"]), results["1b"]["bandwidth_gbs"]
         for name in ("fast", "fast-dense"):
-            if name in b and bw:
-                v = b[name]["achieved_gbs"] / bw
+            if name in b and bw:  # the worker's per-round fraction; before 2026-12-04 runs only had one probe
+                v = b[name].get("bandwidth_fraction") or b[name]["achieved_gbs"] / bw
                 rows.append(ratio_row(f"1B shape fp32: {name} achieved ÷ probe bandwidth", v, 0.8,
                                       f"{b[name]['achieved_gbs']:.1f} of {bw:.1f} GB/s"))  # fmt: skip
     return rows

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import statistics
 
 import pytest
 from test_cli import assert_one_line_error, rankserve
@@ -17,8 +18,21 @@ def test_bench_tiny_random_model_end_to_end():
     spec = BenchSpec(
         model="", random_config="tiny", random_ratio=0.4, prompt_len=8, new_tokens=6, runs=2, threads=1
     )
-    out = run_bench(spec, ["fast", "fast-dense", "eager"], probe=False)
+    out = run_bench(spec, ["fast", "fast-dense", "eager"], probe_gib=1 / 64)
     runs = {r["backend"]: r for r in out["runs"]}
+    # the read probe ran in the worker once per round: every run has its median and a fraction of it
+    assert out["bandwidth_gbs"] > 0 and {r["probe_gbs"] for r in runs.values()} == {
+        out["runs"][0]["probe_gbs"]
+    }
+    assert out["bandwidth_gbs"] == round(out["runs"][0]["probe_gbs"], 2)
+    for r in runs.values():  # each round's decode rate over the probe read just before that round
+        per_round = [
+            d * r["weight_bytes_per_token"] / 1e9 / p
+            for d, p in zip(r["decode_runs"], r["probe_runs"], strict=True)
+        ]
+        assert len(r["probe_runs"]) == 2 and r["bandwidth_fraction"] == pytest.approx(
+            statistics.median(per_round), rel=0.01
+        )
     assert set(runs) == {"fast", "fast-dense", "eager"}
     for r in runs.values():
         assert r["ok"], r["note"]
@@ -48,6 +62,7 @@ def test_bench_json_cli_and_bad_input():
     out = json.loads(r.stdout)
     assert out["runs"][0]["backend"] == "eager" and out["runs"][0]["decode_tok_s"] > 0
     assert out["runs"][0]["native_kernels"] is False and out["runs"][0]["rss_peak_mb"] > 0
+    assert out["bandwidth_gbs"] == 0 and out["runs"][0]["bandwidth_fraction"] is None  # --no-probe
     assert_one_line_error(rankserve("bench"), "give a MODEL or --random-config")
     assert_one_line_error(rankserve("bench", "--random-config", "tiny", "--new-tokens", "1"), "--new-tokens")
     assert_one_line_error(

@@ -56,6 +56,14 @@ def test_pareto_smoke(tmp_path, monkeypatch):
         assert 0 < r["bandwidth_fraction"]
     dense, svd = rows["rankserve fp32 dense"]["results"], rows["rankserve fp32 svd-llm 0.4"]["results"]
     assert svd["weight_bytes_per_token"] < dense["weight_bytes_per_token"]
+    # the compressed float row timed its dense source interleaved in its own worker, with the same bytes as the
+    # dense row; the dense row has no such pair
+    pair = svd["dense"]
+    assert pair["name"] == "rankserve fp32 dense" and pair["ratio"] > 0 and "dense" not in dense
+    assert pair["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
+    assert len(pair["decode_runs"]) == len(svd["decode_runs"]) and len(svd["probe_runs"]) == len(
+        svd["decode_runs"]
+    )
     q8 = rows["llama.cpp Q8_0 dense"]
     # the GGUF's weights are scored by rankserve's evaluator whether or not llama.cpp itself can run
     assert abs(q8["results"]["wikitext_ppl"] / dense["wikitext_ppl"] - 1) < 0.05

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -32,27 +32,34 @@ from rankserve.bench.backends import setup_backend
 from rankserve.bench.memory import MEMORY_BACKENDS, rss_mb
 from rankserve.bench.spec import BACKENDS, BackendResult, BenchSpec
 from rankserve.errors import InputError
-from rankserve.threads import num_threads
 
 log = logging.getLogger(__name__)
 
 
-def bandwidth_probe(gib: float = 1.0, repeats: int = 5) -> float:
-    """Memory read bandwidth in GB/s: the median time of the native ``stream_read`` kernel (every thread, full-width
-    loads, as the GEMV streams) over a ``gib`` GiB fp32 tensor; ``x.sum()`` without native kernels, which reads
-    slower than the GEMV does (then "achieved / probe" can exceed 1)."""
+def _reader():
+    """The read the probe times: the native ``stream_read`` kernel (every thread, full-width loads, as the GEMV
+    streams); ``x.sum()`` without native kernels, which reads slower than the GEMV does (then "achieved / probe"
+    can exceed 1)."""
     from rankserve.runtime.native import NativeKernels
 
     kernels = NativeKernels.load()
-    read = kernels.stream_read if kernels is not None else torch.Tensor.sum
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    read(x)
+    return kernels.stream_read if kernels is not None else torch.Tensor.sum
+
+
+def _read_gbs(read, x: torch.Tensor, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         read(x)
         times.append(time.perf_counter() - t0)
     return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def bandwidth_probe(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: the median time of :func:`_reader` over a ``gib`` GiB fp32 tensor."""
+    read, x = _reader(), torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    read(x)
+    return _read_gbs(read, x, repeats)
 
 
 def _median(xs):
@@ -71,6 +78,15 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
     def graphs() -> int:
         return dutils.counters["stats"]["unique_graphs"]
 
+    # The read-bandwidth probe runs once per round, before the backends: the fraction of it each backend reaches is
+    # the median of per-round ratios. This VM's probe moved from 30 to 53 GB/s within minutes (2026-12-04), so a
+    # probe taken before the worker, even just before, could be in another state than the timed runs.
+    probe_x = (
+        torch.ones(int(spec.probe_gib * (1 << 30)) // 4, dtype=torch.float32) if spec.probe_gib > 0 else None
+    )
+    read = _reader() if probe_x is not None else None
+    if probe_x is not None:
+        read(probe_x)  # first touch
     cache: dict = {}
     setups = []
     for b in backends:
@@ -83,7 +99,10 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
         res.added_rss_mb = rss_mb() - rss0  # memory this backend added to the worker
         setups.append((res, once))
     runs: dict[str, list] = {b: [] for b in backends}
+    probes: list[float] = []
     for _ in range(spec.runs):
+        if probe_x is not None:
+            probes.append(_read_gbs(read, probe_x, 3))
         for res, once in setups:
             if once is not None and res.ok:
                 before = graphs()
@@ -101,6 +120,14 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
             res.decode_runs = [round(r.decode_tok_s, 2) for r in rs]
             res.decode_tok_s = _median([r.decode_tok_s for r in rs])
             res.achieved_gbs = res.decode_tok_s * res.weight_bytes_per_token / 1e9
+            if probes:  # rounds line up: a backend that fails stops adding runs
+                res.probe_runs, res.probe_gbs = [round(p, 2) for p in probes[: len(rs)]], _median(probes)
+                res.bandwidth_fraction = _median(
+                    [
+                        r.decode_tok_s * res.weight_bytes_per_token / 1e9 / p
+                        for r, p in zip(rs, probes, strict=False)
+                    ]
+                )
     return [res for res, _ in setups]
 
 
@@ -118,8 +145,9 @@ def run_bench(
     spec: BenchSpec, backends: list[str], probe: bool = True, memory: bool = True, probe_gib: float = 1.0
 ) -> dict:
     """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
-    measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the read bandwidth
-    (:func:`bandwidth_probe` over ``probe_gib`` GiB) is measured just before the worker starts.
+    measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the worker reads
+    ``probe_gib`` GiB (:func:`bandwidth_probe`'s read) once per round, and each run's ``bandwidth_fraction`` is
+    the median of its per-round achieved / probe; ``bandwidth_gbs`` is the median probe.
 
     ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the
     weights and nothing else.
@@ -127,13 +155,11 @@ def run_bench(
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise InputError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    with num_threads(spec.threads):
-        bw = bandwidth_probe(probe_gib) if probe else 0.0
+    spec = replace(spec, probe_gib=probe_gib if probe else 0.0)
     runs, failed = _subprocess("worker", ",".join(backends), spec)
     if failed:
         runs = [asdict(BackendResult(backend=b, ok=False, note=f"worker failed: {failed}")) for b in backends]
     for r in runs:
-        r["bandwidth_fraction"] = round(r["achieved_gbs"] / bw, 3) if bw and r.get("ok") else None
         r["rss_over_weights"] = None
         if memory and r.get("ok") and r["backend"] in MEMORY_BACKENDS:
             mem, failed = _subprocess("memory", r["backend"], spec)
@@ -144,4 +170,5 @@ def run_bench(
             r["rss_over_weights"] = round(
                 (r["rss_peak_mb"] - r["rss_base_mb"] - r["kv_mb"]) / r["weight_mb"], 3
             )
+    bw = _median([r["probe_gbs"] for r in runs if r.get("probe_gbs")])
     return {"bandwidth_gbs": round(bw, 2), "spec": asdict(spec), "runs": runs}

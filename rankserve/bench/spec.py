@@ -26,6 +26,7 @@ class BenchSpec:
     )
     seed: int = 0
     compile: bool | None = None  # fast backends: RuntimeOptions.compile (None: auto)
+    probe_gib: float = 0.0  # > 0: the worker times a read of this many GiB once per round (run_bench sets it)
 
 
 class Timing(NamedTuple):
@@ -59,3 +60,6 @@ class BackendResult:
     compile_s: float = 0.0
     recompiles: int = 0  # graphs Dynamo compiled during this backend's own timed runs (warm-up excluded)
     decode_runs: list[float] = field(default_factory=list)
+    probe_runs: list[float] = field(default_factory=list)  # the worker's read probe (GB/s) before each round
+    probe_gbs: float = 0.0  # their median (0: not probed)
+    bandwidth_fraction: float | None = None  # the median of per-round decode GB/s over that round's probe

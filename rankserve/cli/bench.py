@@ -72,7 +72,8 @@ def run(args) -> int:
     print(
         f"model {args.model or 'random:' + args.random_config}, dtype {args.dtype}, threads {args.threads}, "
         f"prompt {args.prompt_len}, new tokens {args.new_tokens}, median of {args.runs} runs; "
-        f"memory bandwidth probe {out['bandwidth_gbs']} GB/s"
+        f"read bandwidth {out['bandwidth_gbs']} GB/s (median of a probe per round, in the timing worker; "
+        "% bw is each run's over its round's probe)"
     )
     hdr = (
         f"{'backend':11s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'TTFT ms':>8s} {'MB/token':>9s} "
