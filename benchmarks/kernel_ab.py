@@ -12,6 +12,7 @@ unless ``--b`` is given too: two layouts compared in one process, like two build
     python benchmarks/kernel_ab.py MODEL --a RANKSERVE_PF=0 --b RANKSERVE_PF=512 [--rounds 10] [--dtype fp32]
     python benchmarks/kernel_ab.py MODEL --per-layer A
     python benchmarks/kernel_ab.py g16 --model-b smooth      # two checkpoints, one build
+    python benchmarks/kernel_ab.py MODEL --small-pages A      # weights on 4 KiB pages (A) against the arena (B)
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--per-layer", choices=["A", "B"], default=None, help="this side: one native call per layer"
     )
+    p.add_argument(
+        "--small-pages",
+        choices=["A", "B"],
+        default=None,
+        help="this side packs without the 2 MiB-page arena (RuntimeOptions.hugepages=False)",
+    )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--tokens", type=int, default=128, help="decode steps per build per round")
     p.add_argument("--start", type=int, default=64, help="first cache slot (the prompt length it stands for)")
@@ -47,8 +54,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.a == args.b and args.per_layer is None and args.model_b is None:
-        raise SystemExit("kernel_ab.py: sides A and B are the same; give --a, --b, --per-layer or --model-b")
+    if args.a == args.b and args.per_layer is None and args.model_b is None and args.small_pages is None:
+        raise SystemExit(
+            "kernel_ab.py: sides A and B are the same; give --a, --b, --per-layer, --model-b or --small-pages"
+        )
     from rankserve.loaders.source import load_model, parse_dtype
     from rankserve.runtime.fast import FastRunner
     from rankserve.runtime.native import load_build
@@ -60,7 +69,7 @@ def main(argv=None) -> int:
     runners = {}
     for name, source in models.items():
         model = load_model(source, dtype=parse_dtype(args.dtype)).model
-        opts = RuntimeOptions(backend="fast", compile=False)
+        opts = RuntimeOptions(backend="fast", compile=False, hugepages=name != args.small_pages)
         runners[name] = FastRunner(model, 1, args.start + args.tokens + 1, opts)
         if not runners[name].kernels.has_layer:
             raise SystemExit("kernel_ab.py: the native kernels are unavailable (see the warning above)")
@@ -82,6 +91,7 @@ def main(argv=None) -> int:
     for name, macros in (("A", args.a), ("B", args.b)):
         runs = ", ".join(f"{x:.1f}" for x in rates[name])
         what = (" ".join(macros) or "default") + (", one call per layer" if name == args.per_layer else "")
+        what += ", 4 KiB pages" if name == args.small_pages else ""
         what += f", {models[name]}" if args.model_b else ""
         print(f"  {name} ({what}): median {statistics.median(rates[name]):.1f} tok/s  [{runs}]")
     ratios = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]

@@ -8,9 +8,10 @@ from rankserve.layers import LowRankLinear, SharedBasisLinear, projections, repl
 from rankserve.linalg import truncated_svd
 from rankserve.runtime.eager import EagerRunner, padded_batch
 from rankserve.runtime.fast import FastRunner
+from rankserve.runtime.hugepages import Arena
 from rankserve.runtime.native import ISAS, NativeKernels, compiler, cpu_runs, namespace
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import apply_packed, pack_
+from rankserve.runtime.packing import apply_packed, pack_, packed_bytes
 
 
 def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0):
@@ -33,7 +34,8 @@ def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["dense", "lowrank", "mixed", "shared"])
-def test_packing_is_exact(kind):
+@pytest.mark.parametrize("in_arena", [False, True])
+def test_packing_is_exact(kind, in_arena):
     model = (
         tiny_model("qwen2-bias")
         if kind in ("dense", "mixed")
@@ -46,7 +48,9 @@ def test_packing_is_exact(kind):
     at = model.model.layers[0].self_attn
     x = torch.randn(3, 64)
     ref = torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
-    group = pack_([at.q_proj, at.k_proj, at.v_proj])
+    projs = [at.q_proj, at.k_proj, at.v_proj]
+    arena = Arena(packed_bytes(projs)) if in_arena else None
+    group = pack_(projs, arena)
     got = apply_packed(group, x)
     assert (got - ref).abs().max().item() <= 1e-5
     # in place: the modules now read the packed buffer, and give the same outputs as before
@@ -55,10 +59,20 @@ def test_packing_is_exact(kind):
     if kind != "shared":  # a shared basis cannot be a view of one layer's buffer (it is copied)
         q_first = at.q_proj.weight if kind in ("dense", "mixed") else at.q_proj.V
         assert q_first.untyped_storage().data_ptr() == group.first.untyped_storage().data_ptr()
+    if (
+        in_arena
+    ):  # every matrix the GEMV reads is in the arena, the lifts too, and the modules view them there
+        lifts = [t for t in group.lifts if t is not None]
+        assert all(arena.holds(t) for t in [group.first, *lifts]) and len(lifts) == (kind != "dense") + 2 * (
+            kind in ("lowrank", "shared")
+        )
+        mats = [getattr(p, n) for p in projs for n in p.matrices if not isinstance(p, SharedBasisLinear)]
+        assert all(arena.holds(m) for m in mats) and arena.used <= packed_bytes(projs)
+    used = arena.used if in_arena else None
     assert (
-        pack_([at.q_proj, at.k_proj, at.v_proj]).first.data_ptr() == group.first.data_ptr()
-        or kind == "shared"
-    )
+        pack_(projs, arena).first.data_ptr() == group.first.data_ptr() or kind == "shared"
+    )  # a second pack copies nothing (a shared basis is copied into every group that uses it)
+    assert not in_arena or arena.used == used or kind == "shared"
 
 
 def run(runner_cls, model, prompts, steps, options, forced=None):

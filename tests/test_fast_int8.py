@@ -8,9 +8,10 @@ from tiny import tiny_model
 from rankserve.quantize import Int8Config, quantize_
 from rankserve.runtime.eager import EagerRunner
 from rankserve.runtime.fast import FastRunner
+from rankserve.runtime.hugepages import Arena
 from rankserve.runtime.native import ISAS, NativeKernels, compiler, cpu_runs, namespace
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import apply_packed, pack_
+from rankserve.runtime.packing import apply_packed, pack_, packed_bytes
 
 RUNNABLE = [isa for isa in ISAS if cpu_runs(isa)]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -28,12 +29,19 @@ def int8_model(kind: str, group_size: int | None, lm_head: bool = False, dtype=t
 
 @pytest.mark.parametrize("kind", ["dense", "lowrank", "shared"])
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_int8_packing_is_exact(kind, group_size):
+@pytest.mark.parametrize("in_arena", [False, True])
+def test_int8_packing_is_exact(kind, group_size, in_arena):
     model = int8_model(kind, group_size)
     at = model.model.layers[0].self_attn
     x = torch.randn(3, 64)
     ref = torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1)
-    group = pack_([at.q_proj, at.k_proj, at.v_proj])
+    projs = [at.q_proj, at.k_proj, at.v_proj]
+    arena = Arena(packed_bytes(projs)) if in_arena else None
+    group = pack_(projs, arena)
+    if in_arena:  # the int8 matrices and their scales, first stage and lifts, all in the arena
+        scales = [s for s in group.lift_scales or [] if s is not None]
+        lifts = [t for t in group.lifts if t is not None]
+        assert all(arena.holds(t) for t in [group.first, group.first_scale, *lifts, *scales])
     assert group.first.dtype == torch.int8 and group.first_scale is not None
     assert (apply_packed(group, x) - ref).abs().max().item() <= 1e-5
     assert torch.equal(torch.cat([at.q_proj(x), at.k_proj(x), at.v_proj(x)], -1), ref)  # modules unchanged

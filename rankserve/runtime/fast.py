@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankserve.models.llama import KVCache
+from rankserve.runtime import hugepages
 from rankserve.runtime.eager import chunked_prefill
 from rankserve.runtime.options import RuntimeOptions
-from rankserve.runtime.packing import PackedGroup, float_matrix, pack_
+from rankserve.runtime.packing import PackedGroup, float_matrix, pack_, packed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,17 @@ def _rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def layer_groups(layer) -> list[list]:
+    """A decoder layer's projections as the fast path packs them: q/k/v, o, gate/up, down."""
+    at, mlp = layer.self_attn, layer.mlp
+    return [[at.q_proj, at.k_proj, at.v_proj], [at.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+
+
 class FastLayer(nn.Module):
-    def __init__(self, layer):
+    def __init__(self, layer, arena: hugepages.Arena | None = None):
         super().__init__()
-        at, mlp = layer.self_attn, layer.mlp
         # In place: the layer's projections become views of these buffers (one copy of the weights).
-        self.qkv = pack_([at.q_proj, at.k_proj, at.v_proj])
-        self.o = pack_([at.o_proj])
-        self.gate_up = pack_([mlp.gate_proj, mlp.up_proj])
-        self.down = pack_([mlp.down_proj])
+        self.qkv, self.o, self.gate_up, self.down = (pack_(g, arena) for g in layer_groups(layer))
         self.w_in = layer.input_layernorm.weight.detach()
         self.w_post = layer.post_attention_layernorm.weight.detach()
         self.eps = layer.input_layernorm.eps
@@ -143,7 +146,7 @@ class FastLayer(nn.Module):
 class FastDecoder(nn.Module):
     """The one-token forward of a whole model over a shared KV cache, in a traceable form."""
 
-    def __init__(self, model, cache: KVCache, kernels: Kernels):
+    def __init__(self, model, cache: KVCache, kernels: Kernels, arena: hugepages.Arena | None = None):
         super().__init__()
         cfg = model.config
         dtype = next(model.parameters()).dtype
@@ -151,7 +154,7 @@ class FastDecoder(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = 1.0 / self.hd**0.5
         self.embed = model.model.embed_tokens.weight.detach()
-        self.layers = [FastLayer(layer) for layer in model.model.layers]
+        self.layers = [FastLayer(layer, arena) for layer in model.model.layers]
         self._native = [L.native_args() for L in self.layers]
         self._stacks = {}  # op namespace -> its LayerStack of these layers (built on first use)
         # one native call for all layers; False: one decode_layer call per layer (an A/B baseline)
@@ -164,6 +167,14 @@ class FastDecoder(nn.Module):
         freqs = pos[:, None] * model.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), -1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every tensor a decode step streams: the layers' packed groups and norms, the final norm and the head."""
+        out = [self.w_norm]
+        for g in [grp for L in self.layers for grp in (L.qkv, L.o, L.gate_up, L.down)] + [self.head]:
+            out += [g.first, g.first_scale, g.bias, *g.lifts, *(g.lift_scales or [])]
+        out += [w for L in self.layers for w in (L.w_in, L.w_post)]
+        return [t for t in out if t is not None]
 
     def _layer_stack(self):
         """The native ``LayerStack`` (csrc/decode_layer.h) of the current kernels: every layer's ``native_groups``
@@ -267,7 +278,14 @@ class FastRunner:
         native = NativeKernels.load(self.options.native_isa) if use_native else None
         self.kernels = Kernels(native)
         t0 = time.perf_counter()
-        self.decoder = FastDecoder(model, self.cache, self.kernels)
+        arena = None
+        if self.options.hugepages and p.device.type == "cpu":  # the layers' weights copied onto 2 MiB pages
+            groups = [g for layer in model.model.layers for g in layer_groups(layer)]
+            arena = hugepages.model_arena(model, sum(map(packed_bytes, groups)))
+        self.decoder = FastDecoder(model, self.cache, self.kernels, arena)
+        # bytes of the weights on 2 MiB pages (the arena's, and the head's where it collapses; 0 where the OS
+        # cannot): rankserve.runtime.hugepages
+        self.huge_bytes = hugepages.collapse(self.decoder.weights()) if arena is not None else 0
         self.pack_s = time.perf_counter() - t0
         self.step = self.decoder
         self.compile_s = 0.0

@@ -18,6 +18,8 @@ class RuntimeOptions:
     # does not run the step (see FastRunner); True or False forces it.
     compile: bool | None = None
     native: bool = True  # fast backend: use the C++ kernels where they exist
+    # fast backend: back the packed weights with 2 MiB pages where Linux can (rankserve.runtime.hugepages)
+    hugepages: bool = True
     native_isa: str = "auto"  # vector path: "auto" (best this CPU runs), "avx512", "avx2", "scalar"
     cache_dir: str | None = None  # compiled artifacts (default: rankserve's cache directory)
 

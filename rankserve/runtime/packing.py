@@ -17,6 +17,7 @@ from torch import nn
 
 from rankserve.layers import SCALE_SUFFIX, DenseLinear, LowRankLinear, Projection, SharedBasisLinear
 from rankserve.quant import dequantize_int8
+from rankserve.runtime.hugepages import ALIGN, Arena
 
 
 @dataclass
@@ -77,7 +78,16 @@ class PackedGroup:
         return None if self.lift_scales is None else self.lift_scales[i]
 
 
-def pack_(projs: list[Projection]) -> PackedGroup:
+def packed_bytes(projs: list[Projection]) -> int:
+    """An upper bound of the arena bytes :func:`pack_` of ``projs`` takes: every matrix and scale, each aligned."""
+    n = 0
+    for st in map(stage_of, projs):
+        for t in (st.first, st.first_scale, st.lift, st.lift_scale):
+            n += 0 if t is None else -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return n
+
+
+def pack_(projs: list[Projection], arena: Arena | None = None) -> PackedGroup:
     """Pack projections that read the same input (e.g. q, k, v), in place: one copy of the weights, not two.
 
     The first stages are stacked into one new buffer and each projection's own first-stage matrix becomes a
@@ -86,6 +96,9 @@ def pack_(projs: list[Projection]) -> PackedGroup:
     as they are. A shared basis is the exception: one tensor for several layers cannot be a view of each
     layer's buffer, so its rows are copied into every group that uses it. int8 first stages are stacked with
     their scales; the members of a group must then all be int8 (one GEMV reads one weight type).
+
+    With an ``arena`` (rankserve.runtime.hugepages) every matrix and scale is copied into it, lifts too, and the
+    projections view the copies: the weights then lie on huge pages, still one copy.
     """
     stages = [stage_of(p) for p in projs]
     quantized = [s.first_scale is not None for s in stages]
@@ -95,7 +108,7 @@ def pack_(projs: list[Projection]) -> PackedGroup:
             f"cannot pack int8 and float first stages into one GEMV ({names}); quantize every projection "
             "of the layer (rankserve quantize) or none"
         )
-    first = _stack_([p.matrices[0] for p in projs], projs, [s.first for s in stages])
+    first = _stack_([p.matrices[0] for p in projs], projs, [s.first for s in stages], arena)
     first_scale = None
     if all(quantized):
         groups = _common_groups([s.first_scale for s in stages], first.shape[1])
@@ -105,10 +118,13 @@ def pack_(projs: list[Projection]) -> PackedGroup:
             [p.matrices[0] + SCALE_SUFFIX for p in projs],
             projs,
             scales,
+            arena,
             views=[sc is s.first_scale for sc, s in zip(scales, stages, strict=True)],
         )
-    lifts = [None if s.lift is None else s.lift.contiguous() for s in stages]
-    lift_scales = [s.lift_scale for s in stages]
+    lifts = [_place(p, 1, s.lift, arena) for p, s in zip(projs, stages, strict=True)]
+    lift_scales = [
+        _place(p, 1, s.lift_scale, arena, SCALE_SUFFIX) for p, s in zip(projs, stages, strict=True)
+    ]
     if any(s.bias is not None for s in stages):
         dtype = next(s.bias.dtype for s in stages if s.bias is not None)
         bias = torch.cat(
@@ -133,26 +149,52 @@ def pack_(projs: list[Projection]) -> PackedGroup:
 
 
 def _stack_(
-    names: list[str], projs: list[Projection], parts: list[torch.Tensor], views: list[bool] | None = None
+    names: list[str],
+    projs: list[Projection],
+    parts: list[torch.Tensor],
+    arena: Arena | None = None,
+    views: list[bool] | None = None,
 ) -> torch.Tensor:
-    """``parts`` [r_i, cols] as one [sum r_i, cols] tensor; unless they already lie back to back, a new buffer
-    whose rows each projection's attribute ``names[i]`` then views (where ``views[i]``; a shared basis never)."""
+    """``parts`` [r_i, cols] as one [sum r_i, cols] tensor; unless they already lie back to back (in ``arena``,
+    when given), a new buffer whose rows each projection's attribute ``names[i]`` then views (where
+    ``views[i]``; a shared basis never)."""
     stacked = _stacked(parts)
-    if stacked is not None:
+    if stacked is not None and (arena is None or arena.holds(stacked)):
         return stacked
-    out = torch.cat(parts, 0)
+    rows = sum(t.shape[0] for t in parts)
+    out = torch.cat(
+        parts, 0, out=None if arena is None else arena.empty((rows, *parts[0].shape[1:]), parts[0].dtype)
+    )
     row = 0
     for i, (p, name, part) in enumerate(zip(projs, names, parts, strict=True)):
         view = out[row : row + part.shape[0]]
         row += part.shape[0]
-        if isinstance(p, SharedBasisLinear) or (views is not None and not views[i]):
-            continue
-        old = getattr(p, name)
-        if isinstance(old, nn.Parameter):
-            setattr(p, name, nn.Parameter(view, requires_grad=old.requires_grad))
-        else:  # an int8 matrix or its scales: buffers
-            setattr(p, name, view)
+        if not (isinstance(p, SharedBasisLinear) or (views is not None and not views[i])):
+            _rebind(p, name, view)
     return out
+
+
+def _place(
+    p: Projection, index: int, t: torch.Tensor | None, arena: Arena | None, suffix: str = ""
+) -> torch.Tensor | None:
+    """Matrix ``p.matrices[index]`` (or its scale, ``suffix``) as the packed group holds it: copied into
+    ``arena`` and viewed by ``p`` from there, or as it is (contiguous) without one."""
+    if t is None:
+        return None
+    if arena is None or arena.holds(t):
+        return t.contiguous()
+    out = arena.copy(t)
+    _rebind(p, p.matrices[index] + suffix, out)
+    return out
+
+
+def _rebind(p: Projection, name: str, t: torch.Tensor) -> None:
+    """Make ``p``'s attribute ``name`` the tensor ``t`` (same values), a parameter again if it was one."""
+    old = getattr(p, name)
+    if isinstance(old, nn.Parameter):
+        setattr(p, name, nn.Parameter(t, requires_grad=old.requires_grad))
+    else:  # an int8 matrix or its scales: buffers
+        setattr(p, name, t)
 
 
 def _common_groups(scales: list[torch.Tensor], cols: int) -> int:
