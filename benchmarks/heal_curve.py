@@ -67,6 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="healing rows per step")
     p.add_argument("--pool-tokens", type=int, default=None, help="distinct self-generated healing tokens")
     p.add_argument("--arm", choices=ARMS, default=ARMS[0], help="curve: calibration and healing data")
+    p.add_argument(
+        "--heal-self-share",
+        type=float,
+        default=None,
+        help="heal with this self-generated fraction (the rest WikiText-2 validation) whatever the arm's "
+        "calibration: `--arm mix --heal-self-share 0` is the README's recipe",
+    )
     p.add_argument("--arms", default=",".join(ARMS), help="data: the arms compared, comma-separated")
     p.add_argument(
         "--calib-seq-len",
@@ -177,7 +184,10 @@ def calibration(args, lm, arm: str, generated):
 def arm_heal(args, arm: str, **over):
     """The arm's healing config: self-generated pool, WikiText-2 validation windows, or half of each."""
     data = {"self-generated": {}, "wikitext-valid": {"data": [WIKI_VALID], "self_share": 0.0}}
-    return heal_config(args, **data.get(arm, {"data": [WIKI_VALID], "self_share": 0.5}), **over)
+    data = data.get(arm, {"data": [WIKI_VALID], "self_share": 0.5})
+    if args.heal_self_share is not None:
+        data = {"data": [WIKI_VALID], "self_share": args.heal_self_share}
+    return heal_config(args, **data, **over)
 
 
 def speed_probe(args, lm, student, generated) -> dict[str, float]:
@@ -271,7 +281,8 @@ def run(args, lm, texts, base) -> None:
     arms = args.arms.split(",") if args.experiment == "data" else [args.arm]
     # self-generated rows the arms use (none for WikiText alone): the most any one arm's pool takes
     need = max(heal_rows(arm_heal(args, a))[1] for a in arms)
-    need = max(need, args.calib_samples) if need else 0
+    if any(a != "wikitext-valid" for a in arms):  # their calibration takes self-generated rows too
+        need = max(need, args.calib_samples)
     t0 = time.perf_counter()
     generated = generate(args, lm, need) if need else None
     rec = {
@@ -388,6 +399,8 @@ def _arm_label(row: dict) -> str:
 
     cfg, d = row["heal"].get("config", {}), HealConfig()
     label = [row["arm"]]
+    if row["arm"].startswith("mix") and cfg.get("self_share", 0.5) != 0.5:  # --heal-self-share
+        label.append(f"healed on {cfg['self_share']:g} self-generated")
     if (cfg.get("batch", d.batch), cfg.get("seq_len", d.seq_len)) != (d.batch, d.seq_len):
         label.append(f"{cfg['batch']}x{cfg['seq_len']} per step")
     label += [
