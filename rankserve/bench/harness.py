@@ -32,6 +32,7 @@ from rankserve.bench.backends import setup_backend
 from rankserve.bench.memory import MEMORY_BACKENDS, rss_mb
 from rankserve.bench.spec import BACKENDS, BackendResult, BenchSpec
 from rankserve.errors import InputError
+from rankserve.runtime.hugepages import Arena
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,16 @@ def _read_gbs(read, x: torch.Tensor, repeats: int) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def _probe_buffer(gib: float) -> torch.Tensor:
+    """``gib`` GiB of fp32 ones on 2 MiB pages where the OS gives them, as the fast runtime's packed weights lie
+    (rankserve.runtime.hugepages), so the probe and the decode read memory mapped alike."""
+    n = int(gib * (1 << 30)) // 4
+    return Arena(4 * n).empty((n,), torch.float32).fill_(1.0)
+
+
 def bandwidth_probe(gib: float = 1.0, repeats: int = 5) -> float:
     """Memory read bandwidth in GB/s: the median time of :func:`_reader` over a ``gib`` GiB fp32 tensor."""
-    read, x = _reader(), torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    read, x = _reader(), _probe_buffer(gib)
     read(x)
     return _read_gbs(read, x, repeats)
 
@@ -81,9 +89,7 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
     # The read-bandwidth probe runs once per round, before the backends: the fraction of it each backend reaches is
     # the median of per-round ratios. This VM's probe moved from 30 to 53 GB/s within minutes (2026-12-04), so a
     # probe taken before the worker, even just before, could be in another state than the timed runs.
-    probe_x = (
-        torch.ones(int(spec.probe_gib * (1 << 30)) // 4, dtype=torch.float32) if spec.probe_gib > 0 else None
-    )
+    probe_x = _probe_buffer(spec.probe_gib) if spec.probe_gib > 0 else None
     read = _reader() if probe_x is not None else None
     if probe_x is not None:
         read(probe_x)  # first touch
