@@ -120,7 +120,7 @@ def findings(configs: list[dict]) -> list[str]:
             out.append(f"- {a} / {b} decode: not measured in this run.")
         else:
             out.append(
-                f"- {a} / {b} decode = {x:.2f}, {how} (target >= {need}): {'met' if x >= need else 'NOT met'}."
+                f"- {a} / {b} decode = {x:.3f}, {how} (target >= {need}): {'met' if x >= need else 'NOT met'}."
             )
     for dt in ("bf16", "fp32", "int8"):
         d, s = timed.get(f"rankserve {dt} dense"), timed.get(f"rankserve {dt} svd-llm 0.4")
@@ -146,7 +146,7 @@ def findings(configs: list[dict]) -> list[str]:
         verdict = "met" if speedup >= 0.9 * bytes_ratio else "NOT met"
         out.append(
             f"- {dt} svd-llm 0.4 / dense decode = {speedup:.2f} ({how}) against a byte ratio of "
-            f"{bytes_ratio:.2f}: {speedup / bytes_ratio:.2f} of it"
+            f"{bytes_ratio:.2f}: {speedup / bytes_ratio:.3f} of it"
             + (f" (target >= 0.9: {verdict})." if dt == "bf16" else ".")
         )
     s = timed.get("rankserve fp32 svd-llm 0.4")

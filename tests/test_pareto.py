@@ -105,12 +105,36 @@ def test_targets_use_the_ratio_measured_in_one_worker():
         row("llama.cpp Q8_0 dense", 50.0, 30.7),
     ]
     text = "\n".join(findings(configs))
-    assert "rankserve int8 dense / llama.cpp Q8_0 dense decode = 1.20, interleaved in one worker" in text
+    assert "rankserve int8 dense / llama.cpp Q8_0 dense decode = 1.200, interleaved in one worker" in text
     assert "(target >= 1.1): met" in text
     assert "int8 svd-llm 0.4 / dense decode = 1.25 (each over llama.cpp Q8_0 dense in its worker)" in text
     configs[0]["results"].pop("ref")
     text = "\n".join(findings(configs))
-    assert "decode = 0.80, separate workers (target >= 1.1): NOT met" in text
+    assert "decode = 0.800, separate workers (target >= 1.1): NOT met" in text
+
+
+def test_bf16_target_uses_the_dense_source_timed_in_the_compressed_rows_worker():
+    # Separate workers say 140/100 = 1.4; the dense source timed beside the compressed row says 1.30, which
+    # against the byte ratio 269/184 = 1.462 is 0.889 of it: the report must judge on the latter.
+    from pareto_report import findings
+
+    def row(name, tok_s, mb, pair=None):
+        r = {"decode_tok_s": tok_s, "wikitext_ppl": 31.0, "weight_bytes_per_token": mb}
+        if pair is not None:
+            r["dense"] = {"name": "rankserve bf16 dense", "ratio": pair, "weight_bytes_per_token": 269e6}
+        return {"name": name, "error": "", "results": r}
+
+    def verdict(pair):
+        configs = [
+            row("rankserve bf16 dense", 100.0, 269e6),
+            row("rankserve bf16 svd-llm 0.4", 140.0, 184e6, pair),
+        ]
+        return next(ln for ln in findings(configs) if ln.startswith("- bf16 svd-llm 0.4 / dense"))
+
+    assert verdict(1.30).startswith("- bf16 svd-llm 0.4 / dense decode = 1.30 (interleaved in one worker)")
+    assert "0.889 of it (target >= 0.9: NOT met)" in verdict(1.30)
+    assert "(target >= 0.9: met)" in verdict(1.35)
+    assert "= 1.40 (separate workers)" in verdict(None)
 
 
 def test_no_benchmark_module_shadows_an_installed_or_standard_module():
