@@ -286,6 +286,7 @@ class FastRunner:
         # bytes of the weights on 2 MiB pages (the arena's, and the head's where it collapses; 0 where the OS
         # cannot): rankserve.runtime.hugepages
         self.huge_bytes = hugepages.collapse(self.decoder.weights()) if arena is not None else 0
+        hugepages.trim_heap()  # the copied-from weights' memory, freed, back to the OS
         self.pack_s = time.perf_counter() - t0
         self.step = self.decoder
         self.compile_s = 0.0

@@ -1,8 +1,7 @@
 """2 MiB pages under the weights the fast decode streams (Linux), so that reading them misses the TLB less.
 
-Two ways in: :class:`Arena`, one 2 MiB-aligned buffer advised for huge pages before its first touch, which the
-packing copies every layer's weights into (rankserve.runtime.packing); and :func:`collapse`, which rebacks pages
-of tensors already written (the head, or where the arena's pages came back small).
+The fast runner copies every layer's packed weights into one :class:`Arena` (rankserve.runtime.packing), then
+:func:`collapse` turns the pages they fill into huge pages, the head's too where it can.
 
 The decode GEMV reads every weight once per token in several row streams per thread, and with 4 KiB pages each
 stream crosses a page every 4 KiB; in a VM a TLB miss walks two page tables. This machine's THP mode is
@@ -11,19 +10,24 @@ the same model packed twice, 10 alternating rounds of 128 tokens (2026-12-04; ``
 MODEL --small-pages A [--dtype bf16]``), decode with the arena over without: int8 dense SmolLM2 1.061 (10 of 10
 rounds), bf16 SVD-LLM 0.4 1.049 (10/10), fp32 SVD-LLM 0.4 1.029 (8/10), int8 SVD-LLM 0.4 1.014 (8/10), bf16 dense
 1.012 (6/10). The read probe itself (one sequential stream per thread) gained 2%: the gain is the GEMV's many
-streams. The cost is at packing: faulting in 240 MB of huge pages took 0.6-0.75 s against 0.05 s for small pages
-(the kernel compacts memory to find them).
+streams.
 
-``MADV_COLLAPSE`` (Linux 6.1+) rebacks written memory in place, whatever the sysfs THP mode short of "never".
-Only 2 MiB pages mostly covered by weights are collapsed (``MIN_COVER``), so the resident set grows by at most
-a quarter of a page per collapsed page; a page that crosses the end of its mapping cannot be collapsed and is
-skipped. Elsewhere (other kernels and systems, CUDA tensors) nothing happens.
+``MADV_COLLAPSE`` (Linux 6.1+) copies written pages into huge pages at once, whatever the sysfs THP mode short of
+"never". Its cost is finding free huge pages: in a process whose memory the load had fragmented it took 1.7 s
+for fp32 SmolLM2's 404 MiB arena and 0.6 s for its 106 MiB head (about 4 ms a page; the copy into the arena
+0.13 s), and 0.09 s for 400 MB where free huge pages were at hand. That is paid once per model (a second runner
+repacks nothing); ``RuntimeOptions(hugepages=False)`` skips it. Only 2 MiB pages mostly covered by weights are
+collapsed (``MIN_COVER``), so the resident set grows by at most a quarter of a page per collapsed page; a page
+that crosses the end of its mapping cannot be and is skipped. Where ``MADV_COLLAPSE`` is unknown (older kernels)
+the pages are advised ``MADV_HUGEPAGE`` for the kernel's background collapse; elsewhere (other systems, CUDA
+tensors) nothing happens.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import itertools
 import math
@@ -39,17 +43,34 @@ MIN_COVER = 0.75  # collapse a 2 MiB page only if weights fill at least this fra
 
 
 @functools.cache
-def _madvise():
-    """libc's ``madvise``, or None where there is no Linux libc."""
+def _libc():
+    """The C library (Linux), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
+        return None
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise``, or None where there is no Linux libc."""
+    libc = _libc()
+    if libc is None:
         return None
     fn = libc.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
+
+
+def trim_heap() -> None:
+    """Give the pages of freed heap memory back to the OS (glibc ``malloc_trim``). Packing frees the loaded
+    weights it copied, but glibc keeps freed heap chunks mapped: measured on SmolLM2 fp32, the process held
+    1294 MB after packing into the arena (1082 MB without it) and 870 MB after this call in both cases."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def weight_pages(tensors: Iterable[torch.Tensor | None]) -> list[int]:
@@ -80,29 +101,30 @@ def weight_pages(tensors: Iterable[torch.Tensor | None]) -> list[int]:
     return sorted(p for p, c in cover.items() if c >= MIN_COVER * HUGE_PAGE)
 
 
-def collapse(tensors: Iterable[torch.Tensor]) -> int:
+def collapse(tensors: Iterable[torch.Tensor | None]) -> int:
     """Back the pages of :func:`weight_pages` with huge pages; the bytes that now are (0 where unsupported)."""
     madvise = _madvise()
     if madvise is None:
         return 0
-    return sum(HUGE_PAGE for page in weight_pages(tensors) if madvise(page, HUGE_PAGE, MADV_COLLAPSE) == 0)
+    done = 0
+    for page in weight_pages(tensors):
+        if madvise(page, HUGE_PAGE, MADV_COLLAPSE) == 0:
+            done += HUGE_PAGE
+        elif ctypes.get_errno() == errno.EINVAL:  # no MADV_COLLAPSE: let the kernel collapse it in time
+            madvise(page, HUGE_PAGE, MADV_HUGEPAGE)
+    return done
 
 
 class Arena:
-    """Tensors bump-allocated in one buffer of ``nbytes`` (plus alignment), whose 2 MiB-aligned part is advised
-    for huge pages before anything touches it, so that the kernel backs it with huge pages as it faults in."""
+    """Tensors bump-allocated in one 2 MiB-aligned buffer of ``nbytes`` (rounded up to whole huge pages), for
+    :func:`collapse` to turn into huge pages once they are written."""
 
     def __init__(self, nbytes: int):
         size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-        raw = torch.empty(
-            size + HUGE_PAGE, dtype=torch.uint8
-        )  # untouched: malloc maps fresh pages this large
+        raw = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % HUGE_PAGE
         self.buffer = raw[start : start + size]
         self.used = 0
-        madvise = _madvise()
-        if madvise is not None:
-            madvise(self.buffer.data_ptr(), size, MADV_HUGEPAGE)
 
     def holds(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
