@@ -93,7 +93,7 @@ def stream_rates(
 
 def read_bandwidth(kernels: NativeKernels, working_set: int, runs: int) -> dict[str, float]:
     """GB/s of the native ``stream_read`` over one fp32 tensor of ``working_set`` bytes: the streaming ceiling on
-    this machine now, read as the GEMV reads (the bench's ``bandwidth_probe``)."""
+    this machine now, read as the GEMV reads (the bench's read probe, ``rankserve.bench.harness``)."""
     big = torch.empty(working_set // 4).fill_(0.01)
     return stream_rates(lambda x, t: kernels.stream_read(t), big, [[big]], runs)
 

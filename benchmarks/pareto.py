@@ -339,9 +339,8 @@ def speed(args, configs: list[Config], gib: float) -> None:
     ref = next((c for c in ready if c.engine == "llama.cpp" and c.weights.lower() == args.ref.lower()), None)
     for c in ready:
         if c.engine == "rankserve":
-            with_dense = (
-                c.variant != "dense" and c.weights != "int8"
-            )  # int8's dense source would run in float
+            # the dense source beside a compressed float row (an int8 row's would run in float)
+            with_dense = c.variant != "dense" and c.weights != "int8"
             backends = ["fast"] + (["fast-dense"] if with_dense else [])
             backends += [f"llama.cpp-{ref.weights.lower()}"] if ref else []
             print(f"[{_now()}] speed: {c.name} (with {', '.join(backends[1:]) or 'nothing'}, interleaved)",

@@ -168,7 +168,7 @@ def markdown(run: dict) -> str:
         "",
         f"Machine: **{cpu_model()}**, {os.cpu_count()} cores, {platform.machine()}; {st['threads']} threads. "
         + (
-            f"Read bandwidth (`rankserve.bench.harness.bandwidth_probe`'s read, timed once per round inside each "
+            f"Read bandwidth (the bench's native `stream_read` probe, timed once per round inside each "
             f"worker): the workers' medians ranged {bw[0]:.1f}-{bw[-1]:.1f} GB/s."
             if bw
             else "Speed not measured in this run (`--no-speed`)."

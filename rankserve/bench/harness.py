@@ -32,7 +32,6 @@ from rankserve.bench.backends import setup_backend
 from rankserve.bench.memory import MEMORY_BACKENDS, rss_mb
 from rankserve.bench.spec import BACKENDS, BackendResult, BenchSpec
 from rankserve.errors import InputError
-from rankserve.runtime.hugepages import Arena
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,10 @@ def _read_gbs(read, x: torch.Tensor, repeats: int) -> float:
 
 
 def _probe_buffer(gib: float) -> torch.Tensor:
-    """``gib`` GiB of fp32 ones on 2 MiB pages where the OS gives them, as the fast runtime's packed weights lie
-    (rankserve.runtime.hugepages), so the probe and the decode read memory mapped alike."""
-    n = int(gib * (1 << 30)) // 4
-    return Arena(4 * n).empty((n,), torch.float32).fill_(1.0)
-
-
-def bandwidth_probe(gib: float = 1.0, repeats: int = 5) -> float:
-    """Memory read bandwidth in GB/s: the median time of :func:`_reader` over a ``gib`` GiB fp32 tensor."""
-    read, x = _reader(), _probe_buffer(gib)
-    read(x)
-    return _read_gbs(read, x, repeats)
+    """``gib`` GiB of fp32 ones, on ordinary pages: in one process a buffer on 4 KiB pages and one collapsed to
+    2 MiB pages read alike here (33 or 52 GB/s, switching together with the host's state; AMD EPYC, 2026-12-04),
+    unlike the GEMV's many row streams (rankserve.runtime.hugepages)."""
+    return torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
 
 
 def _median(xs):
@@ -152,7 +144,7 @@ def run_bench(
 ) -> dict:
     """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
     measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the worker reads
-    ``probe_gib`` GiB (:func:`bandwidth_probe`'s read) once per round, and each run's ``bandwidth_fraction`` is
+    ``probe_gib`` GiB (:func:`_reader` over :func:`_probe_buffer`) once per round, and each run's ``bandwidth_fraction`` is
     the median of its per-round achieved / probe; ``bandwidth_gbs`` is the median probe.
 
     ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the

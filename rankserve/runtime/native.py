@@ -19,7 +19,7 @@ Ops (x is ``[B, in]``; all tensors contiguous, on CPU, one dtype, float32 or bfl
   + bias`` for the int8 layout of ``rankserve.quant``; weights dequantized in registers, or with ``int8_act`` the
   activation rows quantized per row to int8 and integer dot products (different numerics);
 - ``stream_read(x) -> float``: the sum of a float32 tensor, read by every thread at full width: the read
-  bandwidth the GEMV kernels can reach (``bandwidth_probe`` in the bench times it);
+  bandwidth the GEMV kernels can reach (the bench's read probe times it);
 - ``decode_layer(...)``: one decoder layer of one-token decode in one OpenMP region (``csrc/decode_layer.h``);
 - ``native_isa() -> str``: the vector path compiled in (``avx512+bf16``, ``avx512``, ``avx2`` or ``scalar``).
 

@@ -121,10 +121,8 @@ def pack_(projs: list[Projection], arena: Arena | None = None) -> PackedGroup:
             arena,
             views=[sc is s.first_scale for sc, s in zip(scales, stages, strict=True)],
         )
-    lifts = [_place(p, 1, s.lift, arena) for p, s in zip(projs, stages, strict=True)]
-    lift_scales = [
-        _place(p, 1, s.lift_scale, arena, SCALE_SUFFIX) for p, s in zip(projs, stages, strict=True)
-    ]
+    lifts = [_place(p, s.lift, arena) for p, s in zip(projs, stages, strict=True)]
+    lift_scales = [_place(p, s.lift_scale, arena, SCALE_SUFFIX) for p, s in zip(projs, stages, strict=True)]
     if any(s.bias is not None for s in stages):
         dtype = next(s.bias.dtype for s in stages if s.bias is not None)
         bias = torch.cat(
@@ -175,16 +173,16 @@ def _stack_(
 
 
 def _place(
-    p: Projection, index: int, t: torch.Tensor | None, arena: Arena | None, suffix: str = ""
+    p: Projection, t: torch.Tensor | None, arena: Arena | None, suffix: str = ""
 ) -> torch.Tensor | None:
-    """Matrix ``p.matrices[index]`` (or its scale, ``suffix``) as the packed group holds it: copied into
-    ``arena`` and viewed by ``p`` from there, or as it is (contiguous) without one."""
+    """``p``'s lift ``t`` (``p.matrices[1]``, or its scale with ``suffix``) as the packed group holds it: copied
+    into ``arena`` and viewed by ``p`` from there, or as it is (contiguous) without one."""
     if t is None:
         return None
     if arena is None or arena.holds(t):
         return t.contiguous()
     out = arena.copy(t)
-    _rebind(p, p.matrices[index] + suffix, out)
+    _rebind(p, p.matrices[1] + suffix, out)
     return out
 
 
