@@ -159,12 +159,12 @@ def heal_config(args, **over):
     return HealConfig(**fields).validate()
 
 
-def generate(args, lm, n_rows: int):
-    """``n_rows`` self-generated rows of the healing length (prose and chat answers), shared by calibration
+def generate(args, lm, n_rows: int, seq_len: int):
+    """``n_rows`` self-generated rows of ``seq_len`` tokens (prose and chat answers), shared by calibration
     and healing: generating text is the expensive part on a CPU, so it is done once per run."""
     from rankserve.calibration import self_generated_rows
 
-    return self_generated_rows(lm.model, lm.tokenizer, n_rows, args.seq_len or 256, 0, progress=True)
+    return self_generated_rows(lm.model, lm.tokenizer, n_rows, seq_len, 0, progress=True)
 
 
 def calibration(args, lm, arm: str, generated):
@@ -281,10 +281,13 @@ def run(args, lm, texts, base) -> None:
     arms = args.arms.split(",") if args.experiment == "data" else [args.arm]
     # self-generated rows the arms use (none for WikiText alone): the most any one arm's pool takes
     need = max(heal_rows(arm_heal(args, a))[1] for a in arms)
+    # rows of the healing length when healing takes any, else only the calibration's rows at its length
+    # (a row's first L tokens are a row of length L): 32 rows of 512 cost ~9 min on 2 cores, of 256 a quarter
+    length = (args.seq_len or 256) if need else (args.calib_seq_len or args.seq_len or 256)
     if any(a != "wikitext-valid" for a in arms):  # their calibration takes self-generated rows too
         need = max(need, args.calib_samples)
     t0 = time.perf_counter()
-    generated = generate(args, lm, need) if need else None
+    generated = generate(args, lm, need, length) if need else None
     rec = {
         **base,
         "experiment": args.experiment,
