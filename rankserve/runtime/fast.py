@@ -154,7 +154,11 @@ class FastDecoder(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = 1.0 / self.hd**0.5
         self.embed = model.model.embed_tokens.weight.detach()
-        self.layers = [FastLayer(layer, arena) for layer in model.model.layers]
+        self.layers = []
+        for layer in model.model.layers:
+            self.layers.append(FastLayer(layer, arena))
+            if arena is not None:  # the weights it copied from, freed, back to the OS now: else they stay
+                hugepages.trim_heap()  # mapped beside the arena (fp32 SmolLM2 peaked 1306 MB, not ~1030)
         self._native = [L.native_args() for L in self.layers]
         self._stacks = {}  # op namespace -> its LayerStack of these layers (built on first use)
         # one native call for all layers; False: one decode_layer call per layer (an A/B baseline)
