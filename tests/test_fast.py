@@ -160,6 +160,32 @@ def test_fast_decode_equals_eager_whatever_the_gate_up_form(layout, native):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.fixture
+def team_size():
+    """Sets torch's thread count for one test (the native layer sizes its per-thread buffers by it)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "variant,lowrank,rows", [("llama-gqa", True, 1), ("mistral", False, 1), ("llama-gqa", False, 2)]
+)
+def test_fast_decode_equals_eager_at_every_team_size(team_size, threads, variant, lowrank, rows):
+    """Each team size (1 to 4 threads) decodes like eager: the native layer splits every stage's row tiles and
+    the attention heads (as B * heads items) over however many threads the region has, and sizes its per-thread
+    score buffers by it; one or two rows, low-rank or dense, 2 kv heads (4 or 8 query heads)."""
+    team_size(threads)
+    model = lowrank_model(variant) if lowrank else tiny_model(variant)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]][:rows]
+    ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
+    got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 def test_shared_basis_model_decodes_like_eager():
     model = lowrank_model("llama-gqa", shared=True)
     ref = run(EagerRunner, model, [[3, 4, 5, 6]], 8, RuntimeOptions())
