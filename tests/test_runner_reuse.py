@@ -95,18 +95,9 @@ def test_interleaved_generations_do_not_share_a_runner(tok):
     assert [t for t in got_b if t is not None] == want_b
 
 
-# Flaky, cause not found (#12, left open). Worker runs on 2026-12-02 (AMD EPYC): baseline 340.5-340.9 MiB every
-# time, growth 286 / 296 / 381 MiB for 257 MiB of weights (limit ~301). Ruled out: packing (peak == current RSS
-# after every pack_, set-up grows RSS 16 MiB in all), a moving baseline, glibc arenas (MALLOC_ARENA_MAX=1 still
-# failed at 381). The new maximum is always reached inside the first native decode_layer calls; the weights sit in
-# the brk heap. Not yet checked: whether the extension's system libgomp and torch's bundled libgomp load as two
-# OpenMP runtimes (a second thread pool with its own stacks and arenas). A native build inside the worker adds
-# ~29 MiB, so the test should load the kernels before it spawns the worker.
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky since the int8 packing commit 8f65348 (#12, left open): peak RSS sometimes grows ~380 MB for "
-    "257 MB of bf16 weights (limit 301), reached inside the first native decode_layer calls; see the comment above",
-)
+# Was flaky (xfail) from the int8 packing commit 8f65348 until the fast runner trimmed the heap after each layer it
+# copies into the arena (2026-12-04, AMD EPYC): without that trim this test failed 5 of 5 runs, with it it passed
+# 8 of 8. The weights packing had copied from stayed mapped in the brk heap beside the arena until the final trim.
 def test_fast_serving_peak_rss_is_one_copy_of_the_weights():
     """In a fresh process (bench's memory worker): peak RSS - baseline <= 1.15 x weights + KV cache.
 
