@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rankserve.calibration import self_generated_rows
+from rankserve.calibration import check_self_share, self_generated_rows
 from rankserve.distill import (
     autocast_dtype,
     batch_rows,
@@ -108,8 +108,7 @@ class HealConfig:
             raise InputError("heal weight_decay must be >= 0, max_grad_norm > 0 and diverge_factor > 1")
         if self.autocast not in AUTOCAST:
             raise InputError(f"heal autocast must be one of {', '.join(AUTOCAST)}, got {self.autocast!r}")
-        if not 0 <= self.self_share <= 1:
-            raise InputError(f"heal self_share must be in [0, 1], got {self.self_share!r}")
+        check_self_share(self.self_share, "heal self_share")
         if self.self_share < 1 and not self.data:
             raise InputError("heal self_share < 1 needs text files in data")
         if self.self_share == 0 and not self.data:

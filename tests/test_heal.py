@@ -129,6 +129,9 @@ def test_bad_config_is_one_line():
         HealConfig(lr=-1).validate()
     with pytest.raises(ValueError, match="heal data file not found: /nope"):
         HealConfig(data=["/nope"], self_share=0.5).validate()
+    for share in (True, 1.5, float("nan"), "0.5"):  # one rule with --calib-self-share's (check_self_share)
+        with pytest.raises(ValueError, match=r"heal self_share must be a fraction in \[0, 1\]"):
+            HealConfig(data=["/nope"], self_share=share).validate()
 
 
 # --------------------------------------------------------------------------------------------------
