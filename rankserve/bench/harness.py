@@ -144,8 +144,8 @@ def run_bench(
 ) -> dict:
     """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
     measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the worker reads
-    ``probe_gib`` GiB (:func:`_reader` over :func:`_probe_buffer`) once per round, and each run's ``bandwidth_fraction`` is
-    the median of its per-round achieved / probe; ``bandwidth_gbs`` is the median probe.
+    ``probe_gib`` GiB (:func:`_reader` over :func:`_probe_buffer`) once per round, and each run's
+    ``bandwidth_fraction`` is the median of its per-round achieved / probe; ``bandwidth_gbs`` is the median probe.
 
     ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the
     weights and nothing else.
