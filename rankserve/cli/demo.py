@@ -14,12 +14,15 @@ from rankserve.families.base import RANK_MODES
 from rankserve.heal import HealConfig
 
 QUESTIONS = ["What is the capital of France?", "Give me one tip for writing clear code."]
-# A short heal that keeps the demo within minutes. The model writes one pool of short rows (prose and chat
-# answers) that serves as calibration AND as healing data, since generating text costs a CPU about as much
-# per token as training on it. Small batches give more optimizer steps for the same tokens. lr 5e-5, not the
-# default 2e-4: on heals this short, 2e-4 raised the KL on held-back rows (0.94 -> 1.09) where 5e-5 lowered it
-# (0.94 -> 0.79; SmolLM2, SVD-LLM 0.2, loss-driven ranks, 4,096 tokens; issue #11's notes).
-DEMO_HEAL = HealConfig(tokens=4096, seq_len=128, batch=4, pool_tokens=2048, lr=5e-5, eval_rows=4)
+# A short heal that keeps the demo within minutes. The model writes one pool of rows (prose and chat answers)
+# that serves as calibration AND as healing data, since generating text costs a CPU about as much per token as
+# training on it. Rows of 256 tokens, not 128: calibrated on 16 rows of 128 the SVD-LLM 0.2 model answered the
+# capital-of-France question with "the capital of the world", on 16 rows of 256 with "Paris" (also after this
+# heal; seeds 0 and 1 of 0-3 did; AMD EPYC, 2026-12-04). 2 x 256 per step: 8 optimizer steps, each pool token
+# seen once. lr 5e-5, not the default 2e-4: on heals this short, 2e-4 raised the KL on held-back rows
+# (0.94 -> 1.09) where 5e-5 lowered it (0.94 -> 0.79; SmolLM2, SVD-LLM 0.2, loss-driven ranks, 4,096 tokens of
+# 128-token rows; issue #11's notes).
+DEMO_HEAL = HealConfig(tokens=4096, seq_len=256, batch=2, pool_tokens=4096, lr=5e-5, eval_rows=4)
 
 
 def add_arguments(p):
