@@ -108,6 +108,25 @@ def test_bad_input_gives_one_line(tiny_dir, tmp_path, args, pattern):
     assert_one_line_error(rankserve(*args), pattern)
 
 
+def test_demo_end_to_end_on_a_tiny_model(tiny_dir, tmp_path):
+    """The demo's whole flow (generate, compress, heal, save, reload, answer with the fast runtime) on a model whose
+    context (64) is shorter than the demo's rows (256): the rows shrink to it instead of failing."""
+    from rankserve.loaders.source import load_model
+
+    out = str(tmp_path / "demo")
+    r = rankserve("demo", "--model", tiny_dir, "--out", out, "--heal-tokens", "512", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "> What is the capital of France?" in r.stdout and "compressed (fast):" in r.stdout
+    assert re.search(r"healing: KL to the dense model [0-9.]+ -> [0-9.]+ on held-back text", r.stdout)
+    lm = load_model(out)
+    m = lm.manifest
+    assert m["family"] == "svd-llm" and abs(m["ratio_measured"] - 0.2) < 0.05
+    assert m["calibration"]["seq_len"] == 64 and m["calibration"]["n_samples"] == 16
+    assert m["healing"]["tokens"] == 512 and m["healing"]["steps"] == 4  # 2 rows of 64 per step
+    assert m["healing"]["final_kl"] >= 0
+
+
 def test_serve_on_a_taken_port_gives_one_line(tiny_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

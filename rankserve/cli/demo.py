@@ -39,7 +39,8 @@ def add_arguments(p):
         "--calib-samples",
         type=int,
         default=16,
-        help=f"calibration rows of {DEMO_HEAL.seq_len} self-generated tokens (shared with healing)",
+        help=f"calibration rows of {DEMO_HEAL.seq_len} self-generated tokens, fewer where the model's context is "
+        "shorter (shared with healing)",
     )
     p.add_argument(
         "--heal-tokens",
@@ -103,11 +104,16 @@ def run(args) -> int:
     from rankserve.calibration import self_generated_rows
     from rankserve.heal import heal_rows
 
+    # rows of DEMO_HEAL's length, or of the model's whole context where that is shorter
+    heal_cfg = dataclasses.replace(
+        DEMO_HEAL,
+        tokens=max(args.heal_tokens, 1),
+        seq_len=min(DEMO_HEAL.seq_len, lm.config.max_position_embeddings),
+    )
     say(
         f"[2/4] compressing with {cfg.name}, ratio {cfg.ratio} (fraction of linear-layer parameters removed), "
-        f"calibration: {args.calib_samples} x {DEMO_HEAL.seq_len} tokens the model generates itself"
+        f"calibration: {args.calib_samples} x {heal_cfg.seq_len} tokens the model generates itself"
     )
-    heal_cfg = dataclasses.replace(DEMO_HEAL, tokens=max(args.heal_tokens, 1))
     t0 = time.perf_counter()
     n_calib = args.calib_samples if cfg.wanted_stats() else 0
     n_rows = max(n_calib, heal_rows(heal_cfg)[1] if args.heal_tokens else 0)
