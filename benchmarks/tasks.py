@@ -5,6 +5,9 @@ Runs each task over each model with rankserve's lm-eval model (``rankserve.lm_ev
 multiple-choice set that runs offline; any lm-eval task name works where its data can be had.
 
     nice -n 10 python benchmarks/tasks.py --models smollm2-135m,/tmp/lmeval-svdllm02 --hf smollm2-135m
+    python benchmarks/tasks.py --models "dense=smollm2-135m,SVD-LLM 0.2 healed=/tmp/healed"   # LABEL=MODEL
+
+A model given as ``LABEL=MODEL`` is listed under LABEL (the table's rows otherwise name the path).
 
 ``benchmarks/results.py`` can add task columns through :func:`task_rows` (one row per model and task).
 """
@@ -15,9 +18,13 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_report import cpu_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(REPO, "benchmarks", "tasks")
@@ -37,12 +44,19 @@ def task_rows(
     from rankserve.tasks import evaluate_tasks, load_tasks
 
     rows = []
-    for name in models:
+    for spec in models:
+        label, name = split_label(spec)
         lm = RankserveLM(loaded=load_model(name, dtype=dtype), batch_size=batch_size)
         for r in evaluate_tasks(lm, load_tasks(tasks, include_path), limit):
-            rows.append({"model": name, **r})
+            rows.append({"model": label, "path": name, **r})
         del lm
     return rows
+
+
+def split_label(spec: str) -> tuple[str, str]:
+    """``"LABEL=MODEL"`` -> (LABEL, MODEL); a bare model is its own label."""
+    label, sep, name = spec.partition("=")
+    return (label.strip(), name.strip()) if sep else (spec, spec)
 
 
 def hf_rows(
@@ -56,7 +70,8 @@ def hf_rows(
     from rankserve.tasks import evaluate_tasks, load_tasks
 
     rows = []
-    for name in models:
+    for spec in models:
+        label, name = split_label(spec)
         kind, path = resolve(name)
         if kind == "rankserve":
             raise ValueError(f"{name}: lm-eval's hf model cannot load a factorized rankserve checkpoint")
@@ -71,7 +86,7 @@ def hf_rows(
             args, {"batch_size": 8, "device": "cpu"}
         )
         for r in evaluate_tasks(lm, load_tasks(tasks, include_path), limit):
-            rows.append({"model": f"{name} (lm-eval hf)", **r})
+            rows.append({"model": f"{label} (lm-eval hf)", "path": name, **r})
         del lm
     return rows
 
@@ -107,6 +122,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unlabeled = [m for m in models if not split_label(m)[1]]
+    if unlabeled:
+        p.error(f"--models: {', '.join(unlabeled)} names no model after '='")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     import rankserve.lm_eval_model  # noqa: F401  (registers `rankserve`; keeps lm-eval's `hf`)
 
@@ -115,9 +133,11 @@ def main(argv=None) -> int:
     rows += hf_rows(hf, tasks, args.include_path, args.limit)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = (
-        f"Zero-shot, `{args.dtype}`, lm-eval `acc` / `acc_norm` ± standard error; made by `benchmarks/tasks.py "
-        f"--models {args.models} --tasks {args.tasks}{' --hf ' + args.hf if hf else ''}` on {stamp}. "
-        "Rows marked `(lm-eval hf)` come from lm-eval's own transformers model on the same weights."
+        f"Zero-shot, `{args.dtype}`, lm-eval `acc` / `acc_norm` ± standard error; made by `python "
+        f"benchmarks/tasks.py --models {shlex.quote(args.models)} --tasks {shlex.quote(args.tasks)}"
+        f"{' --hf ' + shlex.quote(args.hf) if hf else ''}` on {stamp}. "
+        "Rows marked `(lm-eval hf)` come from lm-eval's own transformers model on the same weights. "
+        f"CPU: {cpu_model()}, {torch.get_num_threads()} threads."
     )
     with open(args.md, "w", encoding="utf-8") as f:
         f.write("# Task accuracy (lm-evaluation-harness)\n\n" + markdown(rows, note))
