@@ -94,10 +94,7 @@ def main(argv=None) -> int:
     def nbytes(ts) -> int:
         return sum(t.numel() * t.element_size() for t in ts)
 
-    head_bytes = nbytes(
-        t for t in (d.head.first, d.head.first_scale, d.head.bias, *d.head.lifts) if t is not None
-    )
-    head_bytes += nbytes(d.head.lift_scales or [])
+    head_bytes = nbytes(d.head.tensors())
     layer_bytes = nbytes(d.weights()) - head_bytes - nbytes([d.w_norm])
     probe_x = _probe_buffer(args.probe_gib) if args.probe_gib > 0 else None
     read = _reader() if probe_x is not None else None

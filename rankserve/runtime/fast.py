@@ -176,9 +176,9 @@ class FastDecoder(nn.Module):
         """Every tensor a decode step streams: the layers' packed groups and norms, the final norm and the head."""
         out = [self.w_norm]
         for g in [grp for L in self.layers for grp in (L.qkv, L.o, L.gate_up, L.down)] + [self.head]:
-            out += [g.first, g.first_scale, g.bias, *g.lifts, *(g.lift_scales or [])]
+            out += g.tensors()
         out += [w for L in self.layers for w in (L.w_in, L.w_post)]
-        return [t for t in out if t is not None]
+        return out
 
     def _layer_stack(self):
         """The native ``LayerStack`` (csrc/decode_layer.h) of the current kernels: every layer's ``native_groups``

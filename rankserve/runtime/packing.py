@@ -77,6 +77,11 @@ class PackedGroup:
     def lift_scale(self, i: int) -> torch.Tensor | None:
         return None if self.lift_scales is None else self.lift_scales[i]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor one application of the group reads: matrices, scales and bias."""
+        out = [self.first, self.first_scale, self.bias, *self.lifts, *(self.lift_scales or [])]
+        return [t for t in out if t is not None]
+
 
 def packed_bytes(projs: list[Projection]) -> int:
     """An upper bound of the arena bytes :func:`pack_` of ``projs`` takes: every matrix and scale, each aligned."""
