@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if (args.model is None) == (args.random_config is None):
         raise SystemExit("layers.py: give a MODEL or --random-config NAME (not both)")
     from rankserve.bench import random_model
-    from rankserve.bench.harness import _probe_buffer, _read_gbs, _reader
+    from rankserve.bench.harness import ReadProbe
     from rankserve.loaders.source import load_model, parse_dtype
     from rankserve.runtime.fast import FastRunner, _rms
     from rankserve.runtime.options import RuntimeOptions
@@ -96,16 +96,13 @@ def main(argv=None) -> int:
 
     head_bytes = nbytes(d.head.tensors())
     layer_bytes = nbytes(d.weights()) - head_bytes - nbytes([d.w_norm])
-    probe_x = _probe_buffer(args.probe_gib) if args.probe_gib > 0 else None
-    read = _reader() if probe_x is not None else None
-    if probe_x is not None:
-        read(probe_x)  # first touch
+    probe = ReadProbe(args.probe_gib) if args.probe_gib > 0 else None
     with torch.inference_mode():
         res: dict[str, list[float]] = {}
         probes: list[float] = []
         for _ in range(args.rounds):
-            if probe_x is not None:
-                probes.append(_read_gbs(read, probe_x, 3))
+            if probe is not None:
+                probes.append(probe.gbs())
             for s in slots:
                 res.setdefault(f"slot {s}", []).append(median_ms(lambda s=s: layers(s)))
                 res.setdefault(f"stack {s}", []).append(median_ms(lambda s=s: stack(s)))

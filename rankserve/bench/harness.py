@@ -36,30 +36,31 @@ from rankserve.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def _reader():
-    """The read the probe times: the native ``stream_read`` kernel (every thread, full-width loads, as the GEMV
-    streams); ``x.sum()`` without native kernels, which reads slower than the GEMV does (then "achieved / probe"
-    can exceed 1)."""
-    from rankserve.runtime.native import NativeKernels
+class ReadProbe:
+    """The read-bandwidth probe the bench and ``benchmarks/layers.py`` divide by: ``gib`` GiB of fp32 ones read by
+    the native ``stream_read`` kernel (every thread, full-width loads, as the GEMV streams); by ``x.sum()`` without
+    native kernels, which reads slower than the GEMV does (then "achieved / probe" can exceed 1).
 
-    kernels = NativeKernels.load()
-    return kernels.stream_read if kernels is not None else torch.Tensor.sum
-
-
-def _read_gbs(read, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        read(x)
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
-
-
-def _probe_buffer(gib: float) -> torch.Tensor:
-    """``gib`` GiB of fp32 ones, on ordinary pages: in one process a buffer on 4 KiB pages and one collapsed to
+    The buffer is on ordinary pages: in one process a buffer on 4 KiB pages and one collapsed to
     2 MiB pages read alike here (33 or 52 GB/s, switching together with the host's state; AMD EPYC, 2026-12-04),
     unlike the GEMV's many row streams (rankserve.runtime.hugepages)."""
-    return torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+
+    def __init__(self, gib: float):
+        from rankserve.runtime.native import NativeKernels
+
+        kernels = NativeKernels.load()
+        self.read = kernels.stream_read if kernels is not None else torch.Tensor.sum
+        self.x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        self.read(self.x)  # first touch
+
+    def gbs(self, repeats: int = 3) -> float:
+        """GB/s of the median of ``repeats`` timed reads of the whole buffer."""
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.read(self.x)
+            times.append(time.perf_counter() - t0)
+        return self.x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def _median(xs):
@@ -81,10 +82,7 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
     # The read-bandwidth probe runs once per round, before the backends: the fraction of it each backend reaches is
     # the median of per-round ratios. This VM's probe moved from 30 to 53 GB/s within minutes (2026-12-04), so a
     # probe taken before the worker, even just before, could be in another state than the timed runs.
-    probe_x = _probe_buffer(spec.probe_gib) if spec.probe_gib > 0 else None
-    read = _reader() if probe_x is not None else None
-    if probe_x is not None:
-        read(probe_x)  # first touch
+    probe = ReadProbe(spec.probe_gib) if spec.probe_gib > 0 else None
     cache: dict = {}
     setups = []
     for b in backends:
@@ -99,8 +97,8 @@ def run_worker(spec: BenchSpec, backends: list[str]) -> list[BackendResult]:
     runs: dict[str, list] = {b: [] for b in backends}
     probes: list[float] = []
     for _ in range(spec.runs):
-        if probe_x is not None:
-            probes.append(_read_gbs(read, probe_x, 3))
+        if probe is not None:
+            probes.append(probe.gbs())
         for res, once in setups:
             if once is not None and res.ok:
                 before = graphs()
@@ -144,7 +142,7 @@ def run_bench(
 ) -> dict:
     """Run all backends in one worker subprocess (interleaved rounds) and collect the results; with ``memory``,
     measure each of ``MEMORY_BACKENDS`` in a fresh worker of its own as well. With ``probe``, the worker reads
-    ``probe_gib`` GiB (:func:`_reader` over :func:`_probe_buffer`) once per round, and each run's
+    ``probe_gib`` GiB (:class:`ReadProbe`) once per round, and each run's
     ``bandwidth_fraction`` is the median of its per-round achieved / probe; ``bandwidth_gbs`` is the median probe.
 
     ``rss_over_weights`` in each run is (peak RSS - baseline - KV cache) / weights: 1.0 is one copy of the
