@@ -8,12 +8,19 @@ itself is never installed or imported. The text is never used for calibration or
 model compressed on WikiText does on other prose.
 
     python benchmarks/corpora.py          # prints the cached path, fetching it first if needed
+    python benchmarks/corpora.py --wikitext-valid-plain   # the plain-prose copy of WikiText-2 valid (below)
+
+WikiText-2's files are in its tokenized style: spaces around punctuation (" , " " . " " 's"), " @-@ " for an
+in-word hyphen, and, in ``valid.tokens.txt``, ``<unk>`` for every rare word. Healing on that text teaches the
+student the style as well as the language. :func:`wikitext_plain` writes the same text as ordinary prose into the
+cache (derived at run time, never committed), for healing and calibration that should carry to other prose.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,5 +98,50 @@ def fetch(corpus: Corpus = LEE, cache_dir: str = CACHE) -> str:
     return path
 
 
+# WikiText's tokenized style -> plain prose, applied in this order. Own rules rather than lm-eval's
+# ``wikitext_detokenizer`` (an optional extra with a heavy dependency tree; it also keeps ``<unk>``, leaves "don 't"
+# and half-joins headings); tests/test_corpora.py checks the two agree on text that has none of those.
+_PLAIN_RULES = [
+    (
+        re.compile(r" ?<unk>"),
+        "",
+    ),  # the rare word is gone; "a species of <unk> lobster" reads as prose without it
+    (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; guest @-@ starring -> guest-starring
+    (re.compile(r" ([,.;:!?%])(?= |$)", re.M), r"\1"),
+    (re.compile(r"(?<=n) 't\b|(?<=\w) ('s|'re|'ve|'ll|'d|'m)\b", re.I), lambda m: m.group(0)[1:]),
+    (re.compile(r"s ' "), "s' "),
+    (re.compile(r"([(\[]) "), r"\1"),
+    (re.compile(r" ([)\]])"), r"\1"),
+    (re.compile(r'" ([^"\n]*?) "'), r'"\1"'),
+    (re.compile(r"=(?: =)+"), lambda m: m.group(0).replace(" ", "")),  # = = Heading = = -> == Heading ==
+    (re.compile(r"^ | $", re.M), ""),  # every line starts and ends with a space
+]
+
+
+def wikitext_plain_text(text: str) -> str:
+    """WikiText's tokenized style as plain prose (see the module docstring)."""
+    for pattern, repl in _PLAIN_RULES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def wikitext_plain(src: str = WIKI_VALID, cache_dir: str = CACHE) -> str:
+    """Path of :func:`wikitext_plain_text` of ``src`` in ``cache_dir`` (named by the source's sha256, written
+    atomically), made first if it is not there yet."""
+    require("corpora.py", src)
+    digest = file_sha256(src)
+    path = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(src))[0]}.plain-{digest[:12]}.txt")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(src, encoding="utf-8-sig") as f:
+        text = wikitext_plain_text(f.read())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 if __name__ == "__main__":
-    print(fetch())
+    print(wikitext_plain() if sys.argv[1:] == ["--wikitext-valid-plain"] else fetch())
