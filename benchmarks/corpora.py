@@ -103,10 +103,8 @@ def fetch(corpus: Corpus = LEE, cache_dir: str = CACHE) -> str:
 # ``wikitext_detokenizer`` (an optional extra with a heavy dependency tree; it also keeps ``<unk>``, leaves "don 't"
 # and half-joins headings); tests/test_corpora.py checks the two agree on text that has none of those.
 _PLAIN_RULES = [
-    (
-        re.compile(r" ?<unk>"),
-        "",
-    ),  # the rare word is gone; "a species of <unk> lobster" reads as prose without it
+    # the rare word is gone: "a species of <unk> lobster" reads as prose without it
+    (re.compile(r" ?<unk>"), ""),
     (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; guest @-@ starring -> guest-starring
     (re.compile(r" ([,.;:!?%])(?= |$)", re.M), r"\1"),
     (re.compile(r"(?<=n) 't\b|(?<=\w) ('s|'re|'ve|'ll|'d|'m)\b", re.I), lambda m: m.group(0)[1:]),
