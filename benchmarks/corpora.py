@@ -10,18 +10,15 @@ model compressed on WikiText does on other prose.
     python benchmarks/corpora.py          # prints the cached path, fetching it first if needed
     python benchmarks/corpora.py --wikitext-valid-plain   # the plain-prose copy of WikiText-2 valid (below)
 
-WikiText-2's files are in its tokenized style: spaces around punctuation (" , " " . " " 's"), " @-@ " for an
-in-word hyphen, and, in ``valid.tokens.txt``, ``<unk>`` for every rare word. Healing on that text teaches the
-student the style as well as the language. :func:`wikitext_plain` writes the same text as ordinary prose into the
-cache (derived at run time, never committed), for healing that should carry to other prose (README: Lee a little
-lower, WikiText-2 test higher; calibrating on it did not help).
+WikiText-2's files are in its tokenized style (" , ", " @-@ ", ``<unk>``; ``rankserve.text``). ``rankserve heal
+--detokenize wikitext`` heals on them as plain prose as it reads them; :func:`wikitext_plain` writes the same plain
+text into the cache as a file (derived at run time, never committed), for tools that take a file.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +30,7 @@ sys.path.insert(0, REPO)  # run as a script from anywhere: rankserve below
 
 from rankserve.fsutil import cache_dir  # noqa: E402
 from rankserve.hashing import file_sha256  # noqa: E402
+from rankserve.text import wikitext_plain_text  # noqa: E402
 
 CACHE = cache_dir("corpora")
 # WikiText-2 (test: perplexity only; valid.tokens: calibration and healing only), read in place, never copied
@@ -99,34 +97,9 @@ def fetch(corpus: Corpus = LEE, cache_dir: str = CACHE) -> str:
     return path
 
 
-# WikiText's tokenized style -> plain prose, applied in this order. Own rules rather than lm-eval's
-# ``wikitext_detokenizer`` (an optional extra with a heavy dependency tree; it also keeps ``<unk>``, leaves "don 't"
-# and half-joins headings); tests/test_corpora.py checks the two agree on text that has none of those.
-_PLAIN_RULES = [
-    # the rare word is gone: "a species of <unk> lobster" reads as prose without it
-    (re.compile(r" ?<unk>"), ""),
-    (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; guest @-@ starring -> guest-starring
-    (re.compile(r" ([,.;:!?%])(?= |$)", re.M), r"\1"),
-    (re.compile(r"(?<=n) 't\b|(?<=\w) ('s|'re|'ve|'ll|'d|'m)\b", re.I), lambda m: m.group(0)[1:]),
-    (re.compile(r"s ' "), "s' "),
-    (re.compile(r"([(\[]) "), r"\1"),
-    (re.compile(r" ([)\]])"), r"\1"),
-    (re.compile(r'" ([^"\n]*?) "'), r'"\1"'),
-    (re.compile(r"=(?: =)+"), lambda m: m.group(0).replace(" ", "")),  # = = Heading = = -> == Heading ==
-    (re.compile(r"^ | $", re.M), ""),  # every line starts and ends with a space
-]
-
-
-def wikitext_plain_text(text: str) -> str:
-    """WikiText's tokenized style as plain prose (see the module docstring)."""
-    for pattern, repl in _PLAIN_RULES:
-        text = pattern.sub(repl, text)
-    return text
-
-
 def wikitext_plain(src: str = WIKI_VALID, cache_dir: str = CACHE) -> str:
-    """Path of :func:`wikitext_plain_text` of ``src`` in ``cache_dir`` (named by the source's sha256, written
-    atomically), made first if it is not there yet."""
+    """Path of ``rankserve.text.wikitext_plain_text`` of ``src`` in ``cache_dir`` (named by the source's sha256,
+    written atomically), made first if it is not there yet."""
     require("corpora.py", src)
     digest = file_sha256(src)
     path = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(src))[0]}.plain-{digest[:12]}.txt")

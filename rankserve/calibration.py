@@ -33,6 +33,7 @@ from rankserve.families.base import SAME_INPUT, short_name
 from rankserve.hashing import file_sha256
 from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
+from rankserve.text import DETOKENIZERS
 
 SELF = "self"
 MIX = "mix"  # self-generated rows and a text file's windows
@@ -105,26 +106,35 @@ def _check_sizes(n_samples: int, seq_len: int) -> None:
         raise InputError(f"calibration sequence length must be an integer >= 2, got {seq_len!r}")
 
 
-def text_calibration(path: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0) -> Calibration:
+def text_calibration(
+    path: str, tokenizer, n_samples: int, seq_len: int, seed: int = 0, detokenize: str | None = None
+) -> Calibration:
     """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets of the tokenized file.
 
     The whole file is tokenized once (no special tokens; a UTF-8 BOM is dropped); window starts are drawn
     uniformly with a ``torch.Generator`` seeded by ``seed``, as SVD-LLM samples its calibration set.
+    ``detokenize``: a :data:`rankserve.text.DETOKENIZERS` name whose rules rewrite the text first (e.g.
+    ``"wikitext"``: WikiText's tokenized style as plain prose).
     """
     _check_sizes(n_samples, seq_len)
+    if detokenize is not None and detokenize not in DETOKENIZERS:
+        raise InputError(f"unknown detokenize {detokenize!r}; known: {', '.join(DETOKENIZERS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"calibration file not found: {path}")
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
+    if detokenize is not None:
+        text = DETOKENIZERS[detokenize](text)
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
     if ids.numel() < seq_len:
         raise InputError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
     tokens = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # (N, L)
-    return Calibration(
-        tokens, os.path.abspath(path), seed, file_sha256(path), {"file_tokens": int(ids.numel())}
-    )
+    record: dict[str, Any] = {"file_tokens": int(ids.numel())}
+    if detokenize is not None:
+        record["detokenize"] = detokenize
+    return Calibration(tokens, os.path.abspath(path), seed, file_sha256(path), record)
 
 
 def self_calibration(

@@ -43,6 +43,7 @@ from rankserve.distill import (
 )
 from rankserve.errors import InputError
 from rankserve.layers import projections
+from rankserve.text import DETOKENIZERS
 
 STATE_FORMAT = 1
 MIN_WARMUP = 10
@@ -71,6 +72,7 @@ class HealConfig:
     train_norms: bool = False
     train_dense: bool = False  # also the projections the compression kept dense (same bytes, more to train)
     data: list[str] = field(default_factory=list)  # text files mixed in
+    detokenize: str | None = None  # rules applied to the ``data`` files first (rankserve.text.DETOKENIZERS)
     self_share: float = 1.0  # fraction of the pool self-generated (the rest from ``data``)
     pool_tokens: int = 65536  # distinct training tokens; the pool repeats when ``tokens`` is larger
     eval_rows: int = 4  # rows held back for evaluation
@@ -116,6 +118,15 @@ class HealConfig:
         for p in self.data:
             if not os.path.isfile(p):
                 raise InputError(f"heal data file not found: {p}")
+        if self.detokenize is not None:
+            if self.detokenize not in DETOKENIZERS:
+                raise InputError(
+                    f"heal detokenize must be one of {', '.join(DETOKENIZERS)}, got {self.detokenize!r}"
+                )
+            if not self.data or self.self_share == 1:
+                raise InputError(
+                    "heal detokenize rewrites the data files: give text files in data and a self_share below 1"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,9 +187,10 @@ def make_heal_data(
         n = n_files // len(config.data) + (i < n_files % len(config.data))
         if n == 0:
             continue
-        c = text_calibration(path, tokenizer, n, config.seq_len, config.seed + i)
+        c = text_calibration(path, tokenizer, n, config.seq_len, config.seed + i, config.detokenize)
         parts.append(c.tokens)
-        sources.append({"source": c.source, "sha256": c.sha256, "samples": n, "seq_len": config.seq_len})
+        src = {"source": c.source, "sha256": c.sha256, "samples": n, "seq_len": config.seq_len}
+        sources.append(src | ({"detokenize": config.detokenize} if config.detokenize else {}))
     pool = torch.cat(parts)  # (rows, L)
     order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(config.seed))
     pool = pool[order]

@@ -1,5 +1,5 @@
-"""benchmarks/corpora.py's plain-prose copy of WikiText: its rules, lm-eval's detokenizer as the reference where
-the two mean the same, and the cached file written once and atomically."""
+"""benchmarks/corpora.py's plain-prose copy of WikiText (rankserve.text's rules, tests/test_text.py): the cached
+file written once and atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+from test_text import PLAIN, TOKENIZED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,38 +24,6 @@ def corpora():
         yield mod
     finally:
         del sys.modules[name]
-
-
-# WikiText-2 style lines (made up here, not copied from the data set)
-TOKENIZED = (
-    " = = Early life = = \n"
-    " \n"
-    " The <unk> harbour , built in 1 @,@ 200 , was a well @-@ known port ( see below ) . It 's said that "
-    'it was " the finest " ; others disagree : they didn \'t agree ! Why ? 3 @.@ 5 % of ships sank . \n'
-)
-PLAIN = (
-    "== Early life ==\n"
-    "\n"
-    "The harbour, built in 1,200, was a well-known port (see below). It's said that "
-    'it was "the finest"; others disagree: they didn\'t agree! Why? 3.5% of ships sank.\n'
-)
-
-
-def test_wikitext_plain_text_rules(corpora):
-    assert corpora.wikitext_plain_text(TOKENIZED) == PLAIN
-    assert corpora.wikitext_plain_text(PLAIN) == PLAIN  # plain prose is left alone
-
-
-def test_wikitext_plain_text_agrees_with_lm_eval(corpora):
-    # lm-eval's detokenizer is the reference (a rule set we did not write) wherever the two mean the same: no
-    # <unk>, no "n 't", no headings (see _PLAIN_RULES), and its line-edge spaces stripped as ours are
-    lm_eval_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
-    line = (
-        " The harbour , built in 1 @,@ 200 , was a well @-@ known port ( see below ) . It 's said that it "
-        'was " the finest " ; others disagree : 3 @.@ 5 km of quays ! Why ? \n'
-    )
-    theirs = lm_eval_wikitext.wikitext_detokenizer({"page": line}).strip()
-    assert corpora.wikitext_plain_text(line).strip() == theirs
 
 
 def test_wikitext_plain_file_is_cached(corpora, tmp_path):

@@ -15,6 +15,7 @@ STATE_SUFFIX = ".heal-state"  # beside --out; it holds no manifest, so it never 
 def add_heal_arguments(p, prefix: str = "") -> None:
     """The training flags shared by ``heal`` and ``compress --heal-tokens`` (there prefixed ``heal-``)."""
     from rankserve.heal import HealConfig
+    from rankserve.text import DETOKENIZERS
 
     d = HealConfig()
     p.add_argument(
@@ -30,6 +31,12 @@ def add_heal_arguments(p, prefix: str = "") -> None:
         default=[],
         metavar="PATH",
         help="text file mixed into the self-generated data (repeatable; never an evaluation text)",
+    )
+    p.add_argument(
+        f"--{prefix}detokenize",
+        choices=sorted(DETOKENIZERS),
+        default=None,
+        help="rewrite the --data files' tokenized style as plain prose first (wikitext: ' @-@ ', ' , ', <unk>)",
     )
     p.add_argument(
         f"--{prefix}train-norms",
@@ -57,6 +64,7 @@ def heal_config(args, tokens: int, prefix: str = ""):
         seq_len=get("seq-len"),
         batch=get("batch"),
         data=data,
+        detokenize=get("detokenize"),
         train_norms=get("train-norms"),
         train_dense=get("train-dense"),
         self_share=0.5 if data else 1.0,
@@ -67,9 +75,32 @@ def heal_config(args, tokens: int, prefix: str = ""):
     if getattr(args, "autocast", None):
         fields["autocast"] = args.autocast
     try:
-        return HealConfig(**fields).validate()
+        cfg = HealConfig(**fields).validate()
     except ValueError as e:
         raise CLIError(f"{e} (flags: --{prefix}...)" if prefix else str(e)) from None
+    for note in style_notes(cfg, prefix):
+        print(note, file=sys.stderr)
+    return cfg
+
+
+def style_notes(cfg, prefix: str = "") -> list[str]:
+    """One line per --data file written in WikiText's tokenized style when it is not being detokenized: healing on
+    that style measured worse on other prose (rankserve.text)."""
+    from rankserve.text import WIKITEXT_MIN_MARKS, wikitext_marks
+
+    if cfg.detokenize is not None or cfg.self_share == 1:
+        return []
+    notes = []
+    for path in cfg.data:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            marks = wikitext_marks(f.read())
+        if marks >= WIKITEXT_MIN_MARKS:
+            notes.append(
+                f"note: {path} is in WikiText's tokenized style ({marks:,} ' @-@ ' / '<unk>' marks); the student "
+                f"learns that style too. --{prefix}detokenize wikitext heals on it as plain prose, which measured "
+                "better on other prose (README)"
+            )
+    return notes
 
 
 def add_arguments(p):
