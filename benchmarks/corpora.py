@@ -10,7 +10,7 @@ model compressed on WikiText does on other prose.
     python benchmarks/corpora.py          # prints the cached path, fetching it first if needed
     python benchmarks/corpora.py --wikitext-valid-plain   # the plain-prose copy of WikiText-2 valid (below)
 
-WikiText-2's files are in its tokenized style (" , ", " @-@ ", ``<unk>``; ``rankserve.text``). ``rankserve heal
+WikiText-2's files are in its tokenized style (" , ", " @-@ ", ``<unk>``; ``rankserve.textstyle``). ``rankserve heal
 --detokenize wikitext`` heals on them as plain prose as it reads them; :func:`wikitext_plain` writes the same plain
 text into the cache as a file (derived at run time, never committed), for tools that take a file.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)  # run as a script from anywhere: rankserve below
 
 from rankserve.fsutil import cache_dir  # noqa: E402
 from rankserve.hashing import file_sha256  # noqa: E402
-from rankserve.text import wikitext_plain_text  # noqa: E402
+from rankserve.textstyle import wikitext_plain_text  # noqa: E402
 
 CACHE = cache_dir("corpora")
 # WikiText-2 (test: perplexity only; valid.tokens: calibration and healing only), read in place, never copied
@@ -98,7 +98,7 @@ def fetch(corpus: Corpus = LEE, cache_dir: str = CACHE) -> str:
 
 
 def wikitext_plain(src: str = WIKI_VALID, cache_dir: str = CACHE) -> str:
-    """Path of ``rankserve.text.wikitext_plain_text`` of ``src`` in ``cache_dir`` (named by the source's sha256,
+    """Path of ``rankserve.textstyle.wikitext_plain_text`` of ``src`` in ``cache_dir`` (named by the source's sha256,
     written atomically), made first if it is not there yet."""
     require("corpora.py", src)
     digest = file_sha256(src)

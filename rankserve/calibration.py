@@ -33,7 +33,7 @@ from rankserve.families.base import SAME_INPUT, short_name
 from rankserve.hashing import file_sha256
 from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
-from rankserve.text import DETOKENIZERS
+from rankserve.textstyle import DETOKENIZERS
 
 SELF = "self"
 MIX = "mix"  # self-generated rows and a text file's windows
@@ -113,7 +113,7 @@ def text_calibration(
 
     The whole file is tokenized once (no special tokens; a UTF-8 BOM is dropped); window starts are drawn
     uniformly with a ``torch.Generator`` seeded by ``seed``, as SVD-LLM samples its calibration set.
-    ``detokenize``: a :data:`rankserve.text.DETOKENIZERS` name whose rules rewrite the text first (e.g.
+    ``detokenize``: a :data:`rankserve.textstyle.DETOKENIZERS` name whose rules rewrite the text first (e.g.
     ``"wikitext"``: WikiText's tokenized style as plain prose).
     """
     _check_sizes(n_samples, seq_len)

@@ -43,7 +43,7 @@ from rankserve.distill import (
 )
 from rankserve.errors import InputError
 from rankserve.layers import projections
-from rankserve.text import DETOKENIZERS
+from rankserve.textstyle import DETOKENIZERS
 
 STATE_FORMAT = 1
 MIN_WARMUP = 10
@@ -72,7 +72,9 @@ class HealConfig:
     train_norms: bool = False
     train_dense: bool = False  # also the projections the compression kept dense (same bytes, more to train)
     data: list[str] = field(default_factory=list)  # text files mixed in
-    detokenize: str | None = None  # rules applied to the ``data`` files first (rankserve.text.DETOKENIZERS)
+    detokenize: str | None = (
+        None  # rules applied to the ``data`` files first (rankserve.textstyle.DETOKENIZERS)
+    )
     self_share: float = 1.0  # fraction of the pool self-generated (the rest from ``data``)
     pool_tokens: int = 65536  # distinct training tokens; the pool repeats when ``tokens`` is larger
     eval_rows: int = 4  # rows held back for evaluation

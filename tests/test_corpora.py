@@ -1,4 +1,4 @@
-"""benchmarks/corpora.py's plain-prose copy of WikiText (rankserve.text's rules, tests/test_text.py): the cached
+"""benchmarks/corpora.py's plain-prose copy of WikiText (rankserve.textstyle's rules, tests/test_textstyle.py): the cached
 file written once and atomically."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from test_text import PLAIN, TOKENIZED
+from test_textstyle import PLAIN, TOKENIZED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ STATE_SUFFIX = ".heal-state"  # beside --out; it holds no manifest, so it never 
 def add_heal_arguments(p, prefix: str = "") -> None:
     """The training flags shared by ``heal`` and ``compress --heal-tokens`` (there prefixed ``heal-``)."""
     from rankserve.heal import HealConfig
-    from rankserve.text import DETOKENIZERS
+    from rankserve.textstyle import DETOKENIZERS
 
     d = HealConfig()
     p.add_argument(
@@ -85,8 +85,8 @@ def heal_config(args, tokens: int, prefix: str = ""):
 
 def style_notes(cfg, prefix: str = "") -> list[str]:
     """One line per --data file written in WikiText's tokenized style when it is not being detokenized: healing on
-    that style measured worse on other prose (rankserve.text)."""
-    from rankserve.text import WIKITEXT_MIN_MARKS, wikitext_marks
+    that style measured worse on other prose (rankserve.textstyle)."""
+    from rankserve.textstyle import WIKITEXT_MIN_MARKS, wikitext_marks
 
     if cfg.detokenize is not None or cfg.self_share == 1:
         return []

@@ -1,4 +1,4 @@
-"""rankserve.text: WikiText's tokenized style as plain prose (lm-eval's detokenizer as the reference where the two
+"""rankserve.textstyle: WikiText's tokenized style as plain prose (lm-eval's detokenizer as the reference where the two
 mean the same), spotting that style, and ``heal --detokenize wikitext`` reading --data through it end to end."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tiny_tok import tiny_tokenizer
 import rankserve.heal as heal_mod
 from rankserve.calibration import text_calibration
 from rankserve.heal import HealConfig
-from rankserve.text import WIKITEXT_MIN_MARKS, wikitext_marks, wikitext_plain_text
+from rankserve.textstyle import WIKITEXT_MIN_MARKS, wikitext_marks, wikitext_plain_text
 
 # WikiText-2 style lines (made up here, not copied from the data set)
 TOKENIZED = (
@@ -37,7 +37,7 @@ def test_wikitext_plain_text_rules():
 
 def test_wikitext_plain_text_agrees_with_lm_eval():
     # lm-eval's detokenizer is the reference (a rule set we did not write) wherever the two mean the same: no
-    # <unk>, no "n 't", no headings (see rankserve.text), and its line-edge spaces stripped as ours are
+    # <unk>, no "n 't", no headings (see rankserve.textstyle), and its line-edge spaces stripped as ours are
     lm_eval_wikitext = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")
     line = (
         " The harbour , built in 1 @,@ 200 , was a well @-@ known port ( see below ) . It 's said that it "

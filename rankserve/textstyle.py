@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 # WikiText's tokenized style -> plain prose, applied in this order. Own rules rather than lm-eval's
 # ``wikitext_detokenizer`` (an optional extra with a heavy dependency tree; it also keeps ``<unk>``, leaves "don 't"
-# and half-joins headings); tests/test_text.py checks the two agree on text that has none of those.
+# and half-joins headings); tests/test_textstyle.py checks the two agree on text that has none of those.
 _PLAIN_RULES = [
     # the rare word is gone: "a species of <unk> lobster" reads as prose without it
     (re.compile(r" ?<unk>"), ""),
