@@ -72,9 +72,8 @@ class HealConfig:
     train_norms: bool = False
     train_dense: bool = False  # also the projections the compression kept dense (same bytes, more to train)
     data: list[str] = field(default_factory=list)  # text files mixed in
-    detokenize: str | None = (
-        None  # rules applied to the ``data`` files first (rankserve.textstyle.DETOKENIZERS)
-    )
+    # rules applied to the ``data`` files before tokenizing (a rankserve.textstyle.DETOKENIZERS name)
+    detokenize: str | None = None
     self_share: float = 1.0  # fraction of the pool self-generated (the rest from ``data``)
     pool_tokens: int = 65536  # distinct training tokens; the pool repeats when ``tokens`` is larger
     eval_rows: int = 4  # rows held back for evaluation
@@ -192,7 +191,7 @@ def make_heal_data(
         c = text_calibration(path, tokenizer, n, config.seq_len, config.seed + i, config.detokenize)
         parts.append(c.tokens)
         src = {"source": c.source, "sha256": c.sha256, "samples": n, "seq_len": config.seq_len}
-        sources.append(src | ({"detokenize": config.detokenize} if config.detokenize else {}))
+        sources.append(src | {k: v for k, v in c.details.items() if k == "detokenize"})
     pool = torch.cat(parts)  # (rows, L)
     order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(config.seed))
     pool = pool[order]

@@ -1,4 +1,5 @@
-"""Plain-text rules for training text: pure ``str -> str`` functions, no files, no models.
+"""The style of training text: rules that rewrite it and a test that spots it; pure functions on ``str``, no
+files, no models.
 
 WikiText's files are in its tokenized style: spaces around punctuation (" , " " . " " 's"), " @-@ " for an
 in-word hyphen, and, in ``wiki.valid.tokens``, ``<unk>`` for every rare word. Healing on that text teaches the
