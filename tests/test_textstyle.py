@@ -108,3 +108,19 @@ def test_cli_heal_detokenize_and_the_style_note(dirs, wiki_files):  # noqa: F811
         rankserve("heal", comp, "--teacher", dense, "--out", str(root / "x"), "--detokenize", "wikitext"),
         "heal detokenize rewrites the data files",
     )
+
+
+def test_compress_heal_detokenize_in_one_step(dirs, wiki_files):  # noqa: F811
+    from rankserve.checkpoint import read_manifest
+
+    root, dense, _ = dirs
+    tokenized, _ = wiki_files
+    out = str(root / "one-step-plain")
+    r = rankserve(
+        "compress", dense, "--family", "svd", "--ratio", "0.5", "--out", out, "--heal-tokens", "128",
+        "--heal-seq-len", "32", "--heal-batch", "2", "--heal-data", tokenized, "--heal-detokenize", "wikitext",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "tokenized style" not in r.stderr
+    data = read_manifest(out)["healing"]["data"]
+    assert [d.get("detokenize") for d in data] == [None, "wikitext"]  # self-generated rows, then the file
