@@ -33,7 +33,7 @@ from rankserve.families.base import SAME_INPUT, short_name
 from rankserve.hashing import file_sha256
 from rankserve.layers import Projection, projections
 from rankserve.models.llama import rope_cos_sin
-from rankserve.textstyle import DETOKENIZERS
+from rankserve.textstyle import detokenizer
 
 SELF = "self"
 MIX = "mix"  # self-generated rows and a text file's windows
@@ -117,14 +117,13 @@ def text_calibration(
     ``"wikitext"``: WikiText's tokenized style as plain prose).
     """
     _check_sizes(n_samples, seq_len)
-    if detokenize is not None and detokenize not in DETOKENIZERS:
-        raise InputError(f"unknown detokenize {detokenize!r}; known: {', '.join(DETOKENIZERS)}")
+    rewrite = detokenizer(detokenize) if detokenize is not None else None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"calibration file not found: {path}")
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
-    if detokenize is not None:
-        text = DETOKENIZERS[detokenize](text)
+    if rewrite is not None:
+        text = rewrite(text)
     ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
     if ids.numel() < seq_len:
         raise InputError(f"{path} has {ids.numel()} tokens, fewer than one window of {seq_len}")

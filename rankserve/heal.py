@@ -43,7 +43,7 @@ from rankserve.distill import (
 )
 from rankserve.errors import InputError
 from rankserve.layers import projections
-from rankserve.textstyle import DETOKENIZERS
+from rankserve.textstyle import detokenizer
 
 STATE_FORMAT = 1
 MIN_WARMUP = 10
@@ -120,10 +120,7 @@ class HealConfig:
             if not os.path.isfile(p):
                 raise InputError(f"heal data file not found: {p}")
         if self.detokenize is not None:
-            if self.detokenize not in DETOKENIZERS:
-                raise InputError(
-                    f"heal detokenize must be one of {', '.join(DETOKENIZERS)}, got {self.detokenize!r}"
-                )
+            detokenizer(self.detokenize, "heal detokenize")
             if not self.data or self.self_share == 1:
                 raise InputError(
                     "heal detokenize rewrites the data files: give text files in data and a self_share below 1"

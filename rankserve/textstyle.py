@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from rankserve.errors import InputError
+
 # WikiText's tokenized style -> plain prose, applied in this order. Own rules rather than lm-eval's
 # ``wikitext_detokenizer`` (an optional extra with a heavy dependency tree; it also keeps ``<unk>``, leaves "don 't"
 # and half-joins headings); tests/test_textstyle.py checks the two agree on text that has none of those.
@@ -50,3 +52,11 @@ def wikitext_marks(text: str) -> int:
 
 # --detokenize NAME -> the rule set; one entry per text style we know
 DETOKENIZERS: dict[str, Callable[[str], str]] = {"wikitext": wikitext_plain_text}
+
+
+def detokenizer(name: str, what: str = "detokenize") -> Callable[[str], str]:
+    """The rules :data:`DETOKENIZERS` names ``name``; an unknown name raises one line (``what``: what the caller
+    calls the setting)."""
+    if name not in DETOKENIZERS:
+        raise InputError(f"{what} must be one of {', '.join(DETOKENIZERS)}, got {name!r}")
+    return DETOKENIZERS[name]

@@ -71,7 +71,7 @@ def test_detokenized_windows_are_the_plain_files_windows(wiki_files):
     assert torch.equal(got.tokens, want.tokens)
     assert got.details["detokenize"] == "wikitext" and got.source.endswith("valid.tokens.txt")
     assert not torch.equal(text_calibration(tokenized, tok, 5, 24, seed=2).tokens, want.tokens)
-    with pytest.raises(ValueError, match="unknown detokenize 'moses'; known: wikitext"):
+    with pytest.raises(ValueError, match="detokenize must be one of wikitext, got 'moses'"):
         text_calibration(tokenized, tok, 5, 24, detokenize="moses")
 
 
