@@ -10,6 +10,7 @@ import sys
 from rankserve.cli.main import CLIError, apply_threads
 
 STATE_SUFFIX = ".heal-state"  # beside --out; it holds no manifest, so it never loads as a checkpoint
+STYLE_PROBE_CHARS = 1 << 20  # the style note reads this much of each --data file, not a whole large corpus
 
 
 def add_heal_arguments(p, prefix: str = "") -> None:
@@ -51,7 +52,8 @@ def add_heal_arguments(p, prefix: str = "") -> None:
 
 
 def heal_config(args, tokens: int, prefix: str = ""):
-    """The HealConfig from parsed flags; bad values raise CLIError naming the flag."""
+    """The HealConfig from parsed flags; bad values raise CLIError naming the flag. Prints :func:`style_notes` to
+    stderr."""
     from rankserve.heal import HealConfig
 
     def get(name: str):
@@ -93,10 +95,11 @@ def style_notes(cfg, prefix: str = "") -> list[str]:
     notes = []
     for path in cfg.data:
         with open(path, encoding="utf-8-sig", errors="replace") as f:
-            marks = wikitext_marks(f.read())
+            marks = wikitext_marks(f.read(STYLE_PROBE_CHARS))
         if marks >= WIKITEXT_MIN_MARKS:
             notes.append(
-                f"note: {path} is in WikiText's tokenized style ({marks:,} ' @-@ ' / '<unk>' marks); the student "
+                f"note: {path} is in WikiText's tokenized style ({marks:,} ' @-@ ' / '<unk>' marks in its first "
+                f"{STYLE_PROBE_CHARS:,} characters); the student "
                 f"learns that style too. --{prefix}detokenize wikitext heals on it as plain prose, which measured "
                 "better on other prose (README)"
             )
