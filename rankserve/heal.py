@@ -114,18 +114,21 @@ class HealConfig:
         check_self_share(self.self_share, "heal self_share")
         if self.self_share < 1 and not self.data:
             raise InputError("heal self_share < 1 needs text files in data")
-        if self.self_share == 0 and not self.data:
-            raise InputError("heal needs data: self-generated text or text files")
         for p in self.data:
             if not os.path.isfile(p):
                 raise InputError(f"heal data file not found: {p}")
         if self.detokenize is not None:
             detokenizer(self.detokenize, "heal detokenize")
-            if not self.data or self.self_share == 1:
+            if not self.reads_files:
                 raise InputError(
                     "heal detokenize rewrites the data files: give text files in data and a self_share below 1"
                 )
         return self
+
+    @property
+    def reads_files(self) -> bool:
+        """Whether the ``data`` files contribute rows: there are some, and not every row is self-generated."""
+        return bool(self.data) and self.self_share < 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -90,7 +90,7 @@ def style_notes(cfg, prefix: str = "") -> list[str]:
     that style measured worse on other prose (rankserve.textstyle)."""
     from rankserve.textstyle import WIKITEXT_MIN_MARKS, wikitext_marks
 
-    if cfg.detokenize is not None or cfg.self_share == 1:
+    if cfg.detokenize is not None or not cfg.reads_files:
         return []
     notes = []
     for path in cfg.data:
