@@ -295,7 +295,8 @@ def compress_(
     not_dense = [n for n, m in projs.items() if not isinstance(m, DenseLinear)]
     if not_dense:
         raise InputError(
-            f"model is already compressed ({not_dense[0]} is {type(projs[not_dense[0]]).__name__})"
+            f"model is already compressed ({not_dense[0]} is {type(projs[not_dense[0]]).__name__}); to "
+            "compress it further, multiply its factors out first with rankserve.layers.densify_(model)"
         )
     n_layers = len(model.model.layers)
     slots = transform.slots(config, projs, n_layers)

@@ -193,6 +193,29 @@ def projections(model: nn.Module) -> dict[str, Projection]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Projection)}
 
 
+def densify_(model: nn.Module) -> list[str]:
+    """Replace every factorized float projection by the :class:`DenseLinear` of its product (``U V``, ``C B``),
+    in place; return the names replaced. The model computes the same function (up to rounding) and can then be
+    compressed again, e.g. at a higher ratio: gradual compression, each stage healed before the next."""
+    projs = projections(model)
+    int8 = [n for n, m in projs.items() if m.is_int8()]
+    if int8:
+        raise ValueError(f"{int8[0]} holds int8 weights; multiply out the float factors, not quantized ones")
+    done = []
+    for name, m in projs.items():
+        if isinstance(m, DenseLinear):
+            continue
+        w = m.dense_weight().detach()
+        d = DenseLinear(m.in_features, m.out_features, m.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            d.weight.copy_(w)
+            if m.bias is not None:
+                d.bias.copy_(m.bias)
+        replace_module(model, name, d)
+        done.append(name)
+    return done
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` by ``new``."""
     parent_name, _, child = name.rpartition(".")

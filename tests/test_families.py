@@ -301,8 +301,30 @@ def test_compress_errors():
         compress_(tiny_model(), SVDLLMConfig(ratio=0.3), None, progress=False)
     model = tiny_model()
     compress_(model, SVDConfig(ratio=0.3), progress=False)
-    with pytest.raises(ValueError, match="already compressed"):
+    with pytest.raises(ValueError, match=r"already compressed .*rankserve.layers.densify_\(model\)"):
         compress_(model, SVDConfig(ratio=0.3), progress=False)
+
+
+@pytest.mark.parametrize("family", ["svd-llm", "basis-sharing"])
+def test_densify_multiplies_the_factors_out(family):
+    """densify_ turns every factorized projection into the dense product; the logits stay, and the model can be
+    compressed again (gradual compression)."""
+    from rankserve.layers import DenseLinear, densify_, projections
+    from rankserve.quantize import Int8Config, quantize_
+
+    model = tiny_model()
+    compress_(model, config_class(family)(ratio=0.3), calib(), progress=False)
+    toks = calib(2, 12, seed=3)
+    ref = logits(model, toks)
+    factored = [n for n, m in projections(model).items() if not isinstance(m, DenseLinear)]
+    assert factored and sorted(densify_(model)) == sorted(factored)
+    assert all(isinstance(m, DenseLinear) for m in projections(model).values())
+    assert (logits(model, toks) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    rep = compress_(model, config_class(family)(ratio=0.6), calib(), progress=False)
+    assert rep.achieved_ratio >= 0.6
+    quantize_(model, Int8Config())
+    with pytest.raises(ValueError, match="holds int8 weights"):
+        densify_(model)
 
 
 def test_fwsvd_leaves_no_gradients_behind():

@@ -247,6 +247,35 @@ def test_compress_heal_tokens_in_one_step(dirs):
     assert m["healing"]["tokens"] == 128 and m["compression"]["params_linear_after"] == m["params_linear"]
 
 
+def test_compress_a_healed_checkpoint_further(dirs):
+    """Gradual compression: a healed svd 0.5 checkpoint compressed again at 0.7 is an ordinary checkpoint whose
+    manifest keeps what it came from; a ratio at or under the source's, or --heal-tokens, is one line."""
+    from rankserve.checkpoint import read_manifest
+
+    root, dense, comp = dirs
+    healed = str(root / "healed-for-further")
+    r = rankserve("heal", comp, "--teacher", dense, "--out", healed, *HEAL_FLAGS, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    before = read_manifest(healed)
+    out = str(root / "further")
+    r = rankserve("compress", healed, "--family", "svd", "--ratio", "0.7", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "its factors are multiplied out and compressed again at 0.7" in r.stderr
+    m = read_manifest(out)
+    assert m["family"] == "svd" and 0.7 <= m["ratio_measured"] < 0.75 and "healing" not in m
+    prev = m["compression"]["compressed_from"]
+    assert prev["ratio_measured"] == before["ratio_measured"] and prev["healing"] == before["healing"]
+    assert prev["source"] == before["source"]
+    for ratio, flags, pattern in [
+        ("0.5", [], "needs a higher --ratio than that, got 0.5"),
+        ("0.7", ["--heal-tokens", "64"], "then heal the result with rankserve heal OUT --teacher"),
+    ]:
+        bad = str(root / "bad-further")
+        r = rankserve("compress", healed, "--family", "svd", "--ratio", ratio, *flags, "--out", bad)
+        assert_one_line_error(r, pattern)
+        assert not os.path.exists(bad)
+
+
 def test_self_generated_rows_mix_prose_and_chat():
     from rankserve.calibration import CHAT_PROMPTS, self_generated_rows
 
