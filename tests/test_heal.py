@@ -269,6 +269,8 @@ def test_compress_a_healed_checkpoint_further(dirs):
     for ratio, flags, pattern in [
         ("0.5", [], "needs a higher --ratio than that, got 0.5"),
         ("0.7", ["--heal-tokens", "64"], "then heal the result with rankserve heal OUT --teacher"),
+        # a model check after the source is known to be compressed: still one line, no note printed before it
+        ("0.7", ["--calib-seq-len", "1000"], "--calib-seq-len 1000 exceeds the model context"),
     ]:
         bad = str(root / "bad-further")
         r = rankserve("compress", healed, "--family", "svd", "--ratio", ratio, *flags, "--out", bad)

@@ -163,13 +163,13 @@ def run(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, check_finite=args.check_finite)
     if "quantization" in lm.manifest:
         raise CLIError(f"{args.model} holds int8 weights; compress the float model, then quantize")
-    previous = None
-    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
-        previous = further_compression(lm, args)
     if args.calib_seq_len > lm.config.max_position_embeddings:
         raise CLIError(
             f"--calib-seq-len {args.calib_seq_len} exceeds the model context {lm.config.max_position_embeddings}"
         )
+    previous = None  # after every check on the model: further_compression prints a note, then multiplies out
+    if lm.kind == "rankserve" and lm.manifest.get("family") not in (None, "dense"):
+        previous = further_compression(lm, args)
     t0 = time.perf_counter()
     calib = None
     if cfg.wanted_stats():
