@@ -175,11 +175,26 @@ def team_size():
 )
 def test_fast_decode_equals_eager_at_every_team_size(team_size, threads, variant, lowrank, rows):
     """Each team size (1 to 4 threads) decodes like eager: the native layer splits every stage's row tiles and
-    the attention heads (as B * heads items) over however many threads the region has, and sizes its per-thread
-    score buffers by it; one or two rows, low-rank or dense, 2 kv heads (4 or 8 query heads)."""
+    each row's cache rows (attention partials) over however many threads the region has, and sizes its
+    per-thread score and partial buffers by it; one or two rows, low-rank or dense, 2 kv heads (4 or 8 query heads)."""
     team_size(threads)
     model = lowrank_model(variant) if lowrank else tiny_model(variant)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]][:rows]
+    ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
+    got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fast_decode_equals_eager_over_long_contexts_and_many_heads_per_kv_head(team_size, threads):
+    """The attention partials over contexts long enough for several key tiles and the vector exp in each thread's
+    share (up to 57 cache rows), with more query heads per kv head than one pass takes (6 over 1: passes of 4 and
+    2), and rows whose valid prefixes differ (left padding)."""
+    team_size(threads)
+    model = tiny_model("llama-gqa", num_attention_heads=6, num_key_value_heads=1, hidden_size=96)
+    prompts = [list(range(3, 48)), list(range(5, 35))]
     ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
     got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
     assert (got - ref).abs().max().item() <= 1e-3

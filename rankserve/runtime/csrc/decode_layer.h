@@ -3,8 +3,8 @@
 // Included by kernels.cpp inside its anonymous namespace (it uses Isa, matvec_tile, to_f32/from_f32, data_of).
 // Calling a GEMV op per projection costs a thread wake-up, a barrier and a dispatcher round trip each time; at
 // SmolLM2's sizes (a 576x576 matrix streams in ~30 us) that overhead is as large as the work. Here a layer is
-// one region: every stage is an `omp for` over rows (or heads), and the stages are separated only by the
-// implicit barriers between them.
+// one region: every stage splits its work (row tiles, cache rows, columns) over the threads, and the stages are
+// separated only by the barriers between them.
 //
 // Semantics match the eager model (rankserve/models/llama.py) at one token per row:
 //   h   = rmsnorm(x) * w_in
@@ -35,32 +35,64 @@ struct Seg {
   QMat qw{nullptr, nullptr, 0};
 };
 
-// Jobs that run between the same two barriers, as one `omp for` over the row tiles of every job (see
-// matvec_tile) numbered across the jobs. Built before the parallel region, so that no thread allocates in it.
+// Jobs that run between the same two barriers, as one split of the row tiles of every job (see matvec_tile)
+// numbered across the jobs. Built before the parallel region, so that no thread allocates in it.
+//
+// Each thread takes a contiguous run of tiles holding an equal share of the stage's weight bytes, not an equal
+// count of tiles: the members of a stage differ in row length (a q lift has 4x the rows of a k lift at up to 2x
+// the rank; loss-driven ranks give gate and up lifts different lengths), and `omp for schedule(static)` gave one
+// thread up to 62% of a stage's bytes. -DRANKSERVE_BALANCE=0 restores the equal count of tiles, for A/B builds.
+#ifndef RANKSERVE_BALANCE
+#define RANKSERVE_BALANCE 1
+#endif
 template <typename T>
 struct Stage {
   std::vector<Seg<T>> segs;
   std::vector<int64_t> first_tile{0};  // first_tile[i]: number of segs[i]'s first tile; back(): all tiles
+  std::vector<int64_t> first_byte{0};  // first_byte[i]: weight bytes of the tiles before segs[i]'s
 
   void add(const Seg<T>& s) {
     segs.push_back(s);
     first_tile.push_back(first_tile.back() + strided_tile_count(s.N));
+    first_byte.push_back(first_byte.back() + s.N * s.K * (s.qw.q ? 1 : static_cast<int64_t>(sizeof(T))));
   }
   bool empty() const { return segs.empty(); }
 
-  // Must be called by every thread of the team; ends with the `omp for`'s barrier.
+  // The first tile whose weight bytes start at or after `byte` (a tile of kRows rows costs kRows row lengths; a
+  // partial last tile is counted as whole, a few rows' error).
+  int64_t tile_at(int64_t byte) const {
+    size_t i = 0;
+    while (i + 1 < segs.size() && byte >= first_byte[i + 1]) ++i;
+    const int64_t tiles = first_tile[i + 1] - first_tile[i], seg_bytes = first_byte[i + 1] - first_byte[i];
+    const int64_t in_seg = std::clamp<int64_t>(byte - first_byte[i], 0, seg_bytes);
+    return first_tile[i] + (seg_bytes > 0 ? (in_seg * tiles + seg_bytes - 1) / seg_bytes : 0);
+  }
+
+  void run_tile(int64_t t, size_t& i, int64_t B) const {
+    while (t >= first_tile[i + 1]) ++i;
+    const Seg<T>& s = segs[i];
+    if (s.qw.q)
+      qmatvec_tile<T, T, T>(t - first_tile[i], s.qw, s.N, s.K, s.x, s.ldx, nullptr, B, s.bias, s.y, s.ldy);
+    else
+      matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
+  }
+
+  // Must be called by every thread of the team; ends with a barrier.
   void run(int64_t B) const {
+#if RANKSERVE_BALANCE
+    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads(), bytes = first_byte.back();
+    const int64_t lo = tile_at(bytes * id / team), hi = id + 1 == team ? first_tile.back() : tile_at(bytes * (id + 1) / team);
+    size_t i = 0;
+    for (int64_t t = lo; t < hi; ++t) run_tile(t, i, B);
+#pragma omp barrier
+#else
     const int64_t ntiles = first_tile.back();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < ntiles; ++t) {
       size_t i = 0;
-      while (t >= first_tile[i + 1]) ++i;
-      const Seg<T>& s = segs[i];
-      if (s.qw.q)
-        qmatvec_tile<T, T, T>(t - first_tile[i], s.qw, s.N, s.K, s.x, s.ldx, nullptr, B, s.bias, s.y, s.ldy);
-      else
-        matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
+      run_tile(t, i, B);
     }
+#endif
   }
 };
 
@@ -179,22 +211,41 @@ void group_stages(const Group<T>& g, const T* x, T* y, T* tmp, Stage<T>& first, 
   }
 }
 
+// out[b] = rmsnorm(x[b] (+ add[b])) * w for the B rows; with `add`, x + add (rounded to T, as the eager residual
+// add rounds) is also written to sum. Every thread computes each row's sum of squares in full (D values, from
+// cache) and writes its own slice of the columns, so that no thread waits while one normalizes a whole row (at
+// B = 1 an `omp for` over rows left the other idle) and the residual add needs no stage of its own. Must be
+// called by every thread of the team; ends with a barrier.
 template <typename T>
-void rmsnorm_rows(const T* x, const T* w, float eps, int64_t B, int64_t D, T* out) {
-#pragma omp for schedule(static)
+void rmsnorm_rows(const T* x, const T* add, const T* w, float eps, int64_t B, int64_t D, T* sum, T* out) {
+  const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
+  const int64_t lo = D * id / team, hi = D * (id + 1) / team;
+  constexpr int L = Isa::kLanes;
   for (int64_t b = 0; b < B; ++b) {
     const T* xr = x + b * D;
-    double ss = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const float v = to_f32(xr[d]);
-      ss += static_cast<double>(v) * v;
+    const T* ar = add ? add + b * D : nullptr;
+    auto value = [&](int64_t d) { return ar ? to_f32(round_t<T>(to_f32(xr[d]) + to_f32(ar[d]))) : to_f32(xr[d]); };
+    Isa::V ss = Isa::zero();
+    float tail = 0.0f;
+    int64_t d = 0;
+    if (ar == nullptr)
+      for (; d + L <= D; d += L) {
+        const Isa::V v = Isa::load(xr + d);
+        ss = Isa::fma(v, v, ss);
+      }
+    for (; d < D; ++d) {
+      const float v = value(d);
+      tail += v * v;
     }
-    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
-    for (int64_t d = 0; d < D; ++d) {
-      const T normed = round_t<T>(to_f32(xr[d]) * inv);  // eager casts back to the model dtype first
+    const float inv = 1.0f / std::sqrt((Isa::sum(ss) + tail) / static_cast<float>(D) + eps);
+    for (int64_t d = lo; d < hi; ++d) {
+      const float v = value(d);
+      if (ar) sum[b * D + d] = round_t<T>(v);
+      const T normed = round_t<T>(v * inv);  // eager casts back to the model dtype first
       out[b * D + d] = round_t<T>(to_f32(w[d]) * to_f32(normed));
     }
   }
+#pragma omp barrier
 }
 
 // RoPE (HF half-split layout) on one head vector in place: v [hd], cos/sin [hd] in T.
@@ -211,12 +262,102 @@ inline void rope_head(T* v, const T* cos, const T* sin, int64_t hd) {
   }
 }
 
+// One thread's share of one-token attention for NH (<= kBatch) query heads that share one kv head: over the n
+// cache rows k, v [n, hd], the scaled scores' max m[h], the sum l[h] of exp(score - m[h]) and the unnormalized
+// acc[h, :hd] = sum_s exp(score_s - m[h]) v[s] (flash-decoding partials; n == 0 gives m = -inf, l = 0, acc = 0).
+// Each key and value row is read once for the NH heads: the keys in tiles of kRows rows against NH query rows
+// (dot_tile), the values in column blocks of C vectors with NH * C accumulators in registers. sc holds NH * n.
+template <typename T, int NH>
+void attend_rows(const float* q, int64_t hd, const T* k, const T* v, int64_t n, float scale, float* sc, float* m,
+                 float* l, float* acc) {
+  using V = Isa::V;
+  constexpr int L = Isa::kLanes;
+  for (int h = 0; h < NH; ++h) m[h] = -INFINITY;
+  for (int64_t s = 0; s < n; s += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - s));
+    float out[kBatch * kRows];
+    with_tile_shape(rows, NH, [&]<int R, int NB>() { dot_tile<T, float, R, NB>(k + s * hd, hd, q, hd, hd, out); });
+    for (int h = 0; h < NH; ++h)
+      for (int r = 0; r < rows; ++r) {
+        const float d = out[h * kRows + r] * scale;
+        sc[h * n + s + r] = d;
+        m[h] = std::max(m[h], d);
+      }
+  }
+  for (int h = 0; h < NH; ++h) {  // sc <- exp(sc - m), l = its sum
+    float* p = sc + h * n;
+    const V mv = Isa::set1(m[h]);
+    V sum = Isa::zero();
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const V e = Isa::exp(Isa::sub(Isa::load(p + i), mv));
+      Isa::store(p + i, e);
+      sum = Isa::add(sum, e);
+    }
+    float rest = 0.0f;
+    if (i < n) {  // the ragged end through a buffer padded with -inf (exp gives exact zeros)
+      float buf[L];
+      for (int j = 0; j < L; ++j) buf[j] = i + j < n ? p[i + j] : -INFINITY;
+      Isa::store(buf, Isa::exp(Isa::sub(Isa::load(buf), mv)));
+      for (int j = 0; i + j < n; ++j) rest += (p[i + j] = buf[j]);
+    }
+    l[h] = Isa::sum(sum) + rest;
+  }
+  constexpr int C = L >= 16 ? 4 : 2;  // value vectors per block: NH * C accumulators + C values in registers
+  int64_t j0 = 0;
+  auto block = [&]<int CB>() {
+    V a[NH][CB];
+    for (int h = 0; h < NH; ++h)
+      for (int c = 0; c < CB; ++c) a[h][c] = Isa::zero();
+    for (int64_t s = 0; s < n; ++s) {
+      V vv[CB];
+      for (int c = 0; c < CB; ++c) vv[c] = Isa::load(v + s * hd + j0 + c * L);
+      for (int h = 0; h < NH; ++h) {
+        const V pv = Isa::set1(sc[h * n + s]);
+        for (int c = 0; c < CB; ++c) a[h][c] = Isa::fma(pv, vv[c], a[h][c]);
+      }
+    }
+    for (int h = 0; h < NH; ++h)
+      for (int c = 0; c < CB; ++c) Isa::store(acc + h * hd + j0 + c * L, a[h][c]);
+    j0 += CB * L;
+  };
+  while (j0 + C * L <= hd) block.template operator()<C>();
+  while (j0 + L <= hd) block.template operator()<1>();
+  for (; j0 < hd; ++j0)
+    for (int h = 0; h < NH; ++h) {
+      float a = 0.0f;
+      for (int64_t s = 0; s < n; ++s) a += sc[h * n + s] * to_f32(v[s * hd + j0]);
+      acc[h * hd + j0] = a;
+    }
+}
+
+// act[b, j] = silu(gu[b, j]) * gu[b, F + j] for the B rows of gu [B, ldg], kLanes outputs per item, rounded to T
+// where the eager F.silu(g) * u rounds. The exp is the vector one PyTorch's own SiLU kernel calls (Isa::exp).
+template <typename T>
+void silu_mul_rows(const T* gu, int64_t ldg, int64_t B, int64_t F, T* act) {
+  constexpr int L = Isa::kLanes;
+  const int64_t blocks = (F + L - 1) / L;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < B * blocks; ++i) {
+    const int64_t b = i / blocks, j0 = i % blocks * L, n = std::min<int64_t>(L, F - j0);
+    const T* g = gu + b * ldg + j0;
+    float gf[L], sf[L];
+    for (int j = 0; j < L; ++j) gf[j] = j < n ? to_f32(g[j]) : 0.0f;
+    const Isa::V gv = Isa::load(gf);
+    Isa::store(sf, Isa::div(gv, Isa::add(Isa::set1(1.0f), Isa::exp(Isa::sub(Isa::zero(), gv)))));
+    for (int64_t j = 0; j < n; ++j)
+      act[b * F + j0 + j] = round_t<T>(to_f32(round_t<T>(sf[j])) * to_f32(g[F + j]));
+  }
+}
+
 // A layer's intermediate vectors for B activation rows; one Scratch serves every layer of a stack (sized for the
 // largest), since the layers run one after another.
 template <typename T>
 struct Scratch {
   std::vector<T> h, qkv_out, attn, ores, x1, gu_out, act, dres, tmp;
-  std::vector<float> scores;  // per thread: one attention row of S + 1 scores
+  std::vector<float> scores;            // per thread: kBatch heads' scores over at most S cache rows
+  std::vector<float> part_m, part_l;    // per thread and (row, head): the partial softmax's max and sum
+  std::vector<float> part_acc;          // per thread and (row, head): the unnormalized sum of value rows [hd]
 };
 
 // A layer's projection groups and the stages that run them (qkv, o, gate_up, down: first stage and lifts of each)
@@ -261,10 +402,12 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
   const Group<T>& gu = p.gu;
   const int64_t F = gu.total_out / 2;
   const int nt = std::max(1, at::get_num_threads());
-  grow(s.scores, static_cast<int64_t>(nt) * (S + 1));
+  grow(s.scores, static_cast<int64_t>(nt) * kBatch * S);
+  grow(s.part_m, nt * B * H), grow(s.part_l, nt * B * H), grow(s.part_acc, nt * B * H * hd);
   T *h = s.h.data(), *qkv_out = s.qkv_out.data(), *attn = s.attn.data(), *ores = s.ores.data();
   T *x1 = s.x1.data(), *gu_out = s.gu_out.data(), *act = s.act.data(), *dres = s.dres.data();
-  float* scores = s.scores.data();
+  float *scores = s.scores.data(), *part_m = s.part_m.data(), *part_l = s.part_l.data();
+  float* part_acc = s.part_acc.data();
   auto run_group = [&](int g) {  // by every thread of the team
     p.st[2 * g].run(B);
     if (!p.st[2 * g + 1].empty()) p.st[2 * g + 1].run(B);
@@ -272,7 +415,7 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
   const int64_t rep = H / KV;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    rmsnorm_rows<T>(xp, w_in_p, static_cast<float>(eps), B, D, h);
+    rmsnorm_rows<T>(xp, nullptr, w_in_p, static_cast<float>(eps), B, D, nullptr, h);
     run_group(0);
     // RoPE on q and k heads, then k and v into the cache at `slot` (one item per (row, head)).
 #pragma omp for schedule(static)
@@ -288,42 +431,49 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
         std::memcpy(vc + off, row + (H + KV + g) * hd, sizeof(T) * hd);
       }
     }
-    // One-token attention over the valid prefix [valid_from_b, slot] only.
+    // One-token attention over the valid prefix [valid_from_b, slot] only, in two stages. Partials: every thread
+    // takes its contiguous share of each row's valid cache rows for every kv head, with all the query heads of
+    // that kv head at once. Merge: one item per (row, head) combines the threads' partials.
+    {
+      const int id = omp_get_thread_num(), team = omp_get_num_threads();
+      float* sc = scores + static_cast<size_t>(id) * kBatch * S;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t g = 0; g < KV; ++g) {
+          const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(valid_from[b], slot)), n = slot + 1 - lo;
+          const int64_t s0 = lo + n * id / team, s1 = lo + n * (id + 1) / team;
+          const T* kb = kc + ((b * KV + g) * S + s0) * hd;
+          const T* vb = vc + ((b * KV + g) * S + s0) * hd;
+          for (int64_t h0 = g * rep; h0 < (g + 1) * rep; h0 += kBatch) {
+            const int nh = static_cast<int>(std::min<int64_t>(kBatch, (g + 1) * rep - h0));
+            float qf[kBatch * 512];
+            const T* q = qkv_out + b * qkv.total_out + h0 * hd;
+            for (int64_t j = 0; j < nh * hd; ++j) qf[j] = to_f32(q[j]);
+            const int64_t at = (static_cast<int64_t>(id) * B + b) * H + h0;
+            with_nb<1>(nh, [&]<int, int NH>() {
+              attend_rows<T, NH>(qf, hd, kb, vb, s1 - s0, static_cast<float>(scale), sc, part_m + at, part_l + at,
+                                 part_acc + at * hd);
+            });
+          }
+        }
+    }
+#pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * H; ++i) {
-      const int64_t b = i / H, head = i % H, g = head / rep;
-      float* sc = scores + static_cast<size_t>(omp_get_thread_num()) * (S + 1);
-      const T* q = qkv_out + b * qkv.total_out + head * hd;
-      const T* kb = kc + (b * KV + g) * S * hd;
-      const T* vb = vc + (b * KV + g) * S * hd;
-      const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(valid_from[b], slot)), hi = slot;
-      float qf[512], acc[512];
-      for (int64_t j = 0; j < hd; ++j) qf[j] = to_f32(q[j]), acc[j] = 0.0f;
-      float mx = -INFINITY;
-      for (int64_t s = lo; s <= hi; ++s) {
-        float d;  // dot(k_s, q): the one-row, one-activation case of the GEMV tile
-        dot_tile<T, float, 1, 1>(kb + s * hd, hd, qf, hd, hd, &d);
-        sc[s - lo] = d * static_cast<float>(scale);
-        mx = std::max(mx, sc[s - lo]);
+      const int team = omp_get_num_threads();  // the threads that wrote partials
+      float mx = -INFINITY, den = 0.0f, acc[512] = {};
+      for (int t = 0; t < team; ++t) mx = std::max(mx, part_m[t * B * H + i]);
+      for (int t = 0; t < team; ++t) {
+        const float w = part_l[t * B * H + i] > 0.0f ? std::exp(part_m[t * B * H + i] - mx) : 0.0f;
+        den += w * part_l[t * B * H + i];
+        if (w > 0.0f) axpy_f32<float>(w, part_acc + (t * B * H + i) * hd, acc, hd);
       }
-      float den = 0.0f;
-      for (int64_t s = lo; s <= hi; ++s) den += (sc[s - lo] = std::exp(sc[s - lo] - mx));
-      for (int64_t s = lo; s <= hi; ++s) axpy_f32<T>(sc[s - lo] / den, vb + s * hd, acc, hd);
-      T* dst = attn + b * H * hd + head * hd;
-      for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j]);
+      T* dst = attn + i * hd;  // attn [B, H, hd]
+      for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j] / den);
     }
     run_group(1);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * D; ++i) x1[i] = round_t<T>(to_f32(xp[i]) + to_f32(ores[i]));
-    rmsnorm_rows<T>(x1, w_post_p, static_cast<float>(eps), B, D, h);
+    rmsnorm_rows<T>(xp, ores, w_post_p, static_cast<float>(eps), B, D, x1, h);
     run_group(2);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * F; ++i) {
-      const int64_t b = i / F, j = i % F;
-      const float g = to_f32(gu_out[b * gu.total_out + j]), u = to_f32(gu_out[b * gu.total_out + F + j]);
-      const T silu = round_t<T>(g / (1.0f + std::exp(-g)));
-      act[i] = round_t<T>(to_f32(silu) * u);
-    }
+    silu_mul_rows<T>(gu_out, gu.total_out, B, F, act);
     run_group(3);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
