@@ -204,14 +204,23 @@ struct Isa {
 // Measured on AMD EPYC (Zen 3, 2 threads), SmolLM2 decode with two builds interleaved in one process (10 rounds of
 // 128 tokens, median of the per-round ratios): int8 dense 0 -> 512 bytes 1.13x (9 of 10 rounds faster); fp32
 // SVD-LLM 0.4 1.06x (9 of 10); bf16 SVD-LLM 0.4 1.02x (within noise). 256 and 1024 were no better than 512.
-// -DRANKSERVE_PF=N overrides it for such A/B builds (0: none).
+// fp32 rows have their own distance, RANKSERVE_PF_F32, default none: on AMD EPYC Zen 4 (2 threads, 2026-12-05,
+// `benchmarks/kernel_ab.py MODEL --a RANKSERVE_PF=512 --b RANKSERVE_PF=0`) dropping the prefetch made fp32 decode
+// faster, dense SmolLM2 1.063x (8 of 10 rounds) and SVD-LLM 0.4 1.055x (9 of 10), while int8 SVD-LLM 0.4 lost
+// (0.926x, 0 of 10) and int8 dense was even (1.013x): fp32 rows, one load per 16 weights, keep enough lines in
+// flight by themselves, and the prefetches only take miss buffers the hardware prefetchers would use.
+// -DRANKSERVE_PF=N, -DRANKSERVE_PF_F32=N override them for such A/B builds (0: none).
 #ifndef RANKSERVE_PF
 #define RANKSERVE_PF 512
 #endif
+#ifndef RANKSERVE_PF_F32
+#define RANKSERVE_PF_F32 0
+#endif
 template <typename T>
 inline void prefetch_ahead(const T* p) {
-#if (defined(__AVX2__) || defined(__AVX512F__)) && RANKSERVE_PF > 0
-  _mm_prefetch(reinterpret_cast<const char*>(p) + RANKSERVE_PF, _MM_HINT_T0);
+  constexpr int ahead = std::is_same_v<T, float> ? RANKSERVE_PF_F32 : RANKSERVE_PF;
+#if defined(__AVX2__) || defined(__AVX512F__)
+  if constexpr (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + ahead, _MM_HINT_T0);
 #else
   (void)p;
 #endif
