@@ -81,7 +81,8 @@ struct Stage {
   void run(int64_t B) const {
 #if RANKSERVE_BALANCE
     const int64_t id = omp_get_thread_num(), team = omp_get_num_threads(), bytes = first_byte.back();
-    const int64_t lo = tile_at(bytes * id / team), hi = id + 1 == team ? first_tile.back() : tile_at(bytes * (id + 1) / team);
+    const int64_t lo = tile_at(bytes * id / team);
+    const int64_t hi = id + 1 == team ? first_tile.back() : tile_at(bytes * (id + 1) / team);
     size_t i = 0;
     for (int64_t t = lo; t < hi; ++t) run_tile(t, i, B);
 #pragma omp barrier
