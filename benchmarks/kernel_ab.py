@@ -7,12 +7,16 @@ different macros, e.g. ``RANKSERVE_PF=0`` against the default) are loaded side b
 in alternating order: the median of the per-round ratios B / A is the figure to quote. ``--per-layer A`` (or B)
 makes that side call the native ``decode_layer`` once per layer instead of once per step (``LayerStack``).
 ``--model-b DIR`` runs a second model on side B (e.g. two quantizations of one checkpoint) with the same build
-unless ``--b`` is given too: two layouts compared in one process, like two builds.
+unless ``--b`` is given too: two layouts compared in one process, like two builds. ``--a-source DIR`` builds side A
+from another version of the kernel sources (a directory holding its ``kernels.cpp`` and headers), so that a change
+can be measured against the code before it.
 
     python benchmarks/kernel_ab.py MODEL --a RANKSERVE_PF=0 --b RANKSERVE_PF=512 [--rounds 10] [--dtype fp32]
     python benchmarks/kernel_ab.py MODEL --per-layer A
     python benchmarks/kernel_ab.py g16 --model-b smooth      # two checkpoints, one build
     python benchmarks/kernel_ab.py MODEL --small-pages A      # weights on 4 KiB pages (A) against the arena (B)
+    git archive REV rankserve/runtime/csrc | tar -x -C /tmp/rev   # the kernels at commit REV, then:
+    python benchmarks/kernel_ab.py MODEL --a-source /tmp/rev/rankserve/runtime/csrc
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--b", nargs="*", default=[], help="macros of build B")
     p.add_argument("--model-b", default=None, help="side B runs this model instead (default: MODEL)")
     p.add_argument(
+        "--a-source", default=None, help="build side A from this directory's kernels.cpp and headers instead"
+    )
+    p.add_argument(
         "--per-layer", choices=["A", "B"], default=None, help="this side: one native call per layer"
     )
     p.add_argument(
@@ -54,17 +61,26 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.a == args.b and args.per_layer is None and args.model_b is None and args.small_pages is None:
+    same = args.a == args.b and args.a_source is None
+    if same and args.per_layer is None and args.model_b is None and args.small_pages is None:
         raise SystemExit(
-            "kernel_ab.py: sides A and B are the same; give --a, --b, --per-layer, --model-b or --small-pages"
+            "kernel_ab.py: sides A and B are the same; give --a, --b, --a-source, --per-layer, --model-b or "
+            "--small-pages"
         )
+    from rankserve.errors import InputError
     from rankserve.loaders.source import load_model, parse_dtype
     from rankserve.runtime.fast import FastRunner
     from rankserve.runtime.native import load_build
     from rankserve.runtime.options import RuntimeOptions
 
     torch.set_num_threads(args.threads)
-    ops = {"A": load_build(tuple(args.a), "ab_a"), "B": load_build(tuple(args.b), "ab_b")}
+    try:
+        ops = {
+            "A": load_build(tuple(args.a), "ab_a", source=args.a_source),
+            "B": load_build(tuple(args.b), "ab_b"),
+        }
+    except InputError as e:  # a bad tag or --a-source: one line, not a traceback
+        raise SystemExit(f"kernel_ab.py: {e}") from None
     models = {"A": args.model, "B": args.model_b or args.model}
     runners = {}
     for name, source in models.items():
@@ -91,6 +107,7 @@ def main(argv=None) -> int:
     for name, macros in (("A", args.a), ("B", args.b)):
         runs = ", ".join(f"{x:.1f}" for x in rates[name])
         what = (" ".join(macros) or "default") + (", one call per layer" if name == args.per_layer else "")
+        what += f", source {args.a_source}" if name == "A" and args.a_source else ""
         what += ", 4 KiB pages" if name == args.small_pages else ""
         what += f", {models[name]}" if args.model_b else ""
         print(f"  {name} ({what}): median {statistics.median(rates[name]):.1f} tok/s  [{runs}]")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import rankserve.runtime.native as native_module
 from rankserve.errors import InputError
 from rankserve.runtime.native import (
     ISAS,
@@ -91,6 +93,20 @@ def test_load_build_refuses_the_variants_own_namespace():
     tag = namespace("scalar").removeprefix("rankserve_")
     with pytest.raises(InputError, match="other than the variant's own name"):
         load_build((), tag, "scalar")
+
+
+def test_load_build_compiles_the_source_it_is_given(tmp_path):
+    """An A/B against older kernels builds that version's files (benchmarks/kernel_ab.py --a-source): a copy of
+    the sources that cannot compile fails with its own message, and a directory without kernels.cpp is named."""
+    require_compiler()
+    with pytest.raises(InputError, match="kernel source .*kernels.cpp not found"):
+        load_build((), "no_source", "scalar", source=tmp_path)
+    src = Path(native_module.__file__).parent / "csrc"
+    copy = tmp_path / "csrc"
+    shutil.copytree(src, copy)
+    (copy / "kernels.cpp").write_text("#error built from the copy\n" + (copy / "kernels.cpp").read_text())
+    with pytest.raises(RuntimeError, match="built from the copy"):
+        load_build((), "from_copy", "scalar", source=copy)
 
 
 def rand(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -126,10 +126,10 @@ def _build_dir(key: str) -> Path:
     return base / "ext" / key
 
 
-def _build_key(flags: list[str]) -> str:
+def _build_key(flags: list[str], source: Path = _SOURCE) -> str:
     h = hashlib.sha256()
-    # Every source and header in csrc/: kernels.cpp includes the headers, so a header edit must rebuild too.
-    for path in sorted(_SOURCE.parent.glob("*.[ch]*")):
+    # Every source and header beside kernels.cpp: it includes the headers, so a header edit must rebuild too.
+    for path in sorted(source.parent.glob("*.[ch]*")):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (
         torch.__version__.encode(),
@@ -180,20 +180,23 @@ def _need_compiler() -> str:
     return cxx
 
 
-def _build_library(isa: str, defines: tuple[str, ...] = (), ns: str | None = None) -> None:
+def _build_library(
+    isa: str, defines: tuple[str, ...] = (), ns: str | None = None, source: Path = _SOURCE
+) -> None:
     """Compile the ``isa`` variant (or reuse its cached build) and load it; its TORCH_LIBRARY block registers
-    the ops in ``ns`` (default ``namespace(isa)``). ``defines`` (``NAME=VALUE``) are extra macros of the build."""
+    the ops in ``ns`` (default ``namespace(isa)``). ``defines`` (``NAME=VALUE``) are extra macros of the build;
+    ``source`` another copy of ``csrc/kernels.cpp`` (with its headers beside it) to build instead."""
     from torch.utils import cpp_extension
 
     _need_compiler()
     flags = _flags(isa, ns) + [f"-D{d}" for d in defines]
-    key = _build_key(flags)
+    key = _build_key(flags, source)
     build_dir = _build_dir(key)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive_build(build_dir):
         cpp_extension.load(
             name=f"rankserve_kernels_{key}",
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -256,14 +259,21 @@ def _exclusive_build(build_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_build(defines: tuple[str, ...], tag: str, isa: str = "auto"):
+def load_build(defines: tuple[str, ...], tag: str, isa: str = "auto", source: str | Path | None = None):
     """A build of the kernels with extra macros (e.g. ``("RANKSERVE_PF=0",)``), loaded under its own op namespace
-    ``rankserve_<tag>`` next to the normal one; returns that namespace (``torch.ops.rankserve_<tag>``). For A/B
+    ``rankserve_<tag>`` next to the normal one; returns that namespace (``torch.ops.rankserve_<tag>``). ``source``
+    is a directory holding another version's ``kernels.cpp`` and headers (e.g. an older commit's
+    ``rankserve/runtime/csrc``, extracted with ``git archive``) to build instead of this package's. For A/B
     measurements of two builds in one process (``benchmarks/kernel_ab.py``); not used by the runtime."""
     ns = f"rankserve_{tag}"
     if not tag.isidentifier() or ns == namespace(_resolve(isa)):
         raise InputError(f"build tag {tag!r} must be an identifier other than the variant's own name")
-    _build_library(_resolve(isa), tuple(defines), ns)
+    src = _SOURCE if source is None else Path(source) / _SOURCE.name
+    if not src.is_file():
+        raise InputError(
+            f"kernel source {src} not found: give the directory that holds {_SOURCE.name} and its headers"
+        )
+    _build_library(_resolve(isa), tuple(defines), ns, src)
     return getattr(torch.ops, ns)
 
 
