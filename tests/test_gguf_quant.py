@@ -129,6 +129,26 @@ def test_llama_cpp_q8_0_logits_equal_rankserve_on_the_dequantized_weights(varian
     _compare(path, LLAMA_BOUNDS["q8_0"])
 
 
+@pytest.mark.parametrize("batch", [None, 1])
+def test_bench_reads_llama_cpp_last_logits_whatever_the_batching(batch, tmp_path):
+    """The bench's llama.cpp runner picks its greedy tokens from the newest logits, batched prompt or not (one
+    token per graph is its fallback where a batched prompt crashes): the same rows as a ``logits_all`` run."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (rankserve[llamacpp])")
+    from rankserve.bench.backends import _llama, llama_cpp_last_logits
+    from rankserve.bench.spec import BenchSpec
+
+    path = export_gguf(tiny_model("llama-gqa", **SHAPE), str(tmp_path / "f32.gguf"), "f32")
+    ref = _llama_logits(path, TOKENS + [TOKENS[0]])
+    llm = _llama(path, BenchSpec(model=path, prompt_len=len(TOKENS), new_tokens=4, threads=1), batch)
+    llm.eval(TOKENS)
+    first = torch.from_numpy(llama_cpp_last_logits(llm).copy())
+    llm.eval([TOKENS[0]])  # one decode step
+    step = torch.from_numpy(llama_cpp_last_logits(llm).copy())
+    for got, want in ((first, ref[len(TOKENS) - 1]), (step, ref[len(TOKENS)])):
+        assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+    assert not torch.equal(first, step)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_llama_cpp_q4_k_m_mix(tie, tmp_path):
     """llama.cpp's quantizer through the bindings: K-quants where rows are whole 256-blocks, its Q4_K_M mix

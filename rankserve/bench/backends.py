@@ -184,6 +184,16 @@ def _llama(path: str, spec: BenchSpec, batch: int | None):
     )
 
 
+def llama_cpp_last_logits(llm):
+    """The logits [V] of the last token ``llm`` evaluated, read from llama.cpp's context. ``llm.scores`` holds
+    them only with ``logits_all=True``: otherwise llama-cpp-python 0.3.36 leaves it uninitialized, with
+    n_batch rows, so indexing it by position read garbage, or failed where n_batch is 1 (issue #12)."""
+    import llama_cpp
+    import numpy as np
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_prompt_probe(path: str, spec: BenchSpec) -> None:
     """Evaluate the bench prompt once with llama.cpp's default batching (run in a throw-away process: with
     llama-cpp-python 0.3.36 on an AMX CPU, a batched Q8_0 prompt segfaulted, issue #12)."""
@@ -232,7 +242,7 @@ def llama_cpp_backend(source: str, spec: BenchSpec, res: BackendResult, ftype: s
     prompt = bench_prompt(spec, llm.n_vocab())
 
     def greedy() -> int:
-        return int(llm.scores[llm.n_tokens - 1].argmax())  # the last row holds the newest logits
+        return int(llama_cpp_last_logits(llm).argmax())
 
     def run(new_tokens: int) -> tuple[float, float, float, float]:
         """(prefill s, first token s, whole run s, decode loop s) of the prompt and ``new_tokens`` greedy
