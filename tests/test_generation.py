@@ -11,7 +11,7 @@ from rankserve.runtime.generate import (
     generate_tokens,
     stream_generate,
 )
-from rankserve.runtime.sampling import Sampler, SamplingParams, filter_logits
+from rankserve.runtime.sampling import Sampler, SamplingParams, filter_logits, greedy_token
 from rankserve.tokenizer import Tokenizer
 
 
@@ -59,6 +59,20 @@ def test_top_k_one_is_greedy(model, tok):
         model, tok, PROMPT, SamplingParams(max_tokens=8, temperature=0.7, top_k=1, seed=1, ignore_eos=True)
     ).token_ids
     assert g == k1
+
+
+def test_greedy_token_is_torch_argmax_on_ties_nan_views_and_bf16():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 49152, generator=g)
+    rows[1, [70, 9000]] = 50.0  # a tie: the first index
+    rows[2, [300, 40000]] = float("nan")  # NaN counts as largest: the first NaN
+    rows[3, 11] = float("inf")
+    rows[4] = -float("inf")
+    for x in (*rows, rows[:, 5], rows[0, ::3], rows[5].bfloat16()):
+        assert greedy_token(x) == int(x.argmax())
+    with torch.inference_mode():
+        x = torch.randn(49152, generator=g)
+        assert greedy_token(x) == int(x.argmax())
 
 
 def test_filters():
