@@ -14,9 +14,9 @@ from rankserve.runtime.options import RuntimeOptions
 from rankserve.runtime.packing import apply_packed, pack_, packed_bytes
 
 
-def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0):
+def lowrank_model(variant="llama-gqa", keep=0.5, shared=False, seed=0, **config):
     """A tiny model with every decoder projection factorized (and q_proj sharing one basis, if asked)."""
-    model = tiny_model(variant, seed=seed)
+    model = tiny_model(variant, seed=seed, **config)
     for name, p in projections(model).items():
         if name == "lm_head":
             continue
@@ -197,6 +197,29 @@ def test_fast_decode_equals_eager_over_long_contexts_and_many_heads_per_kv_head(
     prompts = [list(range(3, 48)), list(range(5, 35))]
     ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
     got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("form", ["dense", "lowrank", "mixed"])
+def test_fast_decode_equals_eager_at_ragged_widths(team_size, threads, form):
+    """Widths that are no multiple of the vector or the tile: hidden 72 (the norms' vector loop and its scalar
+    tail, in each thread's slice too) and intermediate 150 (gate and up of 37 full row tiles and a partial one,
+    each thread's SiLU rows in runs with ragged ends), with gate and up dense, low-rank, or one of each (then
+    the SiLU product is a stage of its own)."""
+    team_size(threads)
+    shape = dict(hidden_size=72, intermediate_size=150, num_attention_heads=4, num_key_value_heads=2)
+    model = lowrank_model("llama-gqa", **shape) if form == "lowrank" else tiny_model("llama-gqa", **shape)
+    if form == "mixed":
+        for layer in model.model.layers:
+            p = layer.mlp.gate_proj
+            U, V = truncated_svd(p.weight.detach(), 29)
+            layer.mlp.gate_proj = LowRankLinear.from_factors(U, V, p.bias)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ref = run(EagerRunner, model, prompts, 10, RuntimeOptions())
+    got = run(FastRunner, model, prompts, 10, RuntimeOptions(backend="fast", compile=False))
     assert (got - ref).abs().max().item() <= 1e-3
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 

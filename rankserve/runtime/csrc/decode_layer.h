@@ -45,6 +45,12 @@ struct Seg {
 #ifndef RANKSERVE_BALANCE
 #define RANKSERVE_BALANCE 1
 #endif
+#ifndef RANKSERVE_FOLD_RESIDUAL
+#define RANKSERVE_FOLD_RESIDUAL 1  // 0: every layer of a stack adds its own last residual (run_layer), for A/B builds
+#endif
+#ifndef RANKSERVE_FUSE_SILU
+#define RANKSERVE_FUSE_SILU 1  // 0: the SiLU product as a stage of its own (plan_stages), for A/B builds
+#endif
 template <typename T>
 struct Stage {
   std::vector<Seg<T>> segs;
@@ -57,6 +63,7 @@ struct Stage {
     first_byte.push_back(first_byte.back() + s.N * s.K * (s.qw.q ? 1 : static_cast<int64_t>(sizeof(T))));
   }
   bool empty() const { return segs.empty(); }
+  bool paired = false;  // see run(B, after)
 
   // The first tile whose weight bytes start at or after `byte` (a tile of kRows rows costs kRows row lengths; a
   // partial last tile is counted as whole, a few rows' error).
@@ -77,7 +84,25 @@ struct Stage {
       matvec_tile<T, T, T>(t - first_tile[i], s.W, s.N, s.K, s.x, s.ldx, B, s.bias, s.y, s.ldy);
   }
 
-  // Must be called by every thread of the team; ends with a barrier.
+  // Must be called by every thread of the team; ends with a barrier. A paired stage (the gate and up outputs:
+  // two jobs with the same rows) gives every thread the same range of tiles of both jobs, and each thread then
+  // calls after(lo, hi) on its range before the barrier: the SiLU product of the rows it wrote itself.
+  template <typename After>
+  void run(int64_t B, After&& after) const {
+    if (paired) {
+      const int64_t id = omp_get_thread_num(), team = omp_get_num_threads(), n = first_tile[1];
+      const int64_t lo = n * id / team, hi = n * (id + 1) / team;
+      for (size_t j = 0; j < 2; ++j) {
+        size_t i = j;
+        for (int64_t t = lo; t < hi; ++t) run_tile(first_tile[j] + t, i, B);
+      }
+      after(lo, hi);
+#pragma omp barrier
+      return;
+    }
+    run(B);
+  }
+
   void run(int64_t B) const {
 #if RANKSERVE_BALANCE
     const int64_t id = omp_get_thread_num(), team = omp_get_num_threads(), bytes = first_byte.back();
@@ -215,23 +240,26 @@ void group_stages(const Group<T>& g, const T* x, T* y, T* tmp, Stage<T>& first, 
 // out[b] = rmsnorm(x[b] (+ add[b])) * w for the B rows; with `add`, x + add (rounded to T, as the eager residual
 // add rounds) is also written to sum. Every thread computes each row's sum of squares in full (D values, from
 // cache) and writes its own slice of the columns, so that no thread waits while one normalizes a whole row (at
-// B = 1 an `omp for` over rows left the other idle) and the residual add needs no stage of its own. Must be
-// called by every thread of the team; ends with a barrier.
+// B = 1 an `omp for` over rows left the other idle) and the residual add needs no stage of its own. In fp32,
+// where the roundings to T are no-ops, the add, the sum of squares and the slice run in vectors; bf16 rounds
+// every sum and product one value at a time. Must be called by every thread of the team; ends with a barrier.
 template <typename T>
 void rmsnorm_rows(const T* x, const T* add, const T* w, float eps, int64_t B, int64_t D, T* sum, T* out) {
   const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
   const int64_t lo = D * id / team, hi = D * (id + 1) / team;
   constexpr int L = Isa::kLanes;
+  constexpr bool kVec = std::is_same_v<T, float>;
   for (int64_t b = 0; b < B; ++b) {
     const T* xr = x + b * D;
     const T* ar = add ? add + b * D : nullptr;
     auto value = [&](int64_t d) { return ar ? to_f32(round_t<T>(to_f32(xr[d]) + to_f32(ar[d]))) : to_f32(xr[d]); };
+    auto vvalue = [&](int64_t d) { return ar ? Isa::add(Isa::load(xr + d), Isa::load(ar + d)) : Isa::load(xr + d); };
     Isa::V ss = Isa::zero();
     float tail = 0.0f;
     int64_t d = 0;
-    if (ar == nullptr)
+    if (kVec || ar == nullptr)
       for (; d + L <= D; d += L) {
-        const Isa::V v = Isa::load(xr + d);
+        const Isa::V v = vvalue(d);
         ss = Isa::fma(v, v, ss);
       }
     for (; d < D; ++d) {
@@ -239,7 +267,14 @@ void rmsnorm_rows(const T* x, const T* add, const T* w, float eps, int64_t B, in
       tail += v * v;
     }
     const float inv = 1.0f / std::sqrt((Isa::sum(ss) + tail) / static_cast<float>(D) + eps);
-    for (int64_t d = lo; d < hi; ++d) {
+    d = lo;
+    if constexpr (kVec)
+      for (const Isa::V iv = Isa::set1(inv); d + L <= hi; d += L) {
+        const Isa::V v = vvalue(d);
+        if (ar) Isa::store(sum + b * D + d, v);
+        Isa::store(out + b * D + d, Isa::mul(Isa::load(w + d), Isa::mul(v, iv)));
+      }
+    for (; d < hi; ++d) {
       const float v = value(d);
       if (ar) sum[b * D + d] = round_t<T>(v);
       const T normed = round_t<T>(v * inv);  // eager casts back to the model dtype first
@@ -332,22 +367,49 @@ void attend_rows(const float* q, int64_t hd, const T* k, const T* v, int64_t n, 
     }
 }
 
-// act[b, j] = silu(gu[b, j]) * gu[b, F + j] for the B rows of gu [B, ldg], kLanes outputs per item, rounded to T
-// where the eager F.silu(g) * u rounds. The exp is the vector one PyTorch's own SiLU kernel calls (Isa::exp).
+// act[j] = silu(g[j]) * g[F + j] for the columns n0 <= j < n1 of one row g [2F] (gate, then up), rounded to T where
+// the eager F.silu(g) * u rounds. The exp is the vector one PyTorch's own SiLU kernel calls (Isa::exp).
+template <typename T>
+void silu_mul_run(const T* g, int64_t F, int64_t n0, int64_t n1, T* act) {
+  constexpr int L = Isa::kLanes;
+  for (int64_t j0 = n0; j0 < n1; j0 += L) {
+    const int n = static_cast<int>(std::min<int64_t>(L, n1 - j0));
+    const Isa::V gv = n == L ? Isa::load(g + j0) : Isa::load_tail(g + j0, n);
+    const Isa::V sv = Isa::div(gv, Isa::add(Isa::set1(1.0f), Isa::exp(Isa::sub(Isa::zero(), gv))));
+    if constexpr (std::is_same_v<T, float>) {  // the roundings are no-ops
+      if (n == L) {
+        Isa::store(act + j0, Isa::mul(sv, Isa::load(g + F + j0)));
+        continue;
+      }
+    }
+    float sf[L];
+    Isa::store(sf, sv);
+    for (int j = 0; j < n; ++j) act[j0 + j] = round_t<T>(to_f32(round_t<T>(sf[j])) * to_f32(g[F + j0 + j]));
+  }
+}
+
+// silu_mul_run over the B rows of gu [B, ldg] into act [B, F], kLanes columns per item of an `omp for`.
 template <typename T>
 void silu_mul_rows(const T* gu, int64_t ldg, int64_t B, int64_t F, T* act) {
   constexpr int L = Isa::kLanes;
   const int64_t blocks = (F + L - 1) / L;
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < B * blocks; ++i) {
-    const int64_t b = i / blocks, j0 = i % blocks * L, n = std::min<int64_t>(L, F - j0);
-    const T* g = gu + b * ldg + j0;
-    float gf[L], sf[L];
-    for (int j = 0; j < L; ++j) gf[j] = j < n ? to_f32(g[j]) : 0.0f;
-    const Isa::V gv = Isa::load(gf);
-    Isa::store(sf, Isa::div(gv, Isa::add(Isa::set1(1.0f), Isa::exp(Isa::sub(Isa::zero(), gv)))));
-    for (int64_t j = 0; j < n; ++j)
-      act[b * F + j0 + j] = round_t<T>(to_f32(round_t<T>(sf[j])) * to_f32(g[F + j]));
+    const int64_t b = i / blocks, j0 = i % blocks * L;
+    silu_mul_run<T>(gu + b * ldg, F, j0, std::min<int64_t>(j0 + L, F), act + b * F);
+  }
+}
+
+// silu_mul_run over the rows that tiles [lo, hi) of an F-row strided layout hold (strided_tile: tile t < Q = F /
+// kRows holds rows t + j Q, the partial tile Q the last F % kRows rows), for the B rows of gu [B, ldg].
+template <typename T>
+void silu_mul_tiles(const T* gu, int64_t ldg, int64_t B, int64_t F, int64_t lo, int64_t hi, T* act) {
+  const int64_t Q = F / kRows;
+  for (int64_t b = 0; b < B; ++b) {
+    if (lo < Q)
+      for (int j = 0; j < kRows; ++j)
+        silu_mul_run<T>(gu + b * ldg, F, lo + j * Q, std::min(hi, Q) + j * Q, act + b * F);
+    if (hi > Q) silu_mul_run<T>(gu + b * ldg, F, Q * kRows, F, act + b * F);
   }
 }
 
@@ -355,7 +417,7 @@ void silu_mul_rows(const T* gu, int64_t ldg, int64_t B, int64_t F, T* act) {
 // largest), since the layers run one after another.
 template <typename T>
 struct Scratch {
-  std::vector<T> h, qkv_out, attn, ores, x1, gu_out, act, dres, tmp;
+  std::vector<T> h, qkv_out, attn, ores, x1, gu_out, act, dres, tmp, xin;
   std::vector<float> scores;            // per thread: kBatch heads' scores over at most S cache rows
   std::vector<float> part_m, part_l;    // per thread and (row, head): the partial softmax's max and sum
   std::vector<float> part_acc;          // per thread and (row, head): the unnormalized sum of value rows [hd]
@@ -367,6 +429,7 @@ template <typename T>
 struct LayerPlan {
   Group<T> qkv, o, gu, down;
   Stage<T> st[8];
+  int silu_stage = -1;  // the paired stage (4 or 5) that writes gate and up and applies the SiLU product, or -1
 };
 
 template <typename T>
@@ -377,7 +440,7 @@ void grow(std::vector<T>& v, int64_t n) {
 // Grows `s` to hold plan `p`'s vectors for B rows (a growth moves the buffers: plan the stages afterwards).
 template <typename T>
 void size_scratch(Scratch<T>& s, const LayerPlan<T>& p, int64_t B, int64_t D, int64_t H, int64_t hd) {
-  grow(s.h, B * D), grow(s.ores, B * D), grow(s.x1, B * D), grow(s.dres, B * D);
+  grow(s.h, B * D), grow(s.ores, B * D), grow(s.x1, B * D), grow(s.dres, B * D), grow(s.xin, B * D);
   grow(s.qkv_out, B * p.qkv.total_out), grow(s.attn, B * H * hd), grow(s.gu_out, B * p.gu.total_out);
   grow(s.act, B * (p.gu.total_out / 2));
   // the groups run one after another, so they share one vector of rank-sized intermediates
@@ -391,12 +454,29 @@ void plan_stages(LayerPlan<T>& p, Scratch<T>& s) {
   group_stages<T>(p.o, s.attn.data(), s.ores.data(), s.tmp.data(), p.st[2], p.st[3]);
   group_stages<T>(p.gu, s.h.data(), s.gu_out.data(), s.tmp.data(), p.st[4], p.st[5]);
   group_stages<T>(p.down, s.act.data(), s.dres.data(), s.tmp.data(), p.st[6], p.st[7]);
+  // Where one stage writes both halves of gu_out (gate and up members both dense, or both low-rank), each thread
+  // computes the same rows of the two and the SiLU product of those rows, reading only values it wrote itself:
+  // no stage of its own, no barrier, no lines from the other core (a mixed pair keeps the separate stage).
+  const int64_t F = p.gu.total_out / 2;
+  p.silu_stage = -1;
+  for (const int k : {5, 4}) {
+    Stage<T>& st = p.st[k];
+    if (st.empty()) continue;
+    const T* y = s.gu_out.data();
+    if (RANKSERVE_FUSE_SILU && st.segs.size() == 2 && st.segs[0].N == F && st.segs[1].N == F &&
+        st.segs[0].y == y && st.segs[1].y == y + F)
+      st.paired = true, p.silu_stage = k;
+    break;
+  }
 }
 
-// The layer's one parallel region: x (xp) [B, D] -> out (op) [B, D], writing k and v at `slot` of the layer's
-// caches kc, vc [B, KV, S, hd].
+// The layer's one parallel region: x [B, D] -> out (op) [B, D], writing k and v at `slot` of the layer's caches
+// kc, vc [B, KV, S, hd]. x is xp, or with xadd the sum xp + xadd, which the first norm computes (the residual add
+// the previous layer deferred). With op null this layer defers its own last add the same way: its two terms stay
+// in s.x1 and s.dres for the next layer (LayerStack::decode), which saves a stage and its barrier per layer.
 template <typename T>
-void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T* w_in_p, const T* w_post_p,
+void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, const T* xadd, T* op, const T* w_in_p,
+               const T* w_post_p,
                double eps, int64_t B, int64_t D, T* kc, T* vc, int64_t S, int64_t hd, const T* cp, const T* sp,
                int64_t slot, const int64_t* valid_from, int64_t H, int64_t KV, double scale) {
   const Group<T>& qkv = p.qkv;
@@ -407,6 +487,8 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
   grow(s.part_m, nt * B * H), grow(s.part_l, nt * B * H), grow(s.part_acc, nt * B * H * hd);
   T *h = s.h.data(), *qkv_out = s.qkv_out.data(), *attn = s.attn.data(), *ores = s.ores.data();
   T *x1 = s.x1.data(), *gu_out = s.gu_out.data(), *act = s.act.data(), *dres = s.dres.data();
+  T* xin = xadd ? s.xin.data() : nullptr;  // x, where the first norm computes it
+  const T* xr = xadd ? xin : xp;
   float *scores = s.scores.data(), *part_m = s.part_m.data(), *part_l = s.part_l.data();
   float* part_acc = s.part_acc.data();
   auto run_group = [&](int g) {  // by every thread of the team
@@ -416,7 +498,7 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
   const int64_t rep = H / KV;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    rmsnorm_rows<T>(xp, nullptr, w_in_p, static_cast<float>(eps), B, D, nullptr, h);
+    rmsnorm_rows<T>(xp, xadd, w_in_p, static_cast<float>(eps), B, D, xin, h);
     run_group(0);
     // RoPE on q and k heads, then k and v into the cache at `slot` (one item per (row, head)).
 #pragma omp for schedule(static)
@@ -472,12 +554,20 @@ void run_layer(const LayerPlan<T>& p, Scratch<T>& s, const T* xp, T* op, const T
       for (int64_t j = 0; j < hd; ++j) dst[j] = round_t<T>(acc[j] / den);
     }
     run_group(1);
-    rmsnorm_rows<T>(xp, ores, w_post_p, static_cast<float>(eps), B, D, x1, h);
-    run_group(2);
-    silu_mul_rows<T>(gu_out, gu.total_out, B, F, act);
+    rmsnorm_rows<T>(xr, ores, w_post_p, static_cast<float>(eps), B, D, x1, h);
+    if (p.silu_stage < 0) {
+      run_group(2);
+      silu_mul_rows<T>(gu_out, gu.total_out, B, F, act);
+    } else {
+      auto silu = [&](int64_t lo, int64_t hi) { silu_mul_tiles<T>(gu_out, gu.total_out, B, F, lo, hi, act); };
+      if (p.silu_stage == 5) p.st[4].run(B);
+      p.st[p.silu_stage].run(B, silu);
+    }
     run_group(3);
+    if (op != nullptr) {
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
+      for (int64_t i = 0; i < B * D; ++i) op[i] = round_t<T>(to_f32(x1[i]) + to_f32(dres[i]));
+    }
   }
 }
 
@@ -491,9 +581,9 @@ at::Tensor decode_layer_impl(const at::Tensor& x, const at::Tensor& w_in, const 
   size_scratch(s, plan, B, D, H, hd);
   plan_stages(plan, s);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  run_layer<T>(plan, s, data_of<T>(x), mutable_data_of<T>(out), data_of<T>(w_in), data_of<T>(w_post), eps, B, D,
-               mutable_data_of<T>(k_cache), mutable_data_of<T>(v_cache), S, hd, data_of<T>(cos), data_of<T>(sin),
-               slot, valid_from, H, KV, scale);
+  run_layer<T>(plan, s, data_of<T>(x), nullptr, mutable_data_of<T>(out), data_of<T>(w_in), data_of<T>(w_post), eps,
+               B, D, mutable_data_of<T>(k_cache), mutable_data_of<T>(v_cache), S, hd, data_of<T>(cos),
+               data_of<T>(sin), slot, valid_from, H, KV, scale);
   return out;
 }
 
@@ -687,6 +777,7 @@ struct LayerStack : torch::CustomClassHolder {
       }
       at::Tensor buf[2] = {at::empty(x.sizes(), x.options()), at::empty(x.sizes(), x.options())};
       const T* in = data_of<T>(x);
+      const T* add = nullptr;
       T* kc = mutable_data_of<T>(k_cache);
       T* vc = mutable_data_of<T>(v_cache);
       const int64_t layer_elems = k_cache.stride(0);
@@ -694,11 +785,14 @@ struct LayerStack : torch::CustomClassHolder {
         // a profiler sees each layer as the op it would otherwise be called as
         RECORD_FUNCTION(RANKSERVE_OPS_NAME "::decode_layer", std::vector<c10::IValue>());
         const LayerArgs& L = layers[i];
-        T* out = mutable_data_of<T>(buf[i % 2]);
-        run_layer<T>((*plans)[i], *scratch, in, out, data_of<T>(L.w_in), data_of<T>(L.w_post), L.eps, st.B, st.D,
+        // every layer but the last leaves its residual add to the next one's first norm (run_layer)
+        const bool defer = RANKSERVE_FOLD_RESIDUAL && i + 1 < n;
+        T* out = defer ? nullptr : mutable_data_of<T>(buf[i % 2]);
+        run_layer<T>((*plans)[i], *scratch, in, add, out, data_of<T>(L.w_in), data_of<T>(L.w_post), L.eps, st.B, st.D,
                      kc + i * layer_elems, vc + i * layer_elems, st.S, st.hd, data_of<T>(cos), data_of<T>(sin),
                      st.slot, st.valid_from, n_heads, n_kv, scale);
-        in = out;
+        in = defer ? scratch->x1.data() : out;
+        add = defer ? scratch->dres.data() : nullptr;
       }
       return buf[(n - 1) % 2];
     };

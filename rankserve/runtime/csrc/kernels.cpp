@@ -115,6 +115,7 @@ struct Isa {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
   static V exp(V a) { return Sleef_expf16_u10(a); }
   static V set1(float v) { return _mm512_set1_ps(v); }
@@ -162,6 +163,7 @@ struct Isa {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
   static V exp(V a) { return Sleef_expf8_u10(a); }
   static V set1(float v) { return _mm256_set1_ps(v); }
@@ -187,6 +189,7 @@ struct Isa {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
   static V div(V a, V b) { return a / b; }
   static V exp(V a) { return std::exp(a); }
   static V set1(float v) { return v; }
