@@ -298,6 +298,38 @@ inline void rope_head(T* v, const T* cos, const T* sin, int64_t hd) {
   }
 }
 
+// Software prefetch in attention, per tile of cache rows s .. s + rows of a thread's share k, v [n, hd]: the key
+// rows RANKSERVE_ATT_PF bytes ahead into L1, and the tile's value rows, which the second pass reads after every
+// key, into L2. A thread's share is a few short streams (at a 128-token context, 16 KB of keys and of values per kv
+// head), which the hardware prefetchers barely start on before they end. Intel Xeon (AVX-512, AMX), 2 threads,
+// 2026-12-05, `benchmarks/kernel_ab.py DIR --a RANKSERVE_ATT_PF=0` (B: 2 KB): int8 SVD-LLM 0.4 1.048 (faster in 9
+// of 10 rounds) from slot 64 and 1.108 (6 of 6) from slot 400, int8 dense 1.023 (8/8), fp32 SVD-LLM 0.4 1.011
+// (6/8). Keys 1 KB ahead with the value rows: 1.054 (8/8) over none; without the value rows 0.989 (4/8) against
+// with them; 2 KB 1.022 (8/8) over 1 KB; 3 KB over 2 KB 1.027 (8/8) from slot 64 but 0.997 (2/6) from slot 400,
+// 4 KB 1.001. On AMD EPYC (Zen 4) this scheme (2 KB) had measured 0.974 (2 of 10) from slot 64 and 1.032 (7 of
+// 8) from slot 900, within that host's round-to-round swings.
+// -DRANKSERVE_ATT_PF=0: none, for A/B builds.
+#ifndef RANKSERVE_ATT_PF
+#define RANKSERVE_ATT_PF 2048
+#endif
+template <typename T>
+inline void prefetch_cache_rows(const T* k, const T* v, int64_t s, int rows, int64_t n, int64_t hd) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+  if constexpr (RANKSERVE_ATT_PF > 0) {
+    const char* kp = reinterpret_cast<const char*>(k + s * hd) + RANKSERVE_ATT_PF;
+    const char* kend = reinterpret_cast<const char*>(k + n * hd);
+    const char* vp = reinterpret_cast<const char*>(v + s * hd);
+    const int64_t bytes = static_cast<int64_t>(rows) * hd * static_cast<int64_t>(sizeof(T));
+    for (int64_t o = 0; o < bytes; o += 64) {
+      if (kp + o < kend) _mm_prefetch(kp + o, _MM_HINT_T0);
+      _mm_prefetch(vp + o, _MM_HINT_T1);
+    }
+  }
+#else
+  (void)k, (void)v, (void)s, (void)rows, (void)n, (void)hd;
+#endif
+}
+
 // One thread's share of one-token attention for NH (<= kBatch) query heads that share one kv head: over the n
 // cache rows k, v [n, hd], the scaled scores' max m[h], the sum l[h] of exp(score - m[h]) and the unnormalized
 // acc[h, :hd] = sum_s exp(score_s - m[h]) v[s] (flash-decoding partials; n == 0 gives m = -inf, l = 0, acc = 0).
@@ -311,6 +343,7 @@ void attend_rows(const float* q, int64_t hd, const T* k, const T* v, int64_t n, 
   for (int h = 0; h < NH; ++h) m[h] = -INFINITY;
   for (int64_t s = 0; s < n; s += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - s));
+    prefetch_cache_rows(k, v, s, rows, n, hd);
     float out[kBatch * kRows];
     with_tile_shape(rows, NH, [&]<int R, int NB>() { dot_tile<T, float, R, NB>(k + s * hd, hd, q, hd, hd, out); });
     for (int h = 0; h < NH; ++h)
