@@ -118,6 +118,23 @@ def layer_groups(layer) -> list[list]:
     return [[at.q_proj, at.k_proj, at.v_proj], [at.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
 
 
+def native_group(g: PackedGroup) -> tuple:
+    """A packed group as the native kernels take it: first, its int8 scale or None, lifts, their int8 scales
+    (none, or an empty tensor for a float lift), splits, bias."""
+    empty = g.first.new_empty(0, 0, dtype=torch.float32)
+    lifts = [empty if lift is None else lift for lift in g.lifts]
+    scales = [] if g.lift_scales is None else [empty if s is None else s for s in g.lift_scales]
+    return g.first, g.first_scale, lifts, scales, list(g.splits), g.bias
+
+
+def flat_group(group: tuple, empty: torch.Tensor) -> tuple[list, list]:
+    """One ``native_group`` as the ``LayerStack`` reads it: (its tensors, its layout entries)."""
+    first, first_scale, lifts, scales, splits, bias = group
+    tensors = [first, empty if first_scale is None else first_scale, *lifts, *scales]
+    tensors.append(empty if bias is None else bias)
+    return tensors, [len(splits), *splits, len(lifts), len(scales)]
+
+
 class FastLayer(nn.Module):
     def __init__(self, layer, arena: hugepages.Arena | None = None):
         super().__init__()
@@ -128,15 +145,8 @@ class FastLayer(nn.Module):
         self.eps = layer.input_layernorm.eps
 
     def native_groups(self) -> list[tuple]:
-        """The packed groups (qkv, o, gate_up, down) as the native kernels take them, one tuple each: first, its
-        int8 scale or None, lifts, their int8 scales (none, or an empty tensor for a float lift), splits, bias."""
-        groups = []
-        for g in (self.qkv, self.o, self.gate_up, self.down):
-            empty = self.w_in.new_empty(0, 0)
-            lifts = [empty if lift is None else lift for lift in g.lifts]
-            scales = [] if g.lift_scales is None else [empty if s is None else s for s in g.lift_scales]
-            groups.append((g.first, g.first_scale, lifts, scales, list(g.splits), g.bias))
-        return groups
+        """The packed groups (qkv, o, gate_up, down) as the native kernels take them (``native_group``)."""
+        return [native_group(g) for g in (self.qkv, self.o, self.gate_up, self.down)]
 
     def native_args(self) -> list:
         """The groups' arguments of the ``decode_layer`` op, in order."""
@@ -188,30 +198,33 @@ class FastDecoder(nn.Module):
             empty = self.embed.new_empty(0)
             tensors, layout = [], []
             for L in self.layers:
-                tensors += [L.w_in, L.w_post]
-                for first, first_scale, lifts, scales, splits, bias in L.native_groups():
-                    tensors += [first, empty if first_scale is None else first_scale, *lifts, *scales]
-                    tensors.append(empty if bias is None else bias)
-                    layout += [len(splits), *splits, len(lifts), len(scales)]
+                tensors.append(L.w_in)
+                tensors.append(L.w_post)
+                for group in L.native_groups():
+                    t, lay = flat_group(group, empty)
+                    tensors += t
+                    layout += lay
             eps = [float(L.eps) for L in self.layers]
-            cls = getattr(torch.classes, ns).LayerStack
-            self._stacks[ns] = cls(tensors, layout, eps, self.n_heads, self.n_kv, self.scale)
+            stack = getattr(torch.classes, ns).LayerStack(
+                tensors, layout, eps, self.n_heads, self.n_kv, self.scale
+            )
+            head, head_layout = flat_group(native_group(self.head), empty)
+            stack.set_ends([self.embed, self.cos, self.sin, self.w_norm, *head], head_layout, float(self.eps))
+            self._stacks[ns] = stack
         return self._stacks[ns]
 
     def forward(self, tokens, positions, slot, valid_from):
         """tokens [B], positions [B], slot [1] (int64 tensor), valid_from [B] -> logits [B, V]."""
         kern, B = self.kernels, tokens.shape[0]
         H, K, hd = self.n_heads, self.n_kv, self.hd
+        kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
+        if self.stacked and kern.layer_on(tokens.device) and not torch.compiler.is_compiling():
+            # the whole step, embedding to logits, in one native call; a traced graph takes the paths below
+            return self._layer_stack().step(tokens, positions, kc_all, vc_all, slot, valid_from)  # (B, V)
         x = self.embed[tokens]  # (B, D)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, hd)
-        kc_all, vc_all = self.cache.k, self.cache.v  # (L, B, K, S, hd)
         if kern.layer_on(x.device):
             cos2, sin2 = cos[:, 0], sin[:, 0]  # (B, hd)
-            # one native call for all layers; a traced graph takes the loop below
-            if self.stacked and not torch.compiler.is_compiling():
-                x = self._layer_stack().decode(x, kc_all, vc_all, cos2, sin2, slot, valid_from)
-                x = _rms(x, self.w_norm, self.eps)
-                return kern.group(self.head, x)  # (B, V)
             for i, L in enumerate(self.layers):
                 x = kern.ops.decode_layer(
                     x,

@@ -527,7 +527,9 @@ RANKSERVE_LIBRARY(RANKSERVE_OPS, m) {
   m.def("stream_read(Tensor x) -> float");
   m.class_<rankserve::LayerStack>("LayerStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, int64_t, int64_t, double>())
-      .def("decode", &rankserve::LayerStack::decode);
+      .def("decode", &rankserve::LayerStack::decode)
+      .def("set_ends", &rankserve::LayerStack::set_ends)
+      .def("step", &rankserve::LayerStack::step);
   m.def(
       "decode_layer(Tensor x, Tensor w_in, Tensor w_post, float eps, "
       "Tensor qkv_first, Tensor? qkv_first_scale, Tensor[] qkv_lifts, Tensor[] qkv_lift_scales, int[] qkv_splits, "
