@@ -325,3 +325,12 @@ def test_int8_gemv_bad_inputs(kernels):
         kernels.int8_gemv(torch.ones(1, 8), q, torch.ones(4, 3))
     with pytest.raises(RuntimeError, match=r"W must be \[out, in\]"):
         kernels.int8_gemv(torch.ones(1, 9), q, s)
+
+
+def test_builds_take_the_prefetch_distances_of_their_cpu_maker(monkeypatch):
+    """An Intel build prefetches weight rows 2 KB ahead (fp32 and int8); other makers keep the source's defaults."""
+    monkeypatch.setattr(native_module, "cpu_vendor", lambda: "GenuineIntel")
+    flags = native_module._flags("scalar")
+    assert "-DRANKSERVE_PF=2048" in flags and "-DRANKSERVE_PF_F32=2048" in flags
+    monkeypatch.setattr(native_module, "cpu_vendor", lambda: "AuthenticAMD")
+    assert not any(f.startswith("-DRANKSERVE_PF") for f in native_module._flags("scalar"))

@@ -209,7 +209,8 @@ struct Isa {
 // faster, dense SmolLM2 1.063x (8 of 10 rounds) and SVD-LLM 0.4 1.055x (9 of 10), while int8 SVD-LLM 0.4 lost
 // (0.926x, 0 of 10) and int8 dense was even (1.013x): fp32 rows, one load per 16 weights, keep enough lines in
 // flight by themselves, and the prefetches only take miss buffers the hardware prefetchers would use.
-// -DRANKSERVE_PF=N, -DRANKSERVE_PF_F32=N override them for such A/B builds (0: none).
+// -DRANKSERVE_PF=N, -DRANKSERVE_PF_F32=N override them (0: none): for A/B builds, and per CPU maker by the
+// build (rankserve/runtime/native.py, _PREFETCH: 2048 bytes for both on Intel Xeon).
 #ifndef RANKSERVE_PF
 #define RANKSERVE_PF 512
 #endif
