@@ -328,9 +328,10 @@ def test_int8_gemv_bad_inputs(kernels):
 
 
 def test_builds_take_the_prefetch_distances_of_their_cpu_maker(monkeypatch):
-    """An Intel build prefetches weight rows 2 KB ahead (fp32 and int8); other makers keep the source's defaults."""
+    """An Intel build prefetches weight rows 2 KB ahead (fp32, int8, bf16); other makers keep the source's
+    defaults."""
     monkeypatch.setattr(native_module, "cpu_vendor", lambda: "GenuineIntel")
     flags = native_module._flags("scalar")
-    assert "-DRANKSERVE_PF=2048" in flags and "-DRANKSERVE_PF_F32=2048" in flags
+    assert {"-DRANKSERVE_PF=2048", "-DRANKSERVE_PF_F32=2048", "-DRANKSERVE_PF_BF16=2048"} <= set(flags)
     monkeypatch.setattr(native_module, "cpu_vendor", lambda: "AuthenticAMD")
     assert not any(f.startswith("-DRANKSERVE_PF") for f in native_module._flags("scalar"))

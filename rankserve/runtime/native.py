@@ -92,8 +92,9 @@ def cpu_vendor() -> str:
 # Xeon (AVX-512, AMX; 2 threads, 2026-12-05, `benchmarks/kernel_ab.py DIR --a ... --b ...`, 8 rounds each, every
 # round faster): fp32 SVD-LLM 0.4 none -> 2048 bytes 1.066, 512 -> 2048 1.050, 2048 -> 4096 0.971; int8
 # SVD-LLM 0.4 512 -> 1024 1.055, 1024 -> 2048 1.037; with both at 2048, int8 dense 1.198 over int8 at 512 and fp32
-# SVD-LLM 0.4 1.072 over fp32 at none.
-_PREFETCH = {"GenuineIntel": ("RANKSERVE_PF=2048", "RANKSERVE_PF_F32=2048")}
+# SVD-LLM 0.4 1.072 over fp32 at none. The bf16 x bf16 tiles, which never prefetched: none -> 2048 bytes bf16
+# SVD-LLM 0.4 1.153, bf16 dense 1.162 (8 of 8 each); 1024 and 4096 within 1% of 2048.
+_PREFETCH = {"GenuineIntel": ("RANKSERVE_PF=2048", "RANKSERVE_PF_F32=2048", "RANKSERVE_PF_BF16=2048")}
 
 
 def compiler() -> str | None:

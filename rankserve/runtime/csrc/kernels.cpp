@@ -210,21 +210,27 @@ struct Isa {
 // (0.926x, 0 of 10) and int8 dense was even (1.013x): fp32 rows, one load per 16 weights, keep enough lines in
 // flight by themselves, and the prefetches only take miss buffers the hardware prefetchers would use.
 // -DRANKSERVE_PF=N, -DRANKSERVE_PF_F32=N override them (0: none): for A/B builds, and per CPU maker by the
-// build (rankserve/runtime/native.py, _PREFETCH: 2048 bytes for both on Intel Xeon).
+// build (rankserve/runtime/native.py, _PREFETCH: 2048 bytes for all three on Intel Xeon).
 #ifndef RANKSERVE_PF
 #define RANKSERVE_PF 512
 #endif
 #ifndef RANKSERVE_PF_F32
 #define RANKSERVE_PF_F32 0
 #endif
-template <typename T>
-inline void prefetch_ahead(const T* p) {
-  constexpr int ahead = std::is_same_v<T, float> ? RANKSERVE_PF_F32 : RANKSERVE_PF;
+#ifndef RANKSERVE_PF_BF16
+#define RANKSERVE_PF_BF16 0  // the bf16 x bf16 tiles (vdpbf16ps); 2048 on Intel (native.py, _PREFETCH)
+#endif
+template <int ahead>
+inline void prefetch_at(const void* p) {
 #if defined(__AVX2__) || defined(__AVX512F__)
-  if constexpr (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(p) + ahead, _MM_HINT_T0);
+  if constexpr (ahead > 0) _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
 #else
   (void)p;
 #endif
+}
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  prefetch_at<std::is_same_v<T, float> ? RANKSERVE_PF_F32 : RANKSERVE_PF>(p);
 }
 
 constexpr int kRows = 4;   // weight rows per tile: enough independent streams and accumulators
@@ -242,6 +248,7 @@ inline void dot_tile(const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
       __m512i wv[R];
+      for (int r = 0; r < R; ++r) prefetch_at<RANKSERVE_PF_BF16>(w + r * ldw + k);  // 64 bytes a step
       for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + k);
       for (int b = 0; b < NB; ++b) {
         const __m512i xv = _mm512_loadu_si512(x + b * ldx + k);
