@@ -89,6 +89,15 @@ def run(runner_cls, model, prompts, steps, options, forced=None):
     return torch.stack(logits, 1)
 
 
+def assert_fast_decodes_like_eager(model, prompts, steps, **options):
+    """The fast runner (uncompiled step, ``options`` on top) against the eager reference: logits within 1e-3 and
+    the same greedy picks."""
+    ref = run(EagerRunner, model, prompts, steps, RuntimeOptions())
+    got = run(FastRunner, model, prompts, steps, RuntimeOptions(backend="fast", compile=False, **options))
+    assert (got - ref).abs().max().item() <= 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 CASES = [
     ("llama-gqa", False),
     ("qwen2-bias", False),
@@ -152,12 +161,7 @@ def test_fast_decode_equals_eager_whatever_the_gate_up_form(layout, native):
         pytest.skip("no C++ compiler on PATH")
     NativeKernels.load(native, strict=True)
     model = gate_up_model(layout)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
-    ref = run(EagerRunner, model, prompts, 8, RuntimeOptions())
-    options = RuntimeOptions(backend="fast", compile=False, native_isa=native)
-    got = run(FastRunner, model, prompts, 8, options)
-    assert (got - ref).abs().max().item() <= 1e-3
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_fast_decodes_like_eager(model, [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 8, native_isa=native)
 
 
 @pytest.fixture
@@ -180,10 +184,7 @@ def test_fast_decode_equals_eager_at_every_team_size(team_size, threads, variant
     team_size(threads)
     model = lowrank_model(variant) if lowrank else tiny_model(variant)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]][:rows]
-    ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
-    got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
-    assert (got - ref).abs().max().item() <= 1e-3
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_fast_decodes_like_eager(model, prompts, 12)
 
 
 @pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
@@ -195,10 +196,7 @@ def test_fast_decode_equals_eager_over_long_contexts_and_many_heads_per_kv_head(
     team_size(threads)
     model = tiny_model("llama-gqa", num_attention_heads=6, num_key_value_heads=1, hidden_size=96)
     prompts = [list(range(3, 48)), list(range(5, 35))]
-    ref = run(EagerRunner, model, prompts, 12, RuntimeOptions())
-    got = run(FastRunner, model, prompts, 12, RuntimeOptions(backend="fast", compile=False))
-    assert (got - ref).abs().max().item() <= 1e-3
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_fast_decodes_like_eager(model, prompts, 12)
 
 
 @pytest.mark.skipif(not RUNNABLE, reason="no native vector path runs on this CPU")
@@ -217,11 +215,7 @@ def test_fast_decode_equals_eager_at_ragged_widths(team_size, threads, form):
             p = layer.mlp.gate_proj
             U, V = truncated_svd(p.weight.detach(), 29)
             layer.mlp.gate_proj = LowRankLinear.from_factors(U, V, p.bias)
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
-    ref = run(EagerRunner, model, prompts, 10, RuntimeOptions())
-    got = run(FastRunner, model, prompts, 10, RuntimeOptions(backend="fast", compile=False))
-    assert (got - ref).abs().max().item() <= 1e-3
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_fast_decodes_like_eager(model, [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 10)
 
 
 def test_shared_basis_model_decodes_like_eager():

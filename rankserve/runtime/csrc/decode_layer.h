@@ -314,20 +314,16 @@ inline void rope_head(T* v, const T* cos, const T* sin, int64_t hd) {
 #endif
 template <typename T>
 inline void prefetch_cache_rows(const T* k, const T* v, int64_t s, int rows, int64_t n, int64_t hd) {
-#if defined(__AVX2__) || defined(__AVX512F__)
   if constexpr (RANKSERVE_ATT_PF > 0) {
     const char* kp = reinterpret_cast<const char*>(k + s * hd) + RANKSERVE_ATT_PF;
     const char* kend = reinterpret_cast<const char*>(k + n * hd);
     const char* vp = reinterpret_cast<const char*>(v + s * hd);
     const int64_t bytes = static_cast<int64_t>(rows) * hd * static_cast<int64_t>(sizeof(T));
     for (int64_t o = 0; o < bytes; o += 64) {
-      if (kp + o < kend) _mm_prefetch(kp + o, _MM_HINT_T0);
-      _mm_prefetch(vp + o, _MM_HINT_T1);
+      if (kp + o < kend) prefetch_at<0>(kp + o);
+      prefetch_at<0, 2 /* _MM_HINT_T1: into L2 */>(vp + o);
     }
   }
-#else
-  (void)k, (void)v, (void)s, (void)rows, (void)n, (void)hd;
-#endif
 }
 
 // One thread's share of one-token attention for NH (<= kBatch) query heads that share one kv head: over the n

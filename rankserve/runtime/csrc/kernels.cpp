@@ -220,17 +220,19 @@ struct Isa {
 #ifndef RANKSERVE_PF_BF16
 #define RANKSERVE_PF_BF16 0  // the bf16 x bf16 tiles (vdpbf16ps); 2048 on Intel (native.py, _PREFETCH)
 #endif
-template <int ahead>
+// The line at p + ahead into L1 (or, with hint 2 = _MM_HINT_T1, into L2); nothing without x86 vector paths.
+template <int ahead, int hint = 3 /* _MM_HINT_T0 */>
 inline void prefetch_at(const void* p) {
 #if defined(__AVX2__) || defined(__AVX512F__)
-  if constexpr (ahead > 0) _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(p) + ahead, static_cast<_mm_hint>(hint));
 #else
   (void)p;
 #endif
 }
 template <typename T>
 inline void prefetch_ahead(const T* p) {
-  prefetch_at<std::is_same_v<T, float> ? RANKSERVE_PF_F32 : RANKSERVE_PF>(p);
+  constexpr int ahead = std::is_same_v<T, float> ? RANKSERVE_PF_F32 : RANKSERVE_PF;
+  if constexpr (ahead > 0) prefetch_at<ahead>(p);
 }
 
 constexpr int kRows = 4;   // weight rows per tile: enough independent streams and accumulators
@@ -248,7 +250,8 @@ inline void dot_tile(const WT* w, int64_t ldw, const XT* x, int64_t ldx, int64_t
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
       __m512i wv[R];
-      for (int r = 0; r < R; ++r) prefetch_at<RANKSERVE_PF_BF16>(w + r * ldw + k);  // 64 bytes a step
+      if constexpr (RANKSERVE_PF_BF16 > 0)
+        for (int r = 0; r < R; ++r) prefetch_at<RANKSERVE_PF_BF16>(w + r * ldw + k);  // 64 bytes a step
       for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + k);
       for (int b = 0; b < NB; ++b) {
         const __m512i xv = _mm512_loadu_si512(x + b * ldx + k);
